@@ -1,0 +1,126 @@
+"""`make bench-generate`: decode tokens/s and prefill time of `stic generate` against transformers' `generate`
+on the same random model, image and prompt, measured in one run on this machine.
+
+CPU (default): a few-hundred-million-parameter model with the real LLaVA-v1.6-Mistral-7B layer shapes scaled
+down (head_dim 128, 4:1 grouped-query attention, SwiGLU ratio 3.5, CLIP 336/14 anyres tiles).
+--full-size (CUDA): random weights with the exact 7B shapes, bf16; also reports peak GPU memory.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
+import tiny_models  # noqa: E402
+from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig  # noqa: E402
+
+ROOT = tiny_models.ROOT
+STIC = ROOT / "target" / "release" / "stic"
+PROMPT = "[INST] <image>\nDescribe the image in detail. [/INST]"
+
+
+def model_config(full_size):
+    if full_size:
+        text = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=32064, rope_theta=1e6)
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+    else:
+        text = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=2, vocab_size=32064, rope_theta=1e6)
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16)
+    return LlavaNextConfig(
+        text_config=MistralConfig(max_position_embeddings=32768, sliding_window=None, **text),
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
+        image_token_index=32000, image_grid_pinpoints=tiny_models.PINPOINTS, vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+
+
+def hf_generate(model, inputs, new_tokens, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=32001)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def stic_generate(folder, image, new_tokens, batch, device, dtype):
+    args = [str(STIC), "generate", "--model", str(folder), "--image", str(image), "--max-new-tokens", str(new_tokens),
+            "--ignore-eos", "--json", "--device", device, "--dtype", dtype]
+    for _ in range(batch):
+        args += ["--text", PROMPT]
+    proc = subprocess.run(args, capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    return rows[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image", default=str(ROOT / "data" / "images" / "chelsea.png"))
+    args = parser.parse_args()
+    device = "cuda" if args.full_size else "cpu"
+    if args.full_size and not torch.cuda.is_available():
+        sys.exit("--full-size needs a CUDA GPU")
+    dtype = torch.bfloat16 if args.full_size else torch.float32
+    n = args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = LlavaNextForConditionalGeneration(model_config(args.full_size)).to(dtype).eval()
+        params = sum(p.numel() for p in model.parameters())
+        folder = tiny_models.save_hf(model, Path(tmp) / "model")
+        model = model.to(device)
+        processor = tiny_models.processor()
+        inputs = processor(images=Image.open(args.image), text=PROMPT, return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        prompt_tokens = inputs["input_ids"].shape[1]
+        hf_generate(model, inputs, 2, device)  # warm-up
+        hf_prefill, _ = hf_generate(model, inputs, 1, device)
+        hf_total, _ = hf_generate(model, inputs, n, device)
+        hf_decode = (n - 1) / (hf_total - hf_prefill)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        stic_dtype = "bf16" if args.full_size else "f32"
+        one = stic_generate(folder, args.image, n, 1, device, stic_dtype)
+        many = stic_generate(folder, args.image, n, args.batch, device, stic_dtype)
+    stic_decode = (n - 1) / one["decode_seconds"]
+    stic_batch_decode = args.batch * (n - 1) / many["decode_seconds"]
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "parameters": params, "prompt_tokens": prompt_tokens, "new_tokens": n,
+        "hf_prefill_s": hf_prefill, "hf_decode_tok_s": hf_decode,
+        "stic_prefill_s": one["prefill_seconds"], "stic_decode_tok_s": stic_decode,
+        "stic_batch": args.batch, "stic_batch_decode_tok_s": stic_batch_decode,
+        "decode_ratio_stic_over_hf": stic_decode / hf_decode,
+        "prefill_ratio_hf_over_stic": hf_prefill / one["prefill_seconds"],
+        "batch_speedup": stic_batch_decode / stic_decode,
+    }
+    if device == "cuda":
+        result["stic_peak_gpu_memory_gib"] = one.get("peak_gpu_memory_gib")
+    out = ROOT / "results" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("generate-full.json" if args.full_size else "generate.json")).write_text(json.dumps(result, indent=2))
+    print(f"model: {params / 1e6:.0f}M parameters, {prompt_tokens} prompt tokens, {n} new tokens, {result['device']}")
+    print(f"{'':24}{'prefill s':>12}{'decode tok/s':>14}")
+    print(f"{'transformers (batch 1)':24}{hf_prefill:12.3f}{hf_decode:14.1f}")
+    print(f"{'stic (batch 1)':24}{one['prefill_seconds']:12.3f}{stic_decode:14.1f}")
+    print(f"{f'stic (batch {args.batch})':24}{many['prefill_seconds']:12.3f}{stic_batch_decode:14.1f}")
+    print(f"decode: stic/transformers = {result['decode_ratio_stic_over_hf']:.2f}x; "
+          f"prefill: transformers/stic = {result['prefill_ratio_hf_over_stic']:.2f}x; "
+          f"batch {args.batch} vs 1 = {result['batch_speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+use std::path::PathBuf;
+
+use stic::image::DEFAULT_MAX_PIXELS;
+use stic::stic::corrupt::{run_corrupt, Corruption};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    image: PathBuf,
+    /// Written as PNG.
+    #[arg(long)]
+    output: PathBuf,
+    /// resize20 (shorter side to 20 px) or color_jitter (brightness 0.5, hue 0.3).
+    #[arg(long)]
+    kind: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let kind: Corruption = args.kind.parse().map_err(stic::Error::from)?;
+    run_corrupt(&args.image, &args.output, kind, args.seed, DEFAULT_MAX_PIXELS)?;
+    Ok(())
+}

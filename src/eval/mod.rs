@@ -1,0 +1,3 @@
+pub mod benchmarks;
+pub mod judge;
+pub mod metrics;

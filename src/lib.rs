@@ -1,0 +1,15 @@
+//! STIC (Self-Training on Image Comprehension) for LLaVA-v1.6-Mistral, on libtorch.
+pub mod error;
+pub mod fsutil;
+pub mod generate;
+pub mod image;
+pub mod lora;
+pub mod model;
+pub mod score;
+pub mod session;
+pub mod stic;
+pub mod text;
+
+pub use error::{Error, Result};
+pub mod train;
+pub mod eval;

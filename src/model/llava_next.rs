@@ -1,0 +1,166 @@
+//! LLaVA-NeXT: CLIP tower + projector + Mistral, with anyres tiles packed and unpadded as transformers does.
+use std::path::Path;
+use std::rc::Rc;
+use tch::{Device, Kind, Tensor};
+
+use super::clip::ClipVisionTower;
+use super::config::{FeatureSelect, LlavaConfig, VisionConfig};
+use super::mistral::MistralModel;
+use super::projector::Projector;
+use super::weights::{Checkpoint, WeightSource};
+use crate::error::{Error, Result};
+use crate::image::{anyres, AspectMode, Preprocessed};
+use crate::lora::LoraSwitch;
+
+pub struct LlavaNext {
+    pub vision_tower: ClipVisionTower,
+    pub multi_modal_projector: Projector,
+    /// The projector as loaded, kept when an adapter trains it in full: with the adapter switched off the model
+    /// is exactly the base model again (the DPO reference policy).
+    pub original_projector: Option<Projector>,
+    pub adapter_switch: Option<Rc<LoraSwitch>>,
+    pub image_newline: Tensor,
+    pub language_model: MistralModel,
+    pub cfg: LlavaConfig,
+}
+
+/// The original LLaVA config has no vision section: read the CLIP geometry off the tensor shapes.
+fn infer_vision_config(ckpt: &Checkpoint, base: &VisionConfig) -> Result<VisionConfig> {
+    let prefix = "vision_tower.vision_model.";
+    let shape = |name: &str| {
+        ckpt.shape(&format!("{prefix}{name}"))
+            .ok_or_else(|| Error::Weights(format!("missing tensor {prefix}{name} (needed to infer the CLIP config)")))
+    };
+    let patch = shape("embeddings.patch_embedding.weight")?;
+    let positions = shape("embeddings.position_embedding.weight")?;
+    let fc1 = shape("encoder.layers.0.mlp.fc1.weight")?;
+    let layer_prefix = format!("{prefix}encoder.layers.");
+    let num_layers = ckpt
+        .names()
+        .filter_map(|n| n.strip_prefix(&layer_prefix)?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1);
+    let hidden = patch[0] as usize;
+    let patch_size = patch[2] as usize;
+    let grid = ((positions[0] - 1) as f64).sqrt() as usize;
+    Ok(VisionConfig {
+        hidden_size: hidden,
+        intermediate_size: fc1[0] as usize,
+        num_hidden_layers: num_layers,
+        num_attention_heads: (hidden / 64).max(1),
+        image_size: grid * patch_size,
+        patch_size,
+        ..base.clone()
+    })
+}
+
+impl LlavaNext {
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let mut cfg = LlavaConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open_dir(dir)?;
+        if !cfg.vision_config_known {
+            cfg.vision = infer_vision_config(&ckpt, &cfg.vision)?;
+            cfg.image.crop_size = cfg.vision.image_size as u32;
+            cfg.image.shortest_edge = cfg.vision.image_size as u32;
+        }
+        Self::from_checkpoint(cfg, &ckpt, kind, device)
+    }
+
+    pub fn from_checkpoint(cfg: LlavaConfig, ckpt: &Checkpoint, kind: Kind, device: Device) -> Result<Self> {
+        let source = WeightSource::new(ckpt, kind, device);
+        let vb = source.root();
+        let model = tch::no_grad(|| -> Result<Self> {
+            Ok(LlavaNext {
+                vision_tower: ClipVisionTower::new(&vb.pp("vision_tower.vision_model"), &cfg.vision, cfg.vision_layer_index()?),
+                multi_modal_projector: Projector::new(&vb.pp("multi_modal_projector"), cfg.vision.hidden_size, cfg.text.hidden_size),
+                original_projector: None,
+                adapter_switch: None,
+                image_newline: vb.get(&[cfg.text.hidden_size as i64], "image_newline"),
+                language_model: MistralModel::new(&vb.pp("language_model"), &cfg.text),
+                cfg,
+            })
+        })?;
+        source.finish()?;
+        Ok(model)
+    }
+
+    pub fn device(&self) -> Device {
+        self.image_newline.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.image_newline.kind()
+    }
+
+    /// Projected image features of every tile, [tiles, patches, text_hidden].
+    pub fn tile_features(&self, pixel_values: &Tensor) -> Tensor {
+        let hidden = tch::no_grad(|| self.vision_tower.forward(&pixel_values.to_device(self.device())));
+        let selected = match self.cfg.feature_select {
+            FeatureSelect::Patch => hidden.narrow(1, 1, hidden.size()[1] - 1),
+            FeatureSelect::Full => hidden,
+        };
+        let adapter_off = self.adapter_switch.as_ref().is_some_and(|s| !s.enabled());
+        match &self.original_projector {
+            Some(original) if adapter_off => original.forward(&selected),
+            _ => self.multi_modal_projector.forward(&selected),
+        }
+    }
+
+    /// The image's feature sequence as the decoder sees it: base tile, then the unpadded grid with one
+    /// `image_newline` per row (anyres), or the single tile plus one newline.
+    pub fn image_features(&self, image: &Preprocessed) -> Result<Tensor> {
+        let pv = &image.pixel_values;
+        let shape: Vec<i64> = pv.shape().iter().map(|&d| d as i64).collect();
+        let pixels = Tensor::from_slice(pv.as_slice().expect("pixel values are contiguous")).view(shape.as_slice());
+        let features = self.tile_features(&pixels);
+        let (tiles, patches, dim) = features.size3().unwrap();
+        let newline = self.image_newline.view([1, dim]).to_kind(features.kind());
+        if tiles == 1 {
+            return Ok(Tensor::cat(&[features.get(0), newline], 0));
+        }
+        if self.cfg.image.aspect_mode == AspectMode::Pad {
+            return Err(Error::Input(format!("pad mode gives one tile, got {tiles}")));
+        }
+        let side = (self.cfg.vision.image_size / self.cfg.vision.patch_size) as i64;
+        if patches != side * side {
+            return Err(Error::Config(format!(
+                "anyres needs {} patches per tile, the vision tower gives {patches} (vision_feature_select_strategy 'full' is not supported with anyres)",
+                side * side
+            )));
+        }
+        let (rows, cols) = anyres::grid_shape(image.original_size, &self.cfg.image.grid_pinpoints, self.cfg.image.crop_size);
+        let (rows, cols) = (rows as i64, cols as i64);
+        if rows * cols != tiles - 1 {
+            return Err(Error::Input(format!("image has {} grid tiles, the pinpoints give {rows}x{cols}", tiles - 1)));
+        }
+        let grid = features
+            .narrow(0, 1, tiles - 1)
+            .view([rows, cols, side, side, dim])
+            .permute([4, 0, 2, 1, 3])
+            .reshape([dim, rows * side, cols * side]);
+        let (r0, r1, c0, c1) = anyres::unpadded_size(((rows * side) as usize, (cols * side) as usize), image.original_size);
+        let grid = grid.narrow(1, r0 as i64, (r1 - r0) as i64).narrow(2, c0 as i64, (c1 - c0) as i64);
+        let h = grid.size()[1];
+        let with_newlines = Tensor::cat(&[grid, newline.view([dim, 1, 1]).expand([dim, h, 1], false)], 2);
+        let unpadded = with_newlines.flatten(1, 2).transpose(0, 1);
+        Ok(Tensor::cat(&[features.get(0), unpadded], 0))
+    }
+
+    /// Token embeddings with every `<image>` placeholder replaced, in order, by the rows of `image_features`.
+    pub fn embed_inputs(&self, input_ids: &Tensor, image_features: &[Tensor]) -> Result<Tensor> {
+        let embeds = self.language_model.embed(input_ids);
+        let is_image = input_ids.eq(self.cfg.image_token_id);
+        let placeholders = is_image.sum(Kind::Int64).int64_value(&[]);
+        let provided: i64 = image_features.iter().map(|f| f.size()[0]).sum();
+        if placeholders != provided {
+            return Err(Error::Input(format!(
+                "the prompt has {placeholders} image tokens but the images give {provided} features"
+            )));
+        }
+        if provided == 0 {
+            return Ok(embeds);
+        }
+        let features = Tensor::cat(image_features, 0).to_kind(embeds.kind());
+        Ok(embeds.masked_scatter(&is_image.unsqueeze(-1).expand_as(&embeds), &features))
+    }
+}

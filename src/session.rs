@@ -1,0 +1,92 @@
+//! A loaded model with its tokenizer: turns prompt text and images into decoder inputs.
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::generate::{expand_image_tokens, PreparedPrompt};
+use crate::image::{self, Preprocessed};
+use crate::lora::Adapter;
+use crate::model::LlavaNext;
+use crate::text::tokenizer::IMAGE_TOKEN;
+use crate::text::TextTokenizer;
+
+pub struct Session {
+    pub model: LlavaNext,
+    pub tokenizer: TextTokenizer,
+    pub adapter: Option<Adapter>,
+}
+
+/// `auto` picks CUDA when libtorch sees a GPU.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
+            Some(i) => cuda(i),
+            None => Err(Error::Input(format!("unknown device '{other}' (use cpu, cuda, cuda:N or auto)"))),
+        },
+    }
+}
+
+fn cuda(index: usize) -> Result<Device> {
+    if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
+        return Err(Error::Input(format!("device cuda:{index} is not available (libtorch sees {} GPU(s))", tch::Cuda::device_count())));
+    }
+    Ok(Device::Cuda(index))
+}
+
+/// `auto` is bf16 on CUDA and f32 on CPU.
+pub fn parse_dtype(name: &str, device: Device) -> Result<Kind> {
+    match name {
+        "auto" => Ok(if device.is_cuda() { Kind::BFloat16 } else { Kind::Float }),
+        "f32" | "float32" => Ok(Kind::Float),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        "f16" | "float16" => Ok(Kind::Half),
+        other => Err(Error::Input(format!("unknown dtype '{other}' (use f32, bf16, f16 or auto)"))),
+    }
+}
+
+impl Session {
+    /// Loads a model folder, and a PEFT adapter folder on top of it when given.
+    pub fn load(model_dir: &Path, adapter_dir: Option<&Path>, kind: Kind, device: Device) -> Result<Self> {
+        if !model_dir.is_dir() {
+            return Err(Error::Input(format!("model folder {} does not exist", model_dir.display())));
+        }
+        let tokenizer = TextTokenizer::from_dir(model_dir)?;
+        let mut model = LlavaNext::load(model_dir, kind, device)?;
+        let adapter = adapter_dir.map(|dir| Adapter::load(&mut model, dir, false)).transpose()?;
+        Ok(Session { model, tokenizer, adapter })
+    }
+
+    pub fn load_image(&self, path: &Path) -> Result<Preprocessed> {
+        let img = image::load_image(path, self.model.cfg.image.max_pixels)?;
+        Ok(image::preprocess(&img, &self.model.cfg.image))
+    }
+
+    /// The user turn LLaVA's scripts build: the image token on its own line before the text, unless the text
+    /// already places it.
+    pub fn user_text(text: &str, with_image: bool) -> String {
+        if with_image && !text.contains(IMAGE_TOKEN) { format!("{IMAGE_TOKEN}\n{text}") } else { text.to_string() }
+    }
+
+    /// Image features for each image (in the order their placeholders appear).
+    pub fn image_features(&self, images: &[&Preprocessed]) -> Result<Vec<Tensor>> {
+        tch::no_grad(|| images.iter().map(|img| self.model.image_features(img)).collect())
+    }
+
+    /// Tokenises `text` (BOS added), checks it has one `<image>` per image and expands each to its features.
+    pub fn prepare(&self, text: &str, image_features: Vec<Tensor>) -> Result<PreparedPrompt> {
+        let ids = self.tokenizer.encode(text, true)?;
+        let counts: Vec<usize> = image_features.iter().map(|f| f.size()[0] as usize).collect();
+        let placeholders = ids.iter().filter(|&&i| i == self.tokenizer.image_id).count();
+        if placeholders != counts.len() {
+            return Err(Error::Input(format!(
+                "the text has {placeholders} {IMAGE_TOKEN} token(s) but {} image(s) were given: put one {IMAGE_TOKEN} where each image goes",
+                counts.len()
+            )));
+        }
+        let ids = expand_image_tokens(&ids, self.tokenizer.image_id, &counts)?;
+        Ok(PreparedPrompt { ids, image_features })
+    }
+}

@@ -1,0 +1,485 @@
+//! Crash-safe, resumable JSONL output for long generation jobs, and splitting such a job into shards.
+//!
+//! Every record is one line, written with a single `write_all` and made durable with `fsync` before the next
+//! one starts. A kill can therefore only leave the last line torn; [`ResumableJsonl::open`] cuts such a line
+//! off and reports which keys are already done, so a rerun continues where the last one stopped.
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::PipelineError;
+use crate::error::{Error, Result};
+
+/// The text of a key value: a string as is, a number as written in JSON; `None` for any other value.
+pub fn key_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+/// Output file of a generation job, opened for appending records identified by `key_field`.
+pub struct ResumableJsonl {
+    path: PathBuf,
+    // Holds an exclusive lock for as long as this value lives.
+    file: File,
+    key_field: String,
+    done: HashSet<String>,
+    len: u64,
+    cut_torn_line: bool,
+}
+
+impl ResumableJsonl {
+    /// Opens (or creates) `path`, locks it against a second writer, cuts off a torn last line and collects the
+    /// keys of the records already there. A last line is torn when it has no final newline or is not valid
+    /// JSON; any other invalid line is an error, as is a record without `key_field`.
+    pub fn open(path: &Path, key_field: &str) -> Result<Self> {
+        let mut file =
+            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| Error::io(path, e))?;
+        file.try_lock().map_err(|error| match error {
+            std::fs::TryLockError::WouldBlock => Error::from(PipelineError::OutputLocked { path: path.to_owned() }),
+            std::fs::TryLockError::Error(e) => Error::io(path, e),
+        })?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+        let contents = complete_records(path, &bytes, key_field)?;
+        let cut_torn_line = contents.complete_len < bytes.len();
+        if cut_torn_line {
+            file.set_len(contents.complete_len as u64)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| Error::io(path, e))?;
+        }
+        Ok(ResumableJsonl {
+            path: path.to_owned(),
+            key_field: key_field.to_owned(),
+            done: contents.records.into_iter().map(|record| record.key).collect(),
+            len: contents.complete_len as u64,
+            cut_torn_line,
+            file,
+        })
+    }
+
+    pub fn is_done(&self, key: &str) -> bool {
+        self.done.contains(key)
+    }
+
+    pub fn done_count(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Whether [`open`](Self::open) found and cut off a torn last line.
+    pub fn cut_torn_line(&self) -> bool {
+        self.cut_torn_line
+    }
+
+    /// Appends `record` as one line and waits until it is on disk. The record must carry the key field, and
+    /// its key must not be recorded yet.
+    pub fn append<T: Serialize>(&mut self, record: &T) -> Result<()> {
+        let unserializable = |source| PipelineError::UnserializableRecord { path: self.path.clone(), source };
+        let mut line = serde_json::to_string(record).map_err(unserializable)?;
+        let parsed: Value = serde_json::from_str(&line).map_err(unserializable)?;
+        let key = record_key(&parsed, &self.key_field)
+            .ok_or_else(|| PipelineError::RecordWithoutKey { path: self.path.clone(), key: self.key_field.clone() })?;
+        if self.done.contains(&key) {
+            return Err(PipelineError::AlreadyRecorded { path: self.path.clone(), key }.into());
+        }
+        line.push('\n');
+        let written = self.file.write_all(line.as_bytes()).and_then(|()| self.file.sync_all());
+        if let Err(e) = written {
+            // A partial write must not stay in front of the next record: cut the file back (best effort; the next
+            // open cuts it off anyway).
+            let _ = self.file.set_len(self.len);
+            return Err(Error::io(&self.path, e));
+        }
+        self.len += line.len() as u64;
+        self.done.insert(key);
+        Ok(())
+    }
+}
+
+fn record_key(record: &Value, key_field: &str) -> Option<String> {
+    record.get(key_field).and_then(key_text)
+}
+
+struct KeyedLine<'a> {
+    key: String,
+    text: &'a str,
+}
+
+struct CompleteRecords<'a> {
+    records: Vec<KeyedLine<'a>>,
+    /// Length of the file without its torn last line.
+    complete_len: usize,
+}
+
+/// The records of a JSONL file written by [`ResumableJsonl`], without a torn last line. Blank lines are skipped.
+fn complete_records<'a>(path: &Path, bytes: &'a [u8], key_field: &str) -> Result<CompleteRecords<'a>, PipelineError> {
+    let lines: Vec<&[u8]> = bytes.split_inclusive(|&byte| byte == b'\n').collect();
+    let mut records = Vec::new();
+    let mut next_line_start = 0;
+    for (index, raw_line) in lines.iter().enumerate() {
+        let line_number = index + 1;
+        let line_start = next_line_start;
+        next_line_start += raw_line.len();
+        // Only the last piece can lack the newline: a torn write.
+        let Some(line) = raw_line.strip_suffix(b"\n") else {
+            return Ok(CompleteRecords { records, complete_len: line_start });
+        };
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        let parsed = line_text(path, line_number, line)
+            .and_then(|text| Ok((text, parse_line::<Value>(path, line_number, text)?)));
+        let (text, value) = match parsed {
+            Ok(parsed) => parsed,
+            Err(_) if line_number == lines.len() => return Ok(CompleteRecords { records, complete_len: line_start }),
+            Err(error) => return Err(error),
+        };
+        let key = record_key(&value, key_field).ok_or_else(|| PipelineError::MissingKey {
+            path: path.to_owned(),
+            line: line_number,
+            key: key_field.to_owned(),
+        })?;
+        records.push(KeyedLine { key, text });
+    }
+    Ok(CompleteRecords { records, complete_len: bytes.len() })
+}
+
+fn line_text<'a>(path: &Path, line_number: usize, line: &'a [u8]) -> Result<&'a str, PipelineError> {
+    std::str::from_utf8(line).map_err(|e| PipelineError::InvalidJsonLine {
+        path: path.to_owned(),
+        line: line_number,
+        reason: format!("not UTF-8 ({e})"),
+    })
+}
+
+fn parse_line<T: DeserializeOwned>(path: &Path, line_number: usize, text: &str) -> Result<T, PipelineError> {
+    serde_json::from_str(text).map_err(|e| PipelineError::InvalidJsonLine {
+        path: path.to_owned(),
+        line: line_number,
+        reason: format!("invalid JSON ({e})"),
+    })
+}
+
+/// Reads a whole JSONL file strictly: every non-blank line must be a valid `T`; errors name the file and line.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut records = Vec::new();
+    for (index, line) in bytes.split(|&byte| byte == b'\n').enumerate() {
+        if !line.trim_ascii().is_empty() {
+            records.push(parse_line(path, index + 1, line_text(path, index + 1, line)?)?);
+        }
+    }
+    Ok(records)
+}
+
+/// One of `count` disjoint parts of a job's input list: the shard with index `i` owns the positions `p` with
+/// `p % count == i`, so every position belongs to exactly one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    index: usize,
+    count: usize,
+}
+
+impl Shard {
+    pub fn new(index: usize, count: usize) -> Result<Self, PipelineError> {
+        Shard::checked(index, count)
+            .map_err(|reason| PipelineError::InvalidShard { spec: format!("{index}/{count}"), reason: reason.into() })
+    }
+
+    fn checked(index: usize, count: usize) -> Result<Self, &'static str> {
+        if count == 0 {
+            Err("the shard count must be at least 1")
+        } else if index >= count {
+            Err("the shard index counts from 0 and must be below the shard count")
+        } else {
+            Ok(Shard { index, count })
+        }
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the item at `position` of the input list belongs to this shard.
+    pub fn owns(&self, position: usize) -> bool {
+        position % self.count == self.index
+    }
+}
+
+/// The whole list: shard 0 of 1.
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
+}
+
+impl FromStr for Shard {
+    type Err = PipelineError;
+
+    /// Parses "I/N", e.g. "0/4".
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: &str| PipelineError::InvalidShard { spec: spec.to_owned(), reason: reason.into() };
+        let (index, count) = spec.split_once('/').ok_or_else(|| invalid("no '/'"))?;
+        let number = |text: &str| text.trim().parse::<usize>().map_err(|_| invalid("I and N must be whole numbers"));
+        Shard::checked(number(index)?, number(count)?).map_err(invalid)
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// Joins the shard outputs `inputs` into `output`, one record per key of `order` and in that order (the job's
+/// input list). The lines are copied byte for byte; a torn last line of a shard counts as missing. Fails,
+/// writing nothing, when a key is recorded twice, when one of `order` is missing, or when a shard holds a key
+/// that `order` lacks. `output` is replaced atomically. Returns the number of records written.
+pub fn merge_shards(inputs: &[PathBuf], output: &Path, key: &str, order: &[String]) -> Result<usize> {
+    let mut ordered_keys = HashSet::with_capacity(order.len());
+    if let Some(repeated) = order.iter().find(|k| !ordered_keys.insert(k.as_str())) {
+        return Err(PipelineError::DuplicateInputKey { key: repeated.clone() }.into());
+    }
+
+    let shard_bytes =
+        inputs.iter().map(|path| std::fs::read(path).map_err(|e| Error::io(path, e))).collect::<Result<Vec<_>>>()?;
+    let mut lines_by_key: HashMap<String, &str> = HashMap::new();
+    let mut duplicated = Vec::new();
+    let mut unexpected = Vec::new();
+    for (path, bytes) in inputs.iter().zip(&shard_bytes) {
+        for record in complete_records(path, bytes, key)?.records {
+            if !ordered_keys.contains(record.key.as_str()) {
+                unexpected.push(record.key);
+            } else if lines_by_key.insert(record.key.clone(), record.text).is_some() {
+                duplicated.push(record.key);
+            }
+        }
+    }
+    let missing: Vec<String> = order.iter().filter(|k| !lines_by_key.contains_key(k.as_str())).cloned().collect();
+    if !(duplicated.is_empty() && missing.is_empty() && unexpected.is_empty()) {
+        return Err(PipelineError::ShardsDoNotMatchInput {
+            output: output.to_owned(),
+            duplicated,
+            missing,
+            unexpected,
+        }
+        .into());
+    }
+
+    let mut merged = String::new();
+    for k in order {
+        merged.push_str(lines_by_key[k.as_str()]);
+        merged.push('\n');
+    }
+    crate::fsutil::write_atomic(output, merged.as_bytes())?;
+    Ok(order.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(image: &str) -> Value {
+        json!({"image": image, "description": format!("a photo called {image}")})
+    }
+
+    fn lines(path: &Path) -> Vec<Value> {
+        read_jsonl(path).unwrap()
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_and_the_job_continues_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let complete = format!("{}\n{}\n", record("a.jpg"), record("b.jpg"));
+        std::fs::write(&path, format!("{complete}{{\"image\": \"c.jpg\", \"descr")).unwrap();
+
+        let mut output = ResumableJsonl::open(&path, "image").unwrap();
+        assert!(output.cut_torn_line());
+        assert_eq!(output.done_count(), 2);
+        assert!(output.is_done("a.jpg") && output.is_done("b.jpg") && !output.is_done("c.jpg"));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), complete);
+
+        output.append(&record("c.jpg")).unwrap();
+        assert_eq!(lines(&path), [record("a.jpg"), record("b.jpg"), record("c.jpg")]);
+    }
+
+    #[test]
+    fn a_last_line_of_garbage_is_cut_off_but_garbage_before_it_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let first = format!("{}\n", record("a.jpg"));
+        std::fs::write(&path, format!("{first}\0\0\0\n")).unwrap();
+        let output = ResumableJsonl::open(&path, "image").unwrap();
+        assert!(output.cut_torn_line());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
+        drop(output);
+
+        std::fs::write(&path, format!("{first}not json\n{}\n", record("b.jpg"))).unwrap();
+        let error = ResumableJsonl::open(&path, "image").err().unwrap().to_string();
+        assert!(error.contains("out.jsonl, line 2: invalid JSON"), "{error}");
+    }
+
+    #[test]
+    fn records_without_the_key_field_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        std::fs::write(&path, "{\"id\": 1}\n{\"image\": \"b.jpg\"}\n").unwrap();
+        let error = ResumableJsonl::open(&path, "image").err().unwrap().to_string();
+        assert!(error.contains("line 1: the record has no string or number field 'image'"), "{error}");
+
+        std::fs::write(&path, "").unwrap();
+        let mut output = ResumableJsonl::open(&path, "image").unwrap();
+        assert!(output.append(&json!({"id": 3})).is_err());
+        output.append(&record("a.jpg")).unwrap();
+        let error = output.append(&record("a.jpg")).unwrap_err().to_string();
+        assert!(error.contains("'a.jpg' is already recorded"), "{error}");
+        assert_eq!(lines(&path), [record("a.jpg")]);
+    }
+
+    #[test]
+    fn numeric_keys_are_matched_by_their_json_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        std::fs::write(&path, "{\"id\": 17, \"x\": 1}\n").unwrap();
+        assert!(ResumableJsonl::open(&path, "id").unwrap().is_done("17"));
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_while_the_first_holds_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let first = ResumableJsonl::open(&path, "image").unwrap();
+        let error = ResumableJsonl::open(&path, "image").err().unwrap().to_string();
+        assert!(error.contains("being written by another process"), "{error}");
+        drop(first);
+        ResumableJsonl::open(&path, "image").unwrap();
+    }
+
+    /// A generation job over `inputs` that stops (as if killed) after `stop_after` new records.
+    fn run_job(path: &Path, inputs: &[String], shard: Shard, stop_after: usize) -> usize {
+        let mut output = ResumableJsonl::open(path, "image").unwrap();
+        let mut generated = 0;
+        for (position, image) in inputs.iter().enumerate() {
+            if !shard.owns(position) || output.is_done(image) {
+                continue;
+            }
+            if generated == stop_after {
+                break;
+            }
+            output.append(&record(image)).unwrap();
+            generated += 1;
+        }
+        generated
+    }
+
+    fn images(count: usize) -> Vec<String> {
+        (0..count).map(|i| format!("COCO_{i:03}.jpg")).collect()
+    }
+
+    #[test]
+    fn a_resumed_job_skips_what_is_done_and_generates_everything_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let inputs = images(7);
+        assert_eq!(run_job(&path, &inputs, Shard::default(), 3), 3);
+        assert_eq!(run_job(&path, &inputs, Shard::default(), usize::MAX), 4);
+        assert_eq!(run_job(&path, &inputs, Shard::default(), usize::MAX), 0);
+        let expected: Vec<Value> = inputs.iter().map(|image| record(image)).collect();
+        assert_eq!(lines(&path), expected);
+    }
+
+    #[test]
+    fn shards_partition_the_positions() {
+        for count in 1..=5 {
+            let shards: Vec<Shard> = (0..count).map(|index| Shard::new(index, count).unwrap()).collect();
+            for position in 0..23 {
+                assert_eq!(shards.iter().filter(|shard| shard.owns(position)).count(), 1, "{position} of {count}");
+            }
+        }
+    }
+
+    #[test]
+    fn shards_parse_from_i_slash_n() {
+        assert_eq!("2/4".parse::<Shard>().unwrap(), Shard::new(2, 4).unwrap());
+        assert_eq!(Shard::new(2, 4).unwrap().to_string(), "2/4");
+        assert_eq!(Shard::default(), "0/1".parse().unwrap());
+        for (spec, reason) in [
+            ("4/4", "must be below the shard count"),
+            ("0/0", "at least 1"),
+            ("1", "no '/'"),
+            ("a/2", "whole numbers"),
+            ("-1/2", "whole numbers"),
+        ] {
+            let error = spec.parse::<Shard>().unwrap_err().to_string();
+            assert!(error.starts_with(&format!("invalid shard '{spec}': ")) && error.contains(reason), "{error}");
+        }
+    }
+
+    #[test]
+    fn merged_shards_equal_the_unsharded_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = images(10);
+        let unsharded = dir.path().join("all.jsonl");
+        run_job(&unsharded, &inputs, Shard::default(), usize::MAX);
+
+        let shard_paths: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("shard{i}.jsonl"))).collect();
+        for (index, path) in shard_paths.iter().enumerate().rev() {
+            let shard = Shard::new(index, 3).unwrap();
+            // Interrupted once, then resumed.
+            run_job(path, &inputs, shard, 1);
+            run_job(path, &inputs, shard, usize::MAX);
+        }
+        let merged = dir.path().join("merged.jsonl");
+        assert_eq!(merge_shards(&shard_paths, &merged, "image", &inputs).unwrap(), 10);
+        assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(&unsharded).unwrap());
+    }
+
+    #[test]
+    fn merge_reports_duplicated_missing_and_unexpected_keys_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = images(4);
+        let write = |name: &str, images: &[&str]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, images.iter().map(|image| format!("{}\n", record(image))).collect::<String>())
+                .unwrap();
+            path
+        };
+        let shard_a = write("a.jsonl", &["COCO_000.jpg", "COCO_001.jpg", "stray.jpg"]);
+        let shard_b = write("b.jsonl", &["COCO_001.jpg", "COCO_002.jpg"]);
+        let merged = dir.path().join("merged.jsonl");
+        let error = merge_shards(&[shard_a, shard_b], &merged, "image", &inputs).unwrap_err().to_string();
+        assert!(error.contains("1 duplicated, 1 missing, 1 not in the input list"), "{error}");
+        assert!(
+            error.contains("duplicated: COCO_001.jpg; missing: COCO_003.jpg; not in the input list: stray.jpg"),
+            "{error}"
+        );
+        assert!(!merged.exists());
+
+        let repeated_input = ["x".to_string(), "x".to_string()];
+        let error = merge_shards(&[], &merged, "image", &repeated_input).unwrap_err().to_string();
+        assert!(error.contains("'x' more than once"), "{error}");
+    }
+
+    #[test]
+    fn strict_reading_names_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("descriptions.jsonl");
+        std::fs::write(&path, format!("{}\n\n{{\"image\": \n", record("a.jpg"))).unwrap();
+        let error = read_jsonl::<Value>(&path).unwrap_err().to_string();
+        assert!(error.contains("descriptions.jsonl, line 3: invalid JSON"), "{error}");
+    }
+}

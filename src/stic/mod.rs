@@ -1,0 +1,100 @@
+//! The model-independent parts of the STIC pipeline: image corruptions (stage 1), description infusion
+//! (stage 2) and the resumable, shardable JSONL output of the generation jobs.
+//!
+//! Functions that touch files return the crate's [`crate::Error`] (I/O errors name the path); everything the
+//! pipeline itself finds wrong with its inputs is a [`PipelineError`].
+pub mod corrupt;
+pub mod infuse;
+pub mod jsonl;
+
+use std::path::PathBuf;
+
+/// How many keys an error message lists before it summarises the rest.
+const KEYS_SHOWN: usize = 10;
+
+#[derive(thiserror::Error, Debug)]
+pub enum PipelineError {
+    #[error(
+        "unknown corruption '{name}': expected one of {}",
+        corrupt::Corruption::ALL.map(corrupt::Corruption::name).join(", ")
+    )]
+    UnknownCorruption { name: String },
+
+    #[error("could not encode the corrupted image as PNG for {path}: {source}")]
+    EncodePng { path: PathBuf, source: ::image::ImageError },
+
+    #[error("invalid shard '{spec}': {reason}; write it as I/N with 0 <= I < N, e.g. 0/4 for the first of four")]
+    InvalidShard { spec: String, reason: String },
+
+    #[error("{path}, line {line}: {reason}; fix or remove that line")]
+    InvalidJsonLine { path: PathBuf, line: usize, reason: String },
+
+    #[error("{path}, line {line}: the record has no string or number field '{key}' to identify it")]
+    MissingKey { path: PathBuf, line: usize, key: String },
+
+    #[error("{path}: the record to append has no string or number field '{key}' to identify it")]
+    RecordWithoutKey { path: PathBuf, key: String },
+
+    #[error("{path}: could not serialize the record as JSON: {source}")]
+    UnserializableRecord { path: PathBuf, source: serde_json::Error },
+
+    #[error("{path}: '{key}' is already recorded; check is_done before generating it again")]
+    AlreadyRecorded { path: PathBuf, key: String },
+
+    #[error("{path} is being written by another process; run one job per shard file")]
+    OutputLocked { path: PathBuf },
+
+    #[error(
+        "the input list has '{key}' more than once, so its records cannot be told apart; \
+         key the job by a unique field (e.g. id)"
+    )]
+    DuplicateInputKey { key: String },
+
+    #[error(
+        "cannot merge into {output}: {} duplicated, {} missing, {} not in the input list{}{}{}; \
+         finish or rerun the shards that lack records and remove stray ones, then merge again",
+        duplicated.len(), missing.len(), unexpected.len(),
+        key_list("duplicated", duplicated), key_list("missing", missing), key_list("not in the input list", unexpected)
+    )]
+    ShardsDoNotMatchInput { output: PathBuf, duplicated: Vec<String>, missing: Vec<String>, unexpected: Vec<String> },
+
+    #[error("entry {entry_id}: turn {turn} is from '{from}', expected 'human' or 'gpt'; fix the data file")]
+    UnknownSpeaker { entry_id: String, turn: usize, from: String },
+
+    #[error("entry {entry_id} has an image but no human turn to put its description in; fix the data file")]
+    NoHumanTurn { entry_id: String },
+
+    #[error("{path}: more than one description for entry {entry_id}; keep one per entry")]
+    DuplicateDescription { path: PathBuf, entry_id: String },
+
+    #[error(
+        "the description of entry {entry_id} is of image '{description_image}' but the entry's image is \
+         '{entry_image}': the descriptions were generated for another data file"
+    )]
+    DescriptionImageMismatch { entry_id: String, entry_image: String, description_image: String },
+}
+
+/// "; missing: a, b, c …and 12 more" (empty when there are no keys).
+fn key_list(label: &str, keys: &[String]) -> String {
+    if keys.is_empty() {
+        return String::new();
+    }
+    let shown = keys.iter().take(KEYS_SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    match keys.len().saturating_sub(KEYS_SHOWN) {
+        0 => format!("; {label}: {shown}"),
+        more => format!("; {label}: {shown} …and {more} more"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_lists_are_cut_after_ten_keys() {
+        let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+        assert_eq!(key_list("missing", &keys), "; missing: k0, k1, k2, k3, k4, k5, k6, k7, k8, k9 …and 2 more");
+        assert_eq!(key_list("missing", &keys[..2]), "; missing: k0, k1");
+        assert_eq!(key_list("missing", &[]), "");
+    }
+}

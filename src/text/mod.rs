@@ -1,0 +1,5 @@
+pub mod templates;
+pub mod tokenizer;
+
+pub use templates::{Role, Template};
+pub use tokenizer::TextTokenizer;

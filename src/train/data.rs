@@ -1,0 +1,145 @@
+//! Training data: STIC preference pairs and LLaVA-format conversations, read with line-numbered errors.
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// One record of the STIC preference format (the schema of `stic-coco-preference-6k`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct PreferencePair {
+    pub image: String,
+    pub chosen: Vec<Message>,
+    pub rejected: Vec<Message>,
+}
+
+impl PreferencePair {
+    /// The shared user prompt and the two responses.
+    pub fn parts(&self) -> std::result::Result<(&str, &str, &str), String> {
+        let turn = |msgs: &[Message], idx: usize, role: &str, side: &str| -> std::result::Result<String, String> {
+            match msgs.get(idx) {
+                Some(m) if m.role == role => Ok(m.content.clone()),
+                Some(m) => Err(format!("{side}[{idx}] has role '{}', expected '{role}'", m.role)),
+                None => Err(format!("{side} needs a user and an assistant message")),
+            }
+        };
+        turn(&self.chosen, 0, "user", "chosen")?;
+        turn(&self.chosen, 1, "assistant", "chosen")?;
+        turn(&self.rejected, 1, "assistant", "rejected")?;
+        let (c, r) = (&self.chosen[1].content, &self.rejected[1].content);
+        if c.trim().is_empty() || r.trim().is_empty() {
+            return Err("empty chosen or rejected response".into());
+        }
+        Ok((&self.chosen[0].content, c, r))
+    }
+}
+
+/// Records of a JSON list or of JSON lines, with the 1-based line (JSONL) or index (JSON list) of each.
+pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool) -> Result<(Vec<(usize, T)>, Vec<String>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut records = Vec::new();
+    let mut skipped = Vec::new();
+    let mut bad = |what: String| -> Result<()> {
+        if skip_bad {
+            skipped.push(what);
+            Ok(())
+        } else {
+            Err(Error::Input(format!("{what} (pass --skip-bad to skip bad records)")))
+        }
+    };
+    if text.trim_start().starts_with('[') {
+        let values: Vec<serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| Error::Input(format!("{}: invalid JSON at line {}: {e}", path.display(), e.line())))?;
+        for (i, v) in values.into_iter().enumerate() {
+            match serde_json::from_value::<T>(v) {
+                Ok(r) => records.push((i, r)),
+                Err(e) => bad(format!("{}: record {i}: {e}", path.display()))?,
+            }
+        }
+    } else {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<T>(line) {
+                Ok(r) => records.push((i + 1, r)),
+                Err(e) => bad(format!("{}: line {}: {e}", path.display(), i + 1))?,
+            }
+        }
+    }
+    if records.is_empty() {
+        return Err(Error::Input(format!("{}: no usable records", path.display())));
+    }
+    Ok((records, skipped))
+}
+
+/// Resolves an image name against the image folder, failing with the record's position when it is missing.
+pub fn image_path(image_dir: &Path, name: &str, source: &Path, position: usize) -> Result<PathBuf> {
+    let path = image_dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Input(format!("{} record {position}: image {} not found", source.display(), path.display())))
+    }
+}
+
+/// Tokenises a conversation for training: `turns` are (user, assistant) pairs rendered with `template`; the
+/// assistant tokens are scored. The image placeholder is expanded to `image_features` ids. Rows longer than
+/// `max_length` keep the prompt and lose the end of the responses; the flag says whether that happened.
+pub fn encode_conversation(
+    tokenizer: &crate::text::TextTokenizer,
+    template: crate::text::Template,
+    turns: &[(String, String)],
+    image_features: usize,
+    max_length: usize,
+) -> std::result::Result<(super::trainer::EncodedRow, bool), String> {
+    let mut messages: Vec<Option<&str>> = Vec::new();
+    let mut spans = Vec::new();
+    let encode = |msgs: &[Option<&str>]| tokenizer.encode(&template.render(msgs), true).map_err(|e| e.to_string());
+    for (user, assistant) in turns {
+        messages.push(Some(user));
+        messages.push(None);
+        let start = encode(&messages)?.len();
+        messages.pop();
+        messages.push(Some(assistant));
+        spans.push((start, encode(&messages)?));
+    }
+    let ids = spans.last().map(|(_, ids)| ids.clone()).ok_or("no turns")?;
+    let mut scored = vec![false; ids.len()];
+    for (start, upto) in &spans {
+        if upto.len() > ids.len() || upto[..] != ids[..upto.len()] {
+            return Err("an assistant turn changes how the text before it tokenizes".into());
+        }
+        scored[*start..upto.len()].iter_mut().for_each(|s| *s = true);
+    }
+    let image_id = tokenizer.image_id;
+    let (mut ids_out, mut scored_out) = (Vec::with_capacity(ids.len() + image_features), Vec::with_capacity(ids.len() + image_features));
+    for (id, s) in ids.into_iter().zip(scored) {
+        let copies = if id == image_id { image_features } else { 1 };
+        ids_out.extend(std::iter::repeat_n(id, copies));
+        scored_out.extend(std::iter::repeat_n(s, copies));
+    }
+    let first_scored = scored_out.iter().position(|&s| s).ok_or("no response tokens")?;
+    if first_scored >= max_length {
+        return Err(format!("the prompt alone is {first_scored} tokens (image included), over max_length {max_length}"));
+    }
+    let truncated = ids_out.len() > max_length;
+    ids_out.truncate(max_length);
+    scored_out.truncate(max_length);
+    Ok((super::trainer::EncodedRow { ids: ids_out, scored: scored_out }, truncated))
+}
+
+/// The image's size (height, width) from its header, without decoding it.
+pub fn image_size(path: &Path) -> Result<(u32, u32)> {
+    let (w, h) = ::image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| Error::io(path, e))?
+        .into_dimensions()
+        .map_err(|e| Error::Input(format!("{}: cannot read the image header: {e}", path.display())))?;
+    Ok((h, w))
+}

@@ -1,0 +1,5 @@
+pub mod data;
+pub mod dpo;
+pub mod forward;
+pub mod optim;
+pub mod trainer;

@@ -1,0 +1,315 @@
+//! The training loop shared by DPO and SFT: LoRA (+ projector) with AdamW, warm-up and cosine decay, gradient
+//! accumulation and clipping, crash-safe checkpoints that resume bit for bit, a CSV log and a progress bar.
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+use super::optim::{clip_grad_norm, cosine_with_warmup, AdamW, AdamWConfig, ParamGroup};
+use crate::error::{read_json, Error, Result};
+use crate::fsutil::{create_dir, write_atomic};
+use crate::image::{self, Preprocessed};
+use crate::lora::{Adapter, LoraSettings};
+use crate::model::weights::{save_safetensors, Checkpoint};
+use crate::model::LlavaNext;
+
+/// A token row for training: ids with image placeholders expanded, and which positions are scored.
+#[derive(Debug, Clone)]
+pub struct EncodedRow {
+    pub ids: Vec<i64>,
+    pub scored: Vec<bool>,
+}
+
+pub struct StepOutput {
+    /// In the order of `Objective::metric_names`.
+    pub metrics: Vec<f64>,
+    pub tokens: usize,
+}
+
+pub trait Objective {
+    type Example;
+    fn metric_names(&self) -> &'static [&'static str];
+    /// Forward and backward over one micro-batch (gradients accumulate, the loss is multiplied by `loss_scale`).
+    fn step(&self, model: &LlavaNext, examples: &[(usize, &Self::Example)], loss_scale: f64, seed: i64) -> Result<StepOutput>;
+}
+
+pub fn load_preprocessed(model: &LlavaNext, path: &Path) -> Result<Preprocessed> {
+    let img = image::load_image(path, model.cfg.image.max_pixels)?;
+    Ok(image::preprocess(&img, &model.cfg.image))
+}
+
+/// Settings of a training run; `configs/*.yaml` hold them and command-line flags override them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub lora: LoraSettings,
+    pub lr: f64,
+    pub projector_lr: f64,
+    pub epochs: f64,
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub max_length: usize,
+    pub save_steps: usize,
+    #[serde(default = "default_save_total_limit")]
+    pub save_total_limit: usize,
+    pub seed: u64,
+    pub gradient_checkpointing: bool,
+    pub template: crate::text::Template,
+    #[serde(default = "default_auto")]
+    pub dtype: String,
+    #[serde(default = "default_auto")]
+    pub device: String,
+    #[serde(default)]
+    pub dpo: super::dpo::DpoConfig,
+}
+
+fn default_save_total_limit() -> usize {
+    2
+}
+
+fn default_auto() -> String {
+    "auto".into()
+}
+
+impl TrainConfig {
+    pub fn from_yaml(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_yaml::from_str(&text).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
+    }
+
+    /// Settings that must not change between a run and its resumption.
+    fn resume_signature(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        for volatile in ["save_steps", "save_total_limit", "device"] {
+            v.as_object_mut().expect("object").remove(volatile);
+        }
+        v
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TrainerState {
+    step: usize,
+    total_steps: usize,
+    config: serde_json::Value,
+}
+
+pub struct Trainer<'a, O: Objective> {
+    pub model: &'a LlavaNext,
+    pub adapter: &'a Adapter,
+    pub objective: O,
+    pub examples: Vec<O::Example>,
+    pub cfg: TrainConfig,
+    pub output: PathBuf,
+    pub base_model: String,
+    /// Stop (as if interrupted) after this many optimizer steps of the run.
+    pub stop_after: Option<usize>,
+}
+
+const LATEST: &str = "latest";
+
+fn checkpoints_dir(output: &Path) -> PathBuf {
+    output.join("checkpoints")
+}
+
+impl<'a, O: Objective> Trainer<'a, O> {
+    pub fn total_steps(&self) -> usize {
+        let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        self.cfg.max_steps.unwrap_or(((self.examples.len() as f64 * self.cfg.epochs) / per_step as f64).ceil() as usize).max(1)
+    }
+
+    /// Example indices of the stream position `p` (epochs follow each other, each in its own seeded order).
+    fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.examples.len()).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_add(epoch as u64 * 7919));
+        order.shuffle(&mut rng);
+        order
+    }
+
+    fn optimizer(&self) -> AdamW {
+        let mut groups = vec![ParamGroup { params: self.adapter.lora_params.clone_handles(), lr: self.cfg.lr }];
+        if !self.adapter.projector_params.is_empty() {
+            groups.push(ParamGroup { params: self.adapter.projector_params.clone_handles(), lr: self.cfg.projector_lr });
+        }
+        AdamW::new(AdamWConfig { weight_decay: self.cfg.weight_decay, ..Default::default() }, groups)
+    }
+
+    pub fn run(&mut self, resume: bool) -> Result<()> {
+        create_dir(&self.output)?;
+        let total = self.total_steps();
+        let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as usize;
+        let mut optimizer = self.optimizer();
+        let start = if resume { self.restore(&mut optimizer)? } else { 0 };
+        let log_path = self.output.join("train_log.csv");
+        let mut log = open_log(&log_path, self.objective.metric_names(), start)?;
+        let bar = ProgressBar::new(total as u64).with_position(start as u64);
+        bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}").expect("template"));
+        let per_micro = self.cfg.batch_size;
+        let n = self.examples.len();
+        let mut orders: std::collections::HashMap<usize, Vec<usize>> = Default::default();
+        let end = self.stop_after.map_or(total, |s| (start + s).min(total));
+        for step in start..end {
+            let started = Instant::now();
+            let mut sums = vec![0.0; self.objective.metric_names().len()];
+            let mut tokens = 0;
+            for micro in 0..self.cfg.grad_accum {
+                let first = (step * self.cfg.grad_accum + micro) * per_micro;
+                let picked: Vec<(usize, &O::Example)> = (first..first + per_micro)
+                    .map(|p| {
+                        let order = orders.entry(p / n).or_insert_with(|| self.order(p / n));
+                        let idx = order[p % n];
+                        (idx, &self.examples[idx])
+                    })
+                    .collect();
+                let seed = (self.cfg.seed as i64).wrapping_mul(1_000_000_007).wrapping_add((step * self.cfg.grad_accum + micro) as i64);
+                let out = self.objective.step(self.model, &picked, 1.0 / self.cfg.grad_accum as f64, seed).map_err(|e| match e {
+                    Error::Training(why) => Error::Training(format!(
+                        "{why} at step {} (records {:?}); the last good checkpoint is in {}: lower the learning rate or check those records",
+                        step + 1,
+                        picked.iter().map(|(i, _)| i).collect::<Vec<_>>(),
+                        checkpoints_dir(&self.output).display()
+                    )),
+                    other => other,
+                })?;
+                for (s, m) in sums.iter_mut().zip(&out.metrics) {
+                    *s += m / self.cfg.grad_accum as f64;
+                }
+                tokens += out.tokens;
+            }
+            let grad_norm = clip_grad_norm(optimizer.parameters(), self.cfg.max_grad_norm);
+            let factor = cosine_with_warmup(step, warmup, total);
+            optimizer.step(factor);
+            optimizer.zero_grad();
+            if !optimizer.parameters().all(|p| bool::try_from(p.isfinite().all()).unwrap_or(false)) {
+                return Err(Error::Training(format!(
+                    "the update of step {} made the weights non-finite (gradient norm {grad_norm:.3e}); nothing of it was \
+                     saved, the last good checkpoint is in {}: lower the learning rate",
+                    step + 1,
+                    checkpoints_dir(&self.output).display()
+                )));
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let mut row = vec![(step + 1).to_string()];
+            row.extend(sums.iter().map(|v| format!("{v:.6}")));
+            row.extend([format!("{grad_norm:.6}"), format!("{:.3e}", self.cfg.lr * factor), format!("{:.1}", tokens as f64 / seconds)]);
+            writeln!(log, "{}", row.join(",")).and_then(|_| log.flush()).map_err(|e| Error::io(&log_path, e))?;
+            bar.set_message(format!("loss {:.4}", sums[0]));
+            bar.inc(1);
+            if (step + 1) % self.cfg.save_steps.max(1) == 0 || step + 1 == total {
+                self.save_checkpoint(step + 1, total, &optimizer)?;
+            }
+        }
+        bar.finish();
+        if end == total {
+            self.adapter.save(&self.output, &self.base_model)?;
+        }
+        Ok(())
+    }
+
+    fn save_checkpoint(&self, step: usize, total: usize, optimizer: &AdamW) -> Result<()> {
+        let root = checkpoints_dir(&self.output);
+        create_dir(&root)?;
+        let name = format!("step-{step:06}");
+        let tmp = root.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let write = || -> Result<()> {
+            self.adapter.save(&tmp, &self.base_model)?;
+            let mut moments = Vec::new();
+            for (param, m, v) in &optimizer.state {
+                moments.push((format!("exp_avg.{param}"), m.to_device(Device::Cpu)));
+                moments.push((format!("exp_avg_sq.{param}"), v.to_device(Device::Cpu)));
+            }
+            save_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+            let state = TrainerState { step, total_steps: total, config: self.cfg.resume_signature() };
+            write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let dir = root.join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+        write_atomic(&root.join(LATEST), name.as_bytes())?;
+        self.prune_checkpoints(&root, &name);
+        Ok(())
+    }
+
+    fn prune_checkpoints(&self, root: &Path, keep_latest: &str) {
+        let Ok(entries) = std::fs::read_dir(root) else { return };
+        let mut names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("step-")).collect();
+        names.sort();
+        let excess = names.len().saturating_sub(self.cfg.save_total_limit.max(1));
+        for old in names.iter().take(excess).filter(|n| n.as_str() != keep_latest) {
+            let _ = std::fs::remove_dir_all(root.join(old));
+        }
+    }
+
+    /// Loads the latest checkpoint into the adapter and optimizer; returns the step to continue from.
+    fn restore(&self, optimizer: &mut AdamW) -> Result<usize> {
+        let root = checkpoints_dir(&self.output);
+        let latest = std::fs::read_to_string(root.join(LATEST)).map_err(|_| {
+            Error::Input(format!("--resume: no checkpoint in {} (nothing to resume; run without --resume)", root.display()))
+        })?;
+        let dir = root.join(latest.trim());
+        let state: TrainerState = read_json(&dir.join("trainer_state.json"))?;
+        if state.config != self.cfg.resume_signature() {
+            return Err(Error::Input(format!(
+                "--resume: the settings differ from those of the checkpoint in {}; resume with the same config and flags",
+                dir.display()
+            )));
+        }
+        let adapter = Checkpoint::open_files(&[dir.join("adapter_model.safetensors")])?;
+        let moments = Checkpoint::open_files(&[dir.join("optimizer.safetensors")])?;
+        tch::no_grad(|| -> Result<()> {
+            for (name, param) in self.adapter.parameters() {
+                param.shallow_clone().copy_(&adapter.load_raw(name, Kind::Float, param.device())?);
+            }
+            for (name, m, v) in optimizer.state.iter_mut() {
+                m.copy_(&moments.load_raw(&format!("exp_avg.{name}"), Kind::Float, m.device())?);
+                v.copy_(&moments.load_raw(&format!("exp_avg_sq.{name}"), Kind::Float, v.device())?);
+            }
+            Ok(())
+        })?;
+        optimizer.steps = state.step as i64;
+        Ok(state.step)
+    }
+}
+
+trait CloneHandles {
+    fn clone_handles(&self) -> Vec<(String, Tensor)>;
+}
+
+impl CloneHandles for Vec<(String, Tensor)> {
+    fn clone_handles(&self) -> Vec<(String, Tensor)> {
+        self.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+}
+
+/// Opens the CSV log for appending, keeping only the rows of steps up to `keep_steps` (those of a resumed run).
+fn open_log(path: &Path, metrics: &[&str], keep_steps: usize) -> Result<std::fs::File> {
+    let mut header = vec!["step"];
+    header.extend(metrics);
+    header.extend(["grad_norm", "lr", "tokens_per_s"]);
+    let mut text = header.join(",") + "\n";
+    if keep_steps > 0 {
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        for line in old.lines().skip(1) {
+            if line.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= keep_steps) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    write_atomic(path, text.as_bytes())?;
+    std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))
+}

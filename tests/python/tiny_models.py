@@ -1,0 +1,130 @@
+"""Small random LLaVA-NeXT-Mistral models built with transformers, in every weight layout stic reads."""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig, PreTrainedTokenizerFast)
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER_DIR = ROOT / "third_party" / "mistral-7b-tokenizer"
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+# name -> (text config overrides, vision config overrides)
+VARIANTS = {
+    # grouped-query attention 4:2, two decoder layers
+    "gqa": (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+            dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)),
+    # multi-query attention, three layers, a sliding window shorter than any image prompt
+    "mqa_window": (dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=12, sliding_window=100, rope_theta=1e6),
+                   dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)),
+    # plain multi-head attention; CLIP head_dim 64 like ViT-L (the original LLaVA config does not store it)
+    "mha": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5),
+            dict(hidden_size=128, intermediate_size=160, num_hidden_layers=3, num_attention_heads=2)),
+}
+
+
+def tokenizer():
+    return PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+
+
+def processor():
+    image_processor = LlavaNextImageProcessor(
+        image_grid_pinpoints=PINPOINTS, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer(), patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def build_model(variant, seed=0):
+    text, vision = VARIANTS[variant]
+    config = LlavaNextConfig(
+        text_config=MistralConfig(vocab_size=32002, max_position_embeddings=8192, **{"sliding_window": None, **text}),
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
+        image_token_index=32000, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random norms and biases, so that every parameter matters for parity
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn_like(p))
+    return model
+
+
+def save_hf(model, out):
+    """llava-hf layout as transformers saves it (older `language_model.model.*` keys)."""
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    processor().save_pretrained(out)
+    return out
+
+
+def to_new_hf_layout(src, dst):
+    """The newer llava-hf key names (`model.language_model.*`, top-level `lm_head`), sharded in two files."""
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    tensors = load_file(src / "model.safetensors")
+    renamed = {}
+    for k, v in tensors.items():
+        if k.startswith("language_model.model."):
+            k = "model.language_model." + k[len("language_model.model."):]
+        elif k.startswith("language_model.lm_head."):
+            k = k[len("language_model."):]
+        else:
+            k = "model." + k
+        renamed[k] = v
+    names = sorted(renamed)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: renamed[k].contiguous() for k in keys}, dst / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def to_original_layout(src, dst):
+    """The original LLaVA `LlavaMistralForCausalLM` layout and config (no vision config, no processor files)."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / f, dst / f)
+    hf = json.loads((src / "config.json").read_text())
+    text = hf["text_config"]
+    config = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                                   "num_key_value_heads", "rms_norm_eps", "rope_theta", "sliding_window",
+                                   "vocab_size", "max_position_embeddings", "head_dim")}
+    config.update({
+        "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral", "hidden_act": "silu",
+        "image_aspect_ratio": "anyres", "image_grid_pinpoints": hf["image_grid_pinpoints"],
+        "mm_hidden_size": hf["vision_config"]["hidden_size"], "mm_patch_merge_type": "spatial_unpad",
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_use_im_start_end": False,
+        "tie_word_embeddings": False})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    renamed = {}
+    for k, v in load_file(src / "model.safetensors").items():
+        if k.startswith("language_model.model."):
+            k = "model." + k[len("language_model.model."):]
+        elif k.startswith("language_model.lm_head."):
+            k = k[len("language_model."):]
+        elif k.startswith("vision_tower."):
+            k = "model.vision_tower." + k
+        elif k.startswith("multi_modal_projector.linear_1."):
+            k = "model.mm_projector.0." + k[len("multi_modal_projector.linear_1."):]
+        elif k.startswith("multi_modal_projector.linear_2."):
+            k = "model.mm_projector.2." + k[len("multi_modal_projector.linear_2."):]
+        elif k == "image_newline":
+            k = "model.image_newline"
+        renamed[k] = v
+    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
