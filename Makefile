@@ -8,7 +8,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 STIC := target/release/stic
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build test test-rust test-python demo bench-generate clean
+.PHONY: setup build test test-rust test-python demo reproduce bench-generate bench-train clean
 
 setup: $(SETUP_STAMP)
 
@@ -30,6 +30,12 @@ test-rust: setup
 
 test-python: build
 	$(PY) -m pytest -q -n 2 tests/python
+
+demo: build
+	scripts/demo.sh
+
+reproduce: build
+	$(PY) tools/reproduce.py configs/reproduce.yaml
 
 bench-generate: build
 	$(PY) benches/bench_generate.py $(BENCH_ARGS)

@@ -17,6 +17,10 @@ pub enum Error {
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
     Pipeline(#[from] crate::stic::PipelineError),
+    #[error(transparent)]
+    EvalData(#[from] crate::eval::benchmarks::EvalDataError),
+    #[error(transparent)]
+    Score(#[from] crate::eval::benchmarks::ScoreError),
     #[error("training stopped: {0}")]
     Training(String),
     #[error("libtorch: {0}")]

@@ -4,6 +4,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod image;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod score;
 pub mod session;

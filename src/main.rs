@@ -17,10 +17,26 @@ enum Command {
     Generate(cli::generate::Args),
     /// Log-probabilities of a response (and optionally the full logits) for an image and a prompt.
     Score(cli::score::Args),
+    /// STIC stage 1: generate preferred and dispreferred image descriptions for unlabeled images.
+    Prefs(cli::prefs::Args),
+    /// Join the shard outputs of `prefs` (or `describe`) into one file, in input order.
+    PrefsMerge(cli::prefs::MergeArgs),
+    /// STIC stage 2: describe the images of an instruction data set (with the stage-1 adapter).
+    Describe(cli::describe::Args),
+    /// STIC stage 2: put each image's description in front of the first user turn.
+    Infuse(cli::infuse::Args),
+    /// Answer a benchmark's questions (greedy, mistral_instruct; --dar to describe first) and score them.
+    Eval(cli::eval::Args),
+    /// Score a prediction file against a benchmark's answers.
+    EvalScore(cli::eval::ScoreArgs),
+    /// Fold a LoRA adapter into the base weights: an ordinary llava-hf checkpoint for transformers.
+    Merge(cli::merge::Args),
     /// Apply one of STIC's image corruptions (what the dispreferred responses are generated from).
     Corrupt(cli::corrupt::Args),
     /// Train a LoRA adapter with the STIC stage-1 objective (DPO + chosen-likelihood term).
-    TrainDpo(cli::train_dpo::Args),
+    TrainDpo(cli::train::DpoArgs),
+    /// Train a LoRA adapter on LLaVA-format conversations (STIC stage 2, description-infused fine-tuning).
+    TrainSft(cli::train::SftArgs),
     /// Write a small random LLaVA-NeXT-Mistral checkpoint (llava-hf layout) with the shipped tokenizer.
     InitTiny(cli::init_tiny::Args),
 }
@@ -31,8 +47,16 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::run(args),
         Command::Score(args) => cli::score::run(args),
         Command::InitTiny(args) => cli::init_tiny::run(args),
-        Command::TrainDpo(args) => cli::train_dpo::run(args),
+        Command::TrainDpo(args) => cli::train::run_dpo(args),
+        Command::TrainSft(args) => cli::train::run_sft(args),
         Command::Corrupt(args) => cli::corrupt::run(args),
+        Command::Merge(args) => cli::merge::run(args),
+        Command::Prefs(args) => cli::prefs::run(args),
+        Command::PrefsMerge(args) => cli::prefs::run_merge(args),
+        Command::Describe(args) => cli::describe::run(args),
+        Command::Infuse(args) => cli::infuse::run(args),
+        Command::Eval(args) => cli::eval::run(args),
+        Command::EvalScore(args) => cli::eval::run_score(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,11 @@
 pub mod corrupt;
+pub mod describe;
+pub mod eval;
 pub mod generate;
+pub mod infuse;
 pub mod init_tiny;
+pub mod merge;
 pub mod model_args;
+pub mod prefs;
 pub mod score;
-pub mod train_dpo;
+pub mod train;

@@ -1108,7 +1108,8 @@ fn score_llava_bench(graded: &[Graded], judge: &JudgeClient) -> Result<Score, Sc
         };
         let scores = match judge.review_llava_bench(&input) {
             Ok(scores) => scores,
-            Err(JudgeError::UnparsableScore { .. }) => [-1.0, -1.0],
+            // A reply the judge client could not read counts like an unreadable score; its stats count it.
+            Err(JudgeError::UnparsableScore { .. } | JudgeError::MalformedReply { .. }) => [-1.0, -1.0],
             Err(error) => return Err(error.into()),
         };
         reviews.push((meta.category, scores));
@@ -1127,7 +1128,7 @@ fn score_mm_vet(graded: &[Graded], judge: &JudgeClient) -> Result<Score, ScoreEr
         let meta: MmVetMeta = entry.meta(Benchmark::MmVet)?;
         let grade = match judge.grade_mm_vet(&entry.item.question, &meta.answer, entry.prediction) {
             Ok(grade) => grade,
-            Err(JudgeError::UnparsableScore { .. }) => 0.0,
+            Err(JudgeError::UnparsableScore { .. } | JudgeError::MalformedReply { .. }) => 0.0,
             Err(error) => return Err(error.into()),
         };
         grades.push((meta.capabilities, grade));

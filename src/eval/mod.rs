@@ -1,3 +1,4 @@
 pub mod benchmarks;
 pub mod judge;
 pub mod metrics;
+pub mod run;

@@ -320,3 +320,66 @@ impl LlavaConfig {
 fn pairs(p: &[[u32; 2]]) -> Vec<(u32, u32)> {
     p.iter().map(|[h, w]| (*h, *w)).collect()
 }
+
+impl LlavaConfig {
+    /// The llava-hf `config.json` of this model (what transformers' `LlavaNextForConditionalGeneration` reads).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let pinpoints: Vec<[u32; 2]> = self.image.grid_pinpoints.iter().map(|&(h, w)| [h, w]).collect();
+        let mut text = serde_json::to_value(&self.text).expect("serialisable");
+        text["model_type"] = "mistral".into();
+        let mut vision = serde_json::to_value(&self.vision).expect("serialisable");
+        vision["model_type"] = "clip_vision_model".into();
+        vision["projection_dim"] = self.vision.hidden_size.into();
+        serde_json::json!({
+            "architectures": ["LlavaNextForConditionalGeneration"],
+            "model_type": "llava_next",
+            "image_token_index": self.image_token_id,
+            "image_grid_pinpoints": pinpoints,
+            "image_seq_length": (self.vision.image_size / self.vision.patch_size).pow(2),
+            "projector_hidden_act": self.projector_hidden_act,
+            "vision_feature_layer": self.vision_feature_layer,
+            "vision_feature_select_strategy": match self.feature_select { FeatureSelect::Patch => "default", FeatureSelect::Full => "full" },
+            "tie_word_embeddings": self.text.tie_word_embeddings,
+            "text_config": text,
+            "vision_config": vision,
+        })
+    }
+
+    /// `preprocessor_config.json` and `processor_config.json` as llava-hf ships them for this model.
+    pub fn processor_json(&self) -> [(&'static str, serde_json::Value); 2] {
+        let img = &self.image;
+        let pinpoints: Vec<[u32; 2]> = img.grid_pinpoints.iter().map(|&(h, w)| [h, w]).collect();
+        [
+            (
+                "preprocessor_config.json",
+                serde_json::json!({
+                    "image_processor_type": "LlavaNextImageProcessor",
+                    "processor_class": "LlavaNextProcessor",
+                    "crop_size": {"height": img.crop_size, "width": img.crop_size},
+                    "size": {"shortest_edge": img.shortest_edge},
+                    "do_center_crop": true,
+                    "do_convert_rgb": true,
+                    "do_normalize": true,
+                    "do_pad": true,
+                    "do_rescale": true,
+                    "do_resize": true,
+                    "image_grid_pinpoints": pinpoints,
+                    "image_mean": img.image_mean,
+                    "image_std": img.image_std,
+                    "resample": 3,
+                    "rescale_factor": 1.0 / 255.0,
+                }),
+            ),
+            (
+                "processor_config.json",
+                serde_json::json!({
+                    "processor_class": "LlavaNextProcessor",
+                    "image_token": "<image>",
+                    "num_additional_image_tokens": 1,
+                    "patch_size": self.vision.patch_size,
+                    "vision_feature_select_strategy": match self.feature_select { FeatureSelect::Patch => "default", FeatureSelect::Full => "full" },
+                }),
+            ),
+        ]
+    }
+}

@@ -38,11 +38,26 @@ impl KvCache {
     }
 }
 
-/// Boolean attention mask [batch, 1, queries, keys]: causal over sequence indices, keys that are padding hidden,
-/// keys further back than the sliding window hidden. Each query may always see itself, so that rows of left
-/// padding stay finite instead of turning into NaN that would leak through the values.
-pub fn attention_mask(key_is_token: &Tensor, first_query: i64, num_queries: i64, sliding_window: Option<usize>) -> Tensor {
+/// Which keys each query may attend to.
+pub enum AttnMask {
+    /// Plain causal attention (lets libtorch use its fused kernel): no cache, no left padding, no window in reach.
+    /// Right padding needs no mask: under causality real tokens never see the padding after them.
+    Causal,
+    /// Boolean [batch, 1, queries, keys], true = attend.
+    Explicit(Tensor),
+}
+
+/// The attention mask for `num_queries` queries starting at sequence index `first_query`, over keys
+/// `key_is_token` [b, keys] (0 = padding): causal over sequence indices, padding hidden, keys further back than
+/// the sliding window hidden. Each query may always see itself, so that rows of left padding stay finite
+/// instead of turning into NaN that would leak through the values.
+pub fn attention_mask(key_is_token: &Tensor, first_query: i64, num_queries: i64, sliding_window: Option<usize>) -> AttnMask {
     let num_keys = key_is_token.size()[1];
+    let window_out_of_reach = sliding_window.is_none_or(|w| w as i64 >= num_keys);
+    let no_left_padding = bool::try_from(key_is_token.select(1, 0).ne(0).all()).unwrap_or(false);
+    if first_query == 0 && window_out_of_reach && no_left_padding {
+        return AttnMask::Causal;
+    }
     let device = key_is_token.device();
     let q = Tensor::arange_start(first_query, first_query + num_queries, (Kind::Int64, device)).view([-1, 1]);
     let k = Tensor::arange(num_keys, (Kind::Int64, device)).view([1, -1]);
@@ -51,7 +66,7 @@ pub fn attention_mask(key_is_token: &Tensor, first_query: i64, num_queries: i64,
         allowed = allowed.logical_and(&(&q - &k).lt(w as i64));
     }
     let allowed = allowed.unsqueeze(0).logical_and(&key_is_token.to_kind(Kind::Bool).unsqueeze(1));
-    allowed.logical_or(&k.eq_tensor(&q).unsqueeze(0)).unsqueeze(1)
+    AttnMask::Explicit(allowed.logical_or(&k.eq_tensor(&q).unsqueeze(0)).unsqueeze(1))
 }
 
 pub struct Rotary {
@@ -107,7 +122,7 @@ impl MistralAttention {
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &AttnMask, cache: Option<(&mut KvCache, usize)>) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
         let q = apply_rotary(&split(self.q_proj.forward(x), self.num_heads), &rope.0, &rope.1);
@@ -118,7 +133,11 @@ impl MistralAttention {
             None => (k, v),
         };
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, self.num_heads != self.num_kv_heads);
+        let gqa = self.num_heads != self.num_kv_heads;
+        let out = match mask {
+            AttnMask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, gqa),
+            AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
+        };
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]))
     }
 }
@@ -171,7 +190,7 @@ impl DecoderLayer {
         ]
     }
 
-    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &AttnMask, cache: Option<(&mut KvCache, usize)>) -> Tensor {
         let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }

@@ -111,6 +111,17 @@ impl Checkpoint {
         self.index.keys()
     }
 
+    /// The stored dtype of a tensor.
+    pub fn kind_of(&self, name: &str) -> Option<Kind> {
+        let (f, key) = self.index.get(name)?;
+        match self.files[*f].metadata.info(key)?.dtype {
+            Dtype::BF16 => Some(Kind::BFloat16),
+            Dtype::F16 => Some(Kind::Half),
+            Dtype::F32 => Some(Kind::Float),
+            _ => None,
+        }
+    }
+
     /// Tensor names as stored in the files.
     pub fn raw_names(&self) -> impl Iterator<Item = &String> {
         self.index.values().map(|(_, raw)| raw)

@@ -34,6 +34,22 @@ pub struct InstructionEntry {
 }
 
 impl InstructionEntry {
+    /// The (human, gpt) turn pairs of the conversation, in order.
+    pub fn training_turns(&self) -> std::result::Result<Vec<(String, String)>, String> {
+        let turns = &self.conversations;
+        if turns.is_empty() || turns.len() % 2 != 0 {
+            return Err(format!("entry {}: {} turns; expected human/gpt pairs", self.id_text(), turns.len()));
+        }
+        turns
+            .chunks(2)
+            .enumerate()
+            .map(|(i, pair)| match (pair[0].from.as_str(), pair[1].from.as_str()) {
+                (HUMAN, GPT) => Ok((pair[0].value.clone(), pair[1].value.clone())),
+                (a, b) => Err(format!("entry {}: turns {} and {} are '{a}' and '{b}', expected human then gpt", self.id_text(), 2 * i, 2 * i + 1)),
+            })
+            .collect()
+    }
+
     /// The id as text, for matching and messages.
     pub fn id_text(&self) -> String {
         id_text(&self.id)

@@ -4,8 +4,11 @@
 //! Functions that touch files return the crate's [`crate::Error`] (I/O errors name the path); everything the
 //! pipeline itself finds wrong with its inputs is a [`PipelineError`].
 pub mod corrupt;
+pub mod describe;
 pub mod infuse;
+pub mod job;
 pub mod jsonl;
+pub mod prefs;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //! backward pass recomputes each layer from its input and feeds it the gradient from the layer above.
 use tch::{Kind, Tensor};
 
-use crate::model::mistral::attention_mask;
+use crate::model::mistral::{attention_mask, AttnMask};
 use crate::model::LlavaNext;
 
 /// Token rows of one training batch (right-padded).
@@ -28,7 +28,7 @@ pub struct Recompute {
     layer_inputs: Vec<Tensor>,
     top: Tensor,
     rope: (Tensor, Tensor),
-    attn: Tensor,
+    attn: AttnMask,
     seed: i64,
 }
 

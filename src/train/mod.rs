@@ -3,3 +3,4 @@ pub mod dpo;
 pub mod forward;
 pub mod optim;
 pub mod trainer;
+pub mod sft;

@@ -133,6 +133,17 @@ def test_stic_adapter_loads_in_peft(hf_models, tmp_path):
     ref = peft_logits(folder, out, got)
     assert (got["logits"] - ref).abs().max().item() <= 1e-4
 
+    merged = tmp_path / "merged"
+    run_stic("merge", "--model", folder, "--adapter", out, "--output", merged)
+    model = tiny_models.LlavaNextForConditionalGeneration.from_pretrained(merged).eval()
+    pix = tiny_models.processor().image_processor(Image.open(IMAGES / "chelsea.png"), return_tensors="pt")
+    with torch.no_grad():
+        merged_logits = model(input_ids=got["input_ids"][None], pixel_values=pix["pixel_values"],
+                              image_sizes=pix["image_sizes"]).logits[0]
+    assert (got["logits"] - merged_logits).abs().max().item() <= 1e-4
+    proc = run_stic("merge", "--model", folder, "--adapter", out, "--output", merged, check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+
 
 @pytest.mark.parametrize("layout", ["llava_hf", "original_llava"])
 def test_peft_adapter_loads_in_stic(hf_models, tmp_path, layout):

@@ -1,0 +1,41 @@
+use std::path::PathBuf;
+
+use super::model_args::ModelArgs;
+use super::prefs::{report, JobArgs};
+use stic::stic::describe::DescribeTask;
+use stic::stic::infuse::load_instruction_data;
+use stic::stic::job::run_job;
+use stic::stic::prefs::SticPrompts;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Instruction data in LLaVA format (`[{id, image, conversations}]`).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    image_dir: PathBuf,
+    /// JSONL of `{id, image, prompt, description}`; a rerun continues it.
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    job: JobArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let entries = load_instruction_data(&args.data)?;
+    let prompts = SticPrompts::shipped();
+    let opts = args.job.options(&args.output, "id", "descriptions", &prompts)?;
+    let session = args.model.load()?;
+    let task = DescribeTask {
+        description_prompts: prompts.description_prompts.clone(),
+        image_dir: &args.image_dir,
+        seed: args.job.seed,
+        max_pixels: session.model.cfg.image.max_pixels,
+    };
+    let with_images: Vec<_> = entries.into_iter().filter(|e| e.image.is_some()).collect();
+    let summary = run_job(&session, &task, &with_images, &opts)?;
+    report(&summary, &args.output);
+    Ok(())
+}

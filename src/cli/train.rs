@@ -1,0 +1,308 @@
+use std::path::PathBuf;
+
+use stic::lora::Adapter;
+use stic::session::{parse_device, parse_dtype};
+use stic::train::data::{encode_conversation, image_path, image_size, read_records, PreferencePair};
+use stic::train::dpo::{token_batch, DpoObjective, LossType, PairExample, RejectedScoring};
+use stic::stic::infuse::InstructionEntry;
+use stic::train::sft::{SftExample, SftObjective};
+use stic::train::trainer::{Objective, TrainConfig, Trainer};
+use stic::{Error, Result};
+
+const STAGE1_DEFAULTS: &str = include_str!("../../configs/stic-stage1.yaml");
+
+/// Flags shared by `train-dpo` and `train-sft`; they override the YAML config.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    image_dir: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    /// YAML settings (default: the shipped configs/stic-stage1.yaml or stic-stage2.yaml); flags override them.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Start from this adapter instead of a fresh one (stage 2 starts from the stage-1 adapter).
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    projector_lr: Option<f64>,
+    #[arg(long)]
+    lora_r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[arg(long)]
+    save_steps: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Recompute decoder layers in backward instead of keeping activations (true/false).
+    #[arg(long)]
+    gradient_checkpointing: Option<bool>,
+    /// Continue from the latest checkpoint in --output.
+    #[arg(long)]
+    resume: bool,
+    /// Skip malformed records (reported) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Stop after this many optimizer steps, as if interrupted (tests resume with it).
+    #[arg(long, hide = true)]
+    stop_after_steps: Option<usize>,
+}
+
+#[derive(clap::Args)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    common: TrainArgs,
+    #[arg(long)]
+    beta: Option<f64>,
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// sigmoid, hinge or ipo.
+    #[arg(long)]
+    loss_type: Option<String>,
+    /// paper or official_top_token.
+    #[arg(long)]
+    rejected_scoring: Option<String>,
+    /// Compute the reference log-probs of every pair once before training.
+    #[arg(long)]
+    precompute_reference: bool,
+    /// Write the loss, log-probs and LoRA gradients of the first micro-batch to this safetensors file and exit.
+    #[arg(long, hide = true)]
+    dump_first_step: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct SftArgs {
+    #[command(flatten)]
+    common: TrainArgs,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(value: &str, what: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.into())).map_err(|_| Error::Input(format!("unknown {what} '{value}'")))
+}
+
+const STAGE2_DEFAULTS: &str = include_str!("../../configs/stic-stage2.yaml");
+
+impl TrainArgs {
+    fn config(&self, shipped: &str) -> Result<TrainConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => TrainConfig::from_yaml(path)?,
+            None => serde_yaml::from_str(shipped).expect("the shipped configs parse"),
+        };
+        macro_rules! set {
+            ($field:expr, $flag:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(cfg.lr, self.lr);
+        set!(cfg.projector_lr, self.projector_lr);
+        set!(cfg.epochs, self.epochs);
+        set!(cfg.lora.r, self.lora_r);
+        set!(cfg.lora.alpha, self.lora_alpha);
+        set!(cfg.lora.dropout, self.lora_dropout);
+        set!(cfg.batch_size, self.batch_size);
+        set!(cfg.grad_accum, self.grad_accum);
+        set!(cfg.max_length, self.max_length);
+        set!(cfg.save_steps, self.save_steps);
+        set!(cfg.seed, self.seed);
+        set!(cfg.device, self.device);
+        set!(cfg.dtype, self.dtype);
+        set!(cfg.gradient_checkpointing, self.gradient_checkpointing);
+        if self.max_steps.is_some() {
+            cfg.max_steps = self.max_steps;
+        }
+        if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.lora.r == 0 {
+            return Err(Error::Input("batch_size, grad_accum and lora r must be at least 1".into()));
+        }
+        Ok(cfg)
+    }
+
+    fn load(&self, cfg: &TrainConfig) -> Result<(stic::model::LlavaNext, stic::text::TextTokenizer)> {
+        let device = parse_device(&cfg.device)?;
+        let kind = parse_dtype(&cfg.dtype, device)?;
+        let session = stic::session::Session::load(&self.model, None, kind, device)?;
+        Ok((session.model, session.tokenizer))
+    }
+
+    fn attach_adapter(&self, model: &mut stic::model::LlavaNext, cfg: &TrainConfig) -> Result<Adapter> {
+        tch::manual_seed(cfg.seed as i64);
+        match &self.init_adapter {
+            Some(dir) => Adapter::load(model, dir, true),
+            None => Adapter::inject(model, &cfg.lora),
+        }
+    }
+
+    /// Builds the examples of every record, skipping (with `--skip-bad`) or stopping at the first bad one.
+    fn examples<R, E>(&self, records: &[(usize, R)], skipped: Vec<String>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize), String>) -> Result<Vec<E>> {
+        let mut examples = Vec::new();
+        let mut problems = skipped;
+        let mut truncated = 0;
+        for (position, record) in records {
+            match build(*position, record) {
+                Ok((example, cut)) => {
+                    examples.push(example);
+                    truncated += cut;
+                }
+                Err(why) if self.skip_bad => problems.push(format!("{} record {position}: {why}", self.data.display())),
+                Err(why) => return Err(Error::Input(format!("{} record {position}: {why} (pass --skip-bad to skip such records)", self.data.display()))),
+            }
+        }
+        for p in &problems {
+            eprintln!("skipped: {p}");
+        }
+        if examples.is_empty() {
+            return Err(Error::Input(format!("{}: no usable records", self.data.display())));
+        }
+        eprintln!("{} examples ({} skipped, {truncated} responses truncated to max_length)", examples.len(), problems.len());
+        Ok(examples)
+    }
+
+    fn image_features(&self, model: &stic::model::LlavaNext, name: &str, position: usize) -> std::result::Result<(PathBuf, usize), String> {
+        let path = image_path(&self.image_dir, name, &self.data, position).map_err(|e| e.to_string())?;
+        let size = image_size(&path).map_err(|e| e.to_string())?;
+        Ok((path, stic::image::anyres::num_image_features(size, &model.cfg.image, model.cfg.vision.patch_size as u32)))
+    }
+
+    fn train<O: Objective>(&self, model: &stic::model::LlavaNext, adapter: &Adapter, objective: O, examples: Vec<O::Example>, cfg: TrainConfig) -> Result<()> {
+        let mut trainer = Trainer {
+            model,
+            adapter,
+            objective,
+            examples,
+            cfg,
+            output: self.output.clone(),
+            base_model: self.model.display().to_string(),
+            stop_after: self.stop_after_steps,
+        };
+        trainer.run(self.resume)?;
+        eprintln!("adapter and train_log.csv written to {}", self.output.display());
+        Ok(())
+    }
+}
+
+pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
+    let a = &args.common;
+    let mut cfg = a.config(STAGE1_DEFAULTS)?;
+    set_dpo_flags(&args, &mut cfg)?;
+    let (mut model, tokenizer) = a.load(&cfg)?;
+    let (records, skipped) = read_records::<PreferencePair>(&a.data, a.skip_bad)?;
+    let examples = a.examples(&records, skipped, |position, pair| {
+        let (prompt, chosen, rejected) = pair.parts()?;
+        let (path, features) = a.image_features(&model, &pair.image, position)?;
+        let user = stic::session::Session::user_text(prompt, true);
+        let row = |response: &str| encode_conversation(&tokenizer, cfg.template, &[(user.clone(), response.to_string())], features, cfg.max_length);
+        let ((chosen, c_cut), (rejected, r_cut)) = (row(chosen)?, row(rejected)?);
+        Ok((PairExample { image: path, chosen, rejected }, c_cut as usize + r_cut as usize))
+    })?;
+    let adapter = a.attach_adapter(&mut model, &cfg)?;
+    let mut objective = DpoObjective { cfg: cfg.dpo, checkpointing: cfg.gradient_checkpointing, pad_id: tokenizer.pad_id, reference_cache: None };
+    if let Some(path) = &args.dump_first_step {
+        return dump_first_step(&model, &adapter, &objective, &examples[..cfg.batch_size.min(examples.len())], path);
+    }
+    if args.precompute_reference {
+        objective.reference_cache = Some(precompute_reference(&model, &objective, &examples)?);
+    }
+    a.train(&model, &adapter, objective, examples, cfg)?;
+    Ok(())
+}
+
+fn set_dpo_flags(args: &DpoArgs, cfg: &mut TrainConfig) -> Result<()> {
+    if let Some(v) = args.beta {
+        cfg.dpo.beta = v;
+    }
+    if let Some(v) = args.alpha {
+        cfg.dpo.alpha = v;
+    }
+    if let Some(v) = &args.loss_type {
+        cfg.dpo.loss_type = parse::<LossType>(v, "loss type (sigmoid, hinge, ipo)")?;
+    }
+    if let Some(v) = &args.rejected_scoring {
+        cfg.dpo.rejected_scoring = parse::<RejectedScoring>(v, "rejected scoring (paper, official_top_token)")?;
+    }
+    Ok(())
+}
+
+pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
+    let a = &args.common;
+    let cfg = a.config(STAGE2_DEFAULTS)?;
+    let (mut model, tokenizer) = a.load(&cfg)?;
+    let entries = stic::stic::infuse::load_instruction_data(&a.data)?;
+    let records: Vec<(usize, InstructionEntry)> = entries.into_iter().enumerate().collect();
+    let examples = a.examples(&records, Vec::new(), |position, entry| {
+        let turns = entry.training_turns()?;
+        let (image, features) = match &entry.image {
+            Some(name) => {
+                let (path, n) = a.image_features(&model, name, position)?;
+                (Some(path), n)
+            }
+            None => (None, 0),
+        };
+        let turns: Vec<(String, String)> = turns
+            .into_iter()
+            .enumerate()
+            .map(|(i, (user, answer))| (if i == 0 { stic::session::Session::user_text(&user, image.is_some()) } else { user }, answer))
+            .collect();
+        let (row, cut) = encode_conversation(&tokenizer, cfg.template, &turns, features, cfg.max_length)?;
+        Ok((SftExample { image, row }, cut as usize))
+    })?;
+    let adapter = a.attach_adapter(&mut model, &cfg)?;
+    let objective = SftObjective { checkpointing: cfg.gradient_checkpointing, pad_id: tokenizer.pad_id };
+    a.train(&model, &adapter, objective, examples, cfg)?;
+    Ok(())
+}
+
+fn precompute_reference(model: &stic::model::LlavaNext, objective: &DpoObjective, examples: &[PairExample]) -> Result<Vec<(f64, f64)>> {
+    let bar = indicatif::ProgressBar::new(examples.len() as u64).with_message("reference log-probs");
+    let mut out = Vec::with_capacity(examples.len());
+    for e in examples {
+        let batch = token_batch(&[&e.chosen, &e.rejected], objective.pad_id, model.device());
+        let image = stic::train::trainer::load_preprocessed(model, &e.image)?;
+        let logps: Vec<f64> = Vec::try_from(objective.reference_logps(model, &batch, &[&image])?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).expect("f64");
+        out.push((logps[0], logps[1]));
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok(out)
+}
+
+fn dump_first_step(model: &stic::model::LlavaNext, adapter: &Adapter, objective: &DpoObjective, examples: &[PairExample], path: &std::path::Path) -> anyhow::Result<()> {
+    let picked: Vec<(usize, &PairExample)> = examples.iter().enumerate().collect();
+    let out = objective.step(model, &picked, 1.0, 0)?;
+    let rows: Vec<&stic::train::trainer::EncodedRow> = examples.iter().map(|e| &e.chosen).chain(examples.iter().map(|e| &e.rejected)).collect();
+    let batch = token_batch(&rows, objective.pad_id, tch::Device::Cpu);
+    let mut tensors = vec![
+        ("loss".to_string(), tch::Tensor::from_slice(&[out.metrics[0]])),
+        ("input_ids".to_string(), batch.ids),
+        ("attention_mask".to_string(), batch.mask),
+        ("scored".to_string(), batch.scored.to_kind(tch::Kind::Int64)),
+    ];
+    for (name, param) in adapter.parameters() {
+        tensors.push((format!("grad.{name}"), param.grad()));
+        tensors.push((format!("param.{name}"), param.detach()));
+    }
+    stic::model::weights::save_safetensors(path, &tensors)?;
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! `stic eval`: greedy answers to a benchmark's questions with the `mistral_instruct` template, optionally
+//! describe-and-respond (DaR): describe the image first, then answer with the description in the prompt.
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::benchmarks::{Benchmark, EvalItem, ImageSource};
+use crate::stic::infuse::with_description;
+use crate::stic::job::{GenerationTask, Request};
+
+/// Load an item's image (`None` for text-only items).
+pub fn item_image(item: &EvalItem, max_pixels: u64) -> Result<Option<::image::RgbImage>, String> {
+    match &item.image {
+        ImageSource::Path(path) => crate::image::load_image(path, max_pixels).map(Some).map_err(|e| e.to_string()),
+        ImageSource::Bytes(bytes) => crate::image::load_image_bytes(bytes, &format!("item {}", item.id), max_pixels).map(Some).map_err(|e| e.to_string()),
+        ImageSource::None => Ok(None),
+    }
+}
+
+/// New tokens per answer, as the LLaVA-1.5 evaluation scripts allow them.
+pub fn answer_tokens(benchmark: Benchmark) -> usize {
+    match benchmark {
+        Benchmark::LlavaBench | Benchmark::MmVet | Benchmark::MathVista => 1024,
+        _ => 128,
+    }
+}
+
+/// DaR's first pass: a description of each item's image.
+pub struct DescribeItems {
+    pub prompt: String,
+    pub max_pixels: u64,
+}
+
+impl GenerationTask for DescribeItems {
+    type Item = EvalItem;
+    type Plan = ();
+
+    fn key(&self, item: &EvalItem) -> String {
+        item.id.clone()
+    }
+
+    fn plan(&self, _position: usize, item: &EvalItem) -> Result<((), Vec<Request>), String> {
+        let image = item_image(item, self.max_pixels)?.ok_or("the item has no image to describe")?;
+        Ok(((), vec![Request { user_text: self.prompt.clone(), image: Some(image) }]))
+    }
+
+    fn record(&self, _position: usize, item: &EvalItem, _plan: (), outputs: Vec<String>) -> serde_json::Value {
+        serde_json::json!({"id": item.id, "description": outputs[0]})
+    }
+}
+
+/// The answer pass, with the DaR descriptions when given.
+pub struct AnswerItems<'a> {
+    pub descriptions: Option<&'a HashMap<String, String>>,
+    pub max_pixels: u64,
+}
+
+impl GenerationTask for AnswerItems<'_> {
+    type Item = EvalItem;
+    type Plan = String;
+
+    fn key(&self, item: &EvalItem) -> String {
+        item.id.clone()
+    }
+
+    fn plan(&self, _position: usize, item: &EvalItem) -> Result<(String, Vec<Request>), String> {
+        let image = item_image(item, self.max_pixels)?;
+        let prompt = match self.descriptions.and_then(|d| d.get(&item.id)) {
+            Some(description) => with_description(&item.question, description),
+            None if self.descriptions.is_some() && image.is_some() => return Err("no DaR description for this item".into()),
+            None => item.question.clone(),
+        };
+        Ok((prompt.clone(), vec![Request { user_text: prompt, image }]))
+    }
+
+    fn record(&self, _position: usize, item: &EvalItem, prompt: String, outputs: Vec<String>) -> serde_json::Value {
+        serde_json::json!({"id": item.id, "prompt": prompt, "prediction": outputs[0]})
+    }
+}
+
+/// Predictions of a JSONL file: stic's `{id, prediction}` lines, or LLaVA's `{question_id, text}` answer files.
+pub fn read_predictions(path: &Path) -> crate::Result<HashMap<String, String>> {
+    let rows: Vec<serde_json::Value> = crate::stic::jsonl::read_jsonl(path)?;
+    let mut out = HashMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        let id = row.get("id").or_else(|| row.get("question_id")).and_then(crate::stic::jsonl::key_text);
+        let text = row.get("prediction").or_else(|| row.get("text")).and_then(|v| v.as_str());
+        match (id, text) {
+            (Some(id), Some(text)) => {
+                out.insert(id, text.to_string());
+            }
+            _ => {
+                return Err(crate::Error::Input(format!(
+                    "{} line {}: expected {{\"id\", \"prediction\"}} or {{\"question_id\", \"text\"}}",
+                    path.display(),
+                    i + 1
+                )))
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,102 @@
+//! STIC stage 1 data: for each unlabeled image, a preferred description (the step-by-step prompt on the clean
+//! image) and a dispreferred one (a hallucination prompt on the clean image, or a plain prompt on a corrupted
+//! image, half and half).
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+
+use super::corrupt::Corruption;
+use super::job::{GenerationTask, Request};
+
+/// `third_party/stic/prompts.json`: the prompts and settings of the official scripts.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct SticPrompts {
+    pub preferred_prompt: String,
+    pub description_prompts: Vec<String>,
+    pub hallucination_prompts: Vec<String>,
+    pub dar_description_prompt: String,
+    pub generation: GenerationDefaults,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct GenerationDefaults {
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub max_new_tokens: usize,
+}
+
+impl SticPrompts {
+    pub fn shipped() -> Self {
+        serde_json::from_str(include_str!("../../third_party/stic/prompts.json")).expect("the shipped prompts parse")
+    }
+}
+
+pub struct PrefsTask<'a> {
+    pub prompts: SticPrompts,
+    pub image_dir: &'a Path,
+    pub seed: u64,
+    pub model_name: String,
+    pub max_pixels: u64,
+}
+
+pub struct PrefsPlan {
+    description_prompt: String,
+    hallucination_prompt: Option<String>,
+    corruption: Option<Corruption>,
+}
+
+impl PrefsTask<'_> {
+    fn rng(&self, position: usize) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(position as u64))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.image_dir.join(name)
+    }
+}
+
+impl GenerationTask for PrefsTask<'_> {
+    type Item = String;
+    type Plan = PrefsPlan;
+
+    fn key(&self, item: &String) -> String {
+        item.clone()
+    }
+
+    fn plan(&self, position: usize, name: &String) -> Result<(PrefsPlan, Vec<Request>), String> {
+        let image = crate::image::load_image(&self.path(name), self.max_pixels).map_err(|e| e.to_string())?;
+        let mut rng = self.rng(position);
+        let pick = |rng: &mut ChaCha8Rng, list: &[String]| list[rng.random_range(0..list.len())].clone();
+        let description_prompt = pick(&mut rng, &self.prompts.description_prompts);
+        let chosen = Request { user_text: self.prompts.preferred_prompt.clone(), image: Some(image.clone()) };
+        let (plan, rejected) = if rng.random_bool(0.5) {
+            let hallucination = pick(&mut rng, &self.prompts.hallucination_prompts);
+            let request = Request { user_text: hallucination.clone(), image: Some(image) };
+            (PrefsPlan { description_prompt, hallucination_prompt: Some(hallucination), corruption: None }, request)
+        } else {
+            let corruption = Corruption::ALL[rng.random_range(0..Corruption::ALL.len())];
+            let request = Request { user_text: description_prompt.clone(), image: Some(corruption.apply(&image, &mut rng)) };
+            (PrefsPlan { description_prompt, hallucination_prompt: None, corruption: Some(corruption) }, request)
+        };
+        Ok((plan, vec![chosen, rejected]))
+    }
+
+    fn record(&self, _position: usize, name: &String, plan: PrefsPlan, outputs: Vec<String>) -> serde_json::Value {
+        let turns = |response: &str| {
+            serde_json::json!([
+                {"role": "user", "content": plan.description_prompt},
+                {"role": "assistant", "content": response},
+            ])
+        };
+        serde_json::json!({
+            "image": name,
+            "image_corruption": plan.corruption.is_some(),
+            "hallu_prompt": plan.hallucination_prompt.clone().unwrap_or_default(),
+            "chosen": turns(&outputs[0]),
+            "rejected": turns(&outputs[1]),
+            "corruption": plan.corruption.map(|c| c.name()),
+            "seed": self.seed,
+            "model": self.model_name,
+        })
+    }
+}
