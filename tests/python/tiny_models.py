@@ -30,7 +30,9 @@ VARIANTS = {
 
 
 def tokenizer():
-    return PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    tok.model_input_names = ["input_ids", "attention_mask"]  # LLaVA takes no token_type_ids
+    return tok
 
 
 def processor():
