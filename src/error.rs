@@ -5,8 +5,8 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("{0}")]
     Input(String),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("model config: {0}")]
     Config(String),
     #[error("model weights: {0}")]
@@ -30,8 +30,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        Error::Io { path: path.into(), error }
     }
 
     /// True when the error comes from the caller's input rather than from libtorch itself.

@@ -27,5 +27,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Creates a folder (and its parents), naming it in the error.
 pub fn create_dir(path: &Path) -> Result<()> {
+    if let Some(file) = path.ancestors().find(|p| p.is_file()) {
+        return Err(Error::Input(format!("cannot create folder {}: {} is a file", path.display(), file.display())));
+    }
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
+}
+
+/// Creates the folder a file will be written to.
+pub fn create_parent(file: &Path) -> Result<()> {
+    match file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => create_dir(parent),
+        None => Ok(()),
+    }
 }

@@ -25,6 +25,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let entries = load_instruction_data(&args.data)?;
+    stic::fsutil::create_parent(&args.output)?;
     let prompts = SticPrompts::shipped();
     let opts = args.job.options(&args.output, "id", "descriptions", &prompts)?;
     let session = args.model.load()?;

@@ -16,6 +16,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (entries, report) = infuse_files(&args.data, &args.descriptions)?;
+    stic::fsutil::create_parent(&args.output)?;
     save_instruction_data(&args.output, &entries)?;
     eprintln!(
         "{}: {} entries infused, {} without an image left as they were, {} without a description{}",

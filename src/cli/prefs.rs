@@ -110,9 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let names = image_list(&args.image_dir, args.images.as_deref())?;
     let prompts = SticPrompts::shipped();
     let opts = args.job.options(&args.output, "image", "images", &prompts)?;
-    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        stic::fsutil::create_dir(parent)?;
-    }
+    stic::fsutil::create_parent(&args.output)?;
     let session = args.model.load()?;
     let task = PrefsTask {
         prompts,
@@ -145,11 +143,14 @@ pub struct MergeArgs {
 
 pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
     let (key, order) = match (&args.data, &args.image_dir, &args.images) {
-        (Some(data), _, _) => ("id", stic::stic::infuse::load_instruction_data(data)?.iter().map(|e| e.id_text()).collect()),
+        // `describe` only describes entries with an image.
+        (Some(data), _, _) => ("id", stic::stic::infuse::load_instruction_data(data)?.iter().filter(|e| e.image.is_some()).map(|e| e.id_text()).collect()),
         (None, Some(dir), list) => ("image", image_list(dir, list.as_deref())?),
         (None, None, Some(list)) => ("image", stic::error::read_json::<Vec<String>>(list)?),
         _ => return Err(Error::Input("give --image-dir or --images (prefs shards), or --data (describe shards)".into()).into()),
     };
+    let mut seen = std::collections::HashSet::new();
+    let order: Vec<String> = order.into_iter().filter(|k| seen.insert(k.clone())).collect();
     let n = merge_shards(&args.inputs, &args.output, key, &order)?;
     eprintln!("{}: {n} records from {} shards", args.output.display(), args.inputs.len());
     Ok(())

@@ -47,7 +47,14 @@ pub struct JobSummary {
 pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item], opts: &JobOptions) -> Result<JobSummary> {
     let mut out = ResumableJsonl::open(&opts.output, opts.key_field)?;
     let limit = opts.limit.unwrap_or(items.len()).min(items.len());
-    let mine: Vec<usize> = (0..limit).filter(|&p| opts.shard.owns(p)).collect();
+    // A key listed twice (the paper's COCO list repeats 174 names) is generated once, at its first position.
+    let mut seen = std::collections::HashSet::new();
+    let first_listing: Vec<bool> = items[..limit].iter().map(|item| seen.insert(task.key(item))).collect();
+    let repeated = first_listing.iter().filter(|&&first| !first).count();
+    if repeated > 0 {
+        eprintln!("{repeated} item(s) listed more than once: each is generated once");
+    }
+    let mine: Vec<usize> = (0..limit).filter(|&p| first_listing[p] && opts.shard.owns(p)).collect();
     let todo: Vec<usize> = mine.iter().copied().filter(|&p| !out.is_done(&task.key(&items[p]))).collect();
     let already_done = mine.len() - todo.len();
     let bar = ProgressBar::new(todo.len() as u64);
@@ -66,7 +73,7 @@ pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item]
             let (plan, requests) = match task.plan(p, item) {
                 Ok(x) => x,
                 Err(why) => {
-                    summary.skipped.push(format!("{}: {why}", task.key(item)));
+                    summary.skipped.push(format!("{}: {}", task.key(item), why.trim()));
                     bar.inc(1);
                     continue;
                 }

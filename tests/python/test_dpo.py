@@ -259,3 +259,46 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(hf_models, tmp_path):
     latest = (out / "checkpoints" / "latest").read_text().strip()
     tensors = load_file(out / "checkpoints" / latest / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs, so that a save can run out of space (needs root; skipped with the reason otherwise)."""
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk, leave_bytes):
+    import os
+    stat = os.statvfs(disk)
+    free = stat.f_bavail * stat.f_frsize
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+
+
+def test_disk_full_when_saving_keeps_the_last_checkpoint(hf_models, tmp_path, small_disk):
+    _, folder = hf_models["gqa"]
+    data = write_pairs(tmp_path / "pairs.jsonl", n=4)
+    out = small_disk / "run"
+    common = ["--max-steps", "4", "--lr", "1e-3", "--save-steps", "1", "--seed", "5"]
+    train(folder, data, out, *common, "--stop-after-steps", "1")
+    good = (out / "checkpoints" / "latest").read_text().strip()
+    before = load_file(out / "checkpoints" / good / "adapter_model.safetensors")
+    fill(small_disk, leave_bytes=16 * 1024)
+    proc = run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", out,
+                    "--lora-r", "4", "--lora-alpha", "8", "--grad-accum", "1", "--dtype", "f32", "--device", "cpu",
+                    "--max-length", "4096", *common, "--resume", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "No space left" in proc.stderr or "space" in proc.stderr.lower(), proc.stderr
+    assert "panicked" not in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == good
+    after = load_file(out / "checkpoints" / good / "adapter_model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
