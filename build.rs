@@ -1,19 +1,31 @@
 //! Links the `stic` binary against the libtorch that torch-sys found, so that it runs without LD_LIBRARY_PATH
-//! and sees CUDA when the libtorch build has it.
-use std::path::PathBuf;
+//! and sees CUDA when the libtorch build has it, and compiles the c10d shim behind `stic::dist`
+//! (src/dist/shim.cpp: gloo; src/dist/shim_nccl.cpp: NCCL, when the CUDA and NCCL headers are there).
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=NCCL_HOME");
+    println!("cargo:rerun-if-env-changed=STIC_NO_NCCL");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/dist/shim.cpp");
+    println!("cargo:rerun-if-changed=src/dist/shim_nccl.cpp");
+    println!("cargo:rerun-if-changed=src/dist/gloo_decls");
+    // Set when the shim is compiled: without it `stic::dist` reports that distributed runs are unavailable.
+    println!("cargo::rustc-check-cfg=cfg(stic_dist_shim)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set: run `make setup` or point LIBTORCH at a libtorch 2.11 folder");
         return;
     };
-    let lib_dir = PathBuf::from(&libtorch).join("lib");
-    let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
+    let libtorch = PathBuf::from(&libtorch);
+    let libtorch = libtorch.canonicalize().unwrap_or(libtorch);
+    let lib_dir = libtorch.join("lib");
     // Every binary and test gets the rpath: the pip wheel's libtorch finds its CUDA runtime through its own RPATH.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
-    if lib_dir.join("libtorch_cuda.so").exists() {
+    let has_cuda = lib_dir.join("libtorch_cuda.so").exists();
+    if has_cuda {
         // Nothing references libtorch_cuda directly; without --no-as-needed the linker drops it and
         // tch::Cuda::is_available() is false even on a CUDA machine.
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
@@ -21,4 +33,110 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    build_dist_shim(&libtorch, has_cuda);
+}
+
+/// Compiles the c10d shim into a static library linked into the `stic` library.
+fn build_dist_shim(libtorch: &Path, has_cuda: bool) {
+    let include = libtorch.join("include");
+    if !include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp").exists() {
+        println!(
+            "cargo:warning={} has no c10d headers: `stic` is built without distributed support",
+            include.display()
+        );
+        return;
+    }
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    let base = || {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+            .include(&include)
+            .include(include.join("torch/csrc/api/include"))
+            .flag_if_supported("-Wno-unused-parameter")
+            .flag_if_supported("-Wno-interference-size")
+            .warnings(false);
+        build
+    };
+    let nccl_includes = if has_cuda && std::env::var_os("STIC_NO_NCCL").is_none() { nccl_include_dirs(libtorch) } else { Err(String::new()) };
+    let mut build = base();
+    build.define("USE_C10D_GLOO", None).include("src/dist/gloo_decls").file("src/dist/shim.cpp");
+    match &nccl_includes {
+        Ok(dirs) => {
+            build.define("STIC_WITH_NCCL", None).define("USE_C10D_NCCL", None).file("src/dist/shim_nccl.cpp");
+            for dir in dirs {
+                build.include(dir);
+            }
+        }
+        Err(why) if !why.is_empty() => {
+            println!("cargo:warning=the NCCL backend of `stic::dist` is not built ({why}); CUDA tensors are reduced through gloo")
+        }
+        Err(_) => {}
+    }
+    build.compile("stic_dist_shim");
+    check_no_gloo_definitions();
+    let lib_dir = libtorch.join("lib");
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    if nccl_includes.is_ok() {
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+    println!("cargo:rustc-cfg=stic_dist_shim");
+}
+
+/// The folders holding nccl.h and a complete set of CUDA runtime headers, looked for in CUDA_HOME, NCCL_HOME,
+/// /usr/local/cuda and the nvidia-* wheels beside the torch wheel; or what is missing.
+fn nccl_include_dirs(libtorch: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for var in ["NCCL_HOME", "CUDA_HOME", "CUDA_PATH"] {
+        if let Some(dir) = std::env::var_os(var) {
+            candidates.push(PathBuf::from(dir).join("include"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    if let Ok(entries) = std::fs::read_dir(libtorch.join("../nvidia")) {
+        let mut wheel_dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("include")).collect();
+        wheel_dirs.sort();
+        candidates.extend(wheel_dirs);
+    }
+    candidates.push(PathBuf::from("/usr/include"));
+    candidates.retain(|d| d.is_dir());
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut missing = Vec::new();
+    // cuda_runtime_api.h: runtime; crt/host_config.h: nvidia-cuda-crt; nv/target: nvidia-cuda-cccl.
+    for header in ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target"] {
+        match candidates.iter().find(|d| d.join(header).exists()) {
+            Some(dir) if dirs.contains(dir) => {}
+            Some(dir) => dirs.push(dir.clone()),
+            None => missing.push(header),
+        }
+    }
+    if missing.is_empty() {
+        Ok(dirs)
+    } else {
+        Err(format!("no {} among the CUDA include folders", missing.join(", ")))
+    }
+}
+
+/// src/dist/gloo_decls declares a few gloo classes only so that ProcessGroupGloo.hpp parses; the shim must not
+/// define anything of gloo's (code or vtables), which could stand in for the real ones in libtorch_cpu.
+fn check_no_gloo_definitions() {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let archive = out_dir.join("libstic_dist_shim.a");
+    let Ok(output) = std::process::Command::new("nm").arg("--defined-only").arg(&archive).output() else {
+        return; // no binutils: nothing to check with
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let offending: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2))
+        .filter(|symbol| {
+            ["_ZN4gloo", "_ZNK4gloo", "_ZTVN4gloo", "_ZTIN4gloo", "_ZTSN4gloo", "GlooStore"].iter().any(|p| symbol.contains(p))
+        })
+        .collect();
+    assert!(offending.is_empty(), "the c10d shim defines gloo symbols, which must come from libtorch_cpu only: {offending:?}");
 }

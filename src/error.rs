@@ -23,6 +23,9 @@ pub enum Error {
     Score(#[from] crate::eval::benchmarks::ScoreError),
     #[error("training stopped: {0}")]
     Training(String),
+    /// A distributed run (torchrun) could not form its group, or lost a rank.
+    #[error("distributed run: {0}")]
+    Distributed(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -1,4 +1,5 @@
 //! STIC (Self-Training on Image Comprehension) for LLaVA-v1.6-Mistral, on libtorch.
+pub mod dist;
 pub mod error;
 pub mod fsutil;
 pub mod generate;

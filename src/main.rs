@@ -37,6 +37,9 @@ enum Command {
     TrainDpo(cli::train::DpoArgs),
     /// Train a LoRA adapter on LLaVA-format conversations (STIC stage 2, description-infused fine-tuning).
     TrainSft(cli::train::SftArgs),
+    /// Diagnostics for distributed runs: join the group from torchrun's environment, all-reduce, broadcast and
+    /// barrier once, and print one JSON line per rank (`torchrun --nproc-per-node 2 --no-python stic dist-check`).
+    DistCheck(cli::dist_check::Args),
     /// Write a small random LLaVA-NeXT-Mistral checkpoint (llava-hf layout) with the shipped tokenizer.
     InitTiny(cli::init_tiny::Args),
 }
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Infuse(args) => cli::infuse::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::EvalScore(args) => cli::eval::run_score(args),
+        Command::DistCheck(args) => cli::dist_check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

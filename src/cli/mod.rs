@@ -1,5 +1,6 @@
 pub mod corrupt;
 pub mod describe;
+pub mod dist_check;
 pub mod eval;
 pub mod generate;
 pub mod infuse;

@@ -1,0 +1,3 @@
+// See README.md: declarations only, enough for ProcessGroupGloo.hpp to parse.
+#pragma once
+#include "gloo/context.h"

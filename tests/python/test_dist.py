@@ -1,0 +1,129 @@
+"""stic::dist (c10d through the C++ shim, gloo on CPU) under torchrun and by hand: the collectives, and what
+the other ranks say when one is lost. Loopback only; every process has a time limit."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, STIC
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith(("TORCHELASTIC_", "STIC_DIST_"))}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def rank_env(rank, world, port, **extra):
+    return clean_env(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_torchrun_all_reduce_broadcast_barrier(world):
+    cmd = [TORCHRUN, "--nproc-per-node", world, "--master-addr", "127.0.0.1", "--master-port", free_port(),
+           "--no-python", STIC, "dist-check"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=180, cwd=ROOT, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    lines = json_lines(proc.stdout)
+    assert sorted(line["rank"] for line in lines) == list(range(world)), proc.stdout
+    for line in lines:
+        assert line["world_size"] == world
+        assert line["backend"] == "gloo"
+        assert line["sum"] == world * (world - 1) / 2  # all-reduce of each rank's number
+        assert line["broadcast"] == 7  # rank 0's 0 * 10 + 7
+
+
+def test_without_torchrun_there_is_no_group():
+    proc = subprocess.run([str(STIC), "dist-check"], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    assert json_lines(proc.stdout) == [{"rank": 0, "world_size": 1, "backend": "none", "device": "Cpu", "sum": 0.0, "broadcast": 7.0}]
+
+
+def test_bad_environment_and_missing_rank_are_named():
+    proc = subprocess.run([str(STIC), "dist-check"], capture_output=True, text=True, timeout=60,
+                          env=clean_env(WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()))
+    assert proc.returncode == 2 and "RANK is not set" in proc.stderr, proc.stderr
+    # Rank 0 alone: rank 1 never checks in.
+    start = time.monotonic()
+    proc = subprocess.run([str(STIC), "dist-check"], capture_output=True, text=True, timeout=60,
+                          env=rank_env(0, 2, free_port(), STIC_DIST_JOIN_TIMEOUT=2))
+    assert proc.returncode == 2, proc.stderr
+    assert "rank 1 did not join the group" in proc.stderr, proc.stderr
+    assert time.monotonic() - start < 30
+
+
+def start_pair(tmp_path, stall_rank, **extra):
+    """Two ranks by hand; `stall_rank` stops before the all-reduce, which the other then waits in."""
+    port = free_port()
+    procs, errs = [], []
+    for rank in range(2):
+        err = tmp_path / f"rank{rank}.err"
+        errs.append(err)
+        with open(err, "w") as f:
+            procs.append(subprocess.Popen([str(STIC), "dist-check", "--stall-rank", str(stall_rank)], stdout=subprocess.PIPE,
+                                          stderr=f, text=True, env=rank_env(rank, 2, port, **extra)))
+    deadline = time.monotonic() + 60
+    while "stalling" not in errs[stall_rank].read_text():
+        assert time.monotonic() < deadline, "the group did not form within 60 s"
+        assert all(p.poll() is None for p in procs), [e.read_text() for e in errs]
+        time.sleep(0.1)
+    time.sleep(1.0)  # the other rank is now blocked in the all-reduce
+    return procs, errs
+
+
+def stop_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker", "store-host"])
+def test_killed_rank_is_named_by_the_survivor(tmp_path, victim):
+    procs, errs = start_pair(tmp_path, victim)
+    try:
+        start = time.monotonic()
+        procs[victim].send_signal(signal.SIGKILL)
+        survivor = 1 - victim
+        procs[survivor].wait(timeout=60)
+        elapsed = time.monotonic() - start
+        err = errs[survivor].read_text()
+        assert procs[survivor].returncode not in (0, None), err
+        assert f"rank {victim} lost contact with the group" in err, err
+        assert elapsed < 60
+    finally:
+        stop_all(procs)
+
+
+def test_frozen_rank_is_named_after_the_peer_timeout(tmp_path):
+    """A rank that stops answering without closing its sockets (a frozen or vanished host): the heartbeat watchdog."""
+    procs, errs = start_pair(tmp_path, 1, STIC_DIST_PEER_TIMEOUT=3)
+    try:
+        start = time.monotonic()
+        procs[1].send_signal(signal.SIGSTOP)
+        procs[0].wait(timeout=60)
+        err = errs[0].read_text()
+        assert procs[0].returncode == 2, err
+        assert "rank 1 lost contact with the group (no heartbeat for 3 s)" in err, err
+        assert time.monotonic() - start < 30
+    finally:
+        stop_all(procs)
