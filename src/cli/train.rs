@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use stic::dist::ProcessGroup;
 use stic::lora::Adapter;
 use stic::session::{parse_device, parse_dtype};
 use stic::train::data::{encode_conversation, image_path, image_size, read_records, PreferencePair};
@@ -140,8 +141,10 @@ impl TrainArgs {
         Ok(cfg)
     }
 
-    fn load(&self, cfg: &TrainConfig) -> Result<(stic::model::LlavaNext, stic::text::TextTokenizer)> {
+    /// Loads the model; under torchrun each rank takes its own GPU (cuda:LOCAL_RANK) when training on CUDA.
+    fn load(&self, cfg: &TrainConfig, group: Option<&ProcessGroup>) -> Result<(stic::model::LlavaNext, stic::text::TextTokenizer)> {
         let device = parse_device(&cfg.device)?;
+        let device = group.map_or(device, |g| g.device_for(device));
         let kind = parse_dtype(&cfg.dtype, device)?;
         let session = stic::session::Session::load(&self.model, None, kind, device)?;
         Ok((session.model, session.tokenizer))
@@ -156,7 +159,7 @@ impl TrainArgs {
     }
 
     /// Builds the examples of every record, skipping (with `--skip-bad`) or stopping at the first bad one.
-    fn examples<R, E>(&self, records: &[(usize, R)], skipped: Vec<String>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize), String>) -> Result<Vec<E>> {
+    fn examples<R, E>(&self, what: &str, max_length: usize, quiet: bool, records: &[(usize, R)], skipped: Vec<String>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize), String>) -> Result<Vec<E>> {
         let mut examples = Vec::new();
         let mut problems = skipped;
         let mut truncated = 0;
@@ -170,13 +173,15 @@ impl TrainArgs {
                 Err(why) => return Err(Error::Input(format!("{} record {position}: {why} (pass --skip-bad to skip such records)", self.data.display()))),
             }
         }
-        for p in &problems {
-            eprintln!("skipped: {p}");
-        }
         if examples.is_empty() {
-            return Err(Error::Input(format!("{}: no usable records", self.data.display())));
+            return Err(Error::Input(format!("{}: no usable {what} ({} skipped: {})", self.data.display(), problems.len(), problems.join("; "))));
         }
-        eprintln!("{} examples ({} skipped, {truncated} responses truncated to max_length)", examples.len(), problems.len());
+        if !quiet {
+            for p in &problems {
+                eprintln!("skipped: {p}");
+            }
+            eprintln!("{} {what} ({} skipped, {truncated} responses truncated to max_length {max_length})", examples.len(), problems.len());
+        }
         Ok(examples)
     }
 
@@ -186,7 +191,7 @@ impl TrainArgs {
         Ok((path, stic::image::anyres::num_image_features(size, &model.cfg.image, model.cfg.vision.patch_size as u32)))
     }
 
-    fn train<O: Objective>(&self, model: &stic::model::LlavaNext, adapter: &Adapter, objective: O, examples: Vec<O::Example>, cfg: TrainConfig) -> Result<()> {
+    fn train<O: Objective>(&self, model: &stic::model::LlavaNext, adapter: &Adapter, objective: O, examples: Vec<O::Example>, cfg: TrainConfig, group: Option<ProcessGroup>) -> Result<()> {
         let mut trainer = Trainer {
             model,
             adapter,
@@ -196,9 +201,16 @@ impl TrainArgs {
             output: self.output.clone(),
             base_model: self.model.display().to_string(),
             stop_after: self.stop_after_steps,
+            group: group.as_ref(),
         };
         trainer.run(self.resume)?;
-        eprintln!("adapter and train_log.csv written to {}", self.output.display());
+        let main = group.as_ref().is_none_or(|g| g.is_main());
+        if let Some(group) = group {
+            group.finish()?;
+        }
+        if main {
+            eprintln!("adapter and train_log.csv written to {}", self.output.display());
+        }
         Ok(())
     }
 }
@@ -207,9 +219,11 @@ pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
     let a = &args.common;
     let mut cfg = a.config(STAGE1_DEFAULTS)?;
     set_dpo_flags(&args, &mut cfg)?;
-    let (mut model, tokenizer) = a.load(&cfg)?;
+    let group = ProcessGroup::from_env()?;
+    let quiet = group.as_ref().is_some_and(|g| !g.is_main());
+    let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let (records, skipped) = read_records::<PreferencePair>(&a.data, a.skip_bad)?;
-    let examples = a.examples(&records, skipped, |position, pair| {
+    let examples = a.examples("preference pairs", cfg.max_length, quiet, &records, skipped, |position, pair| {
         let (prompt, chosen, rejected) = pair.parts()?;
         let (path, features) = a.image_features(&model, &pair.image, position)?;
         let user = stic::session::Session::user_text(prompt, true);
@@ -225,7 +239,7 @@ pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
     if args.precompute_reference {
         objective.reference_cache = Some(precompute_reference(&model, &objective, &examples)?);
     }
-    a.train(&model, &adapter, objective, examples, cfg)?;
+    a.train(&model, &adapter, objective, examples, cfg, group)?;
     Ok(())
 }
 
@@ -248,10 +262,12 @@ fn set_dpo_flags(args: &DpoArgs, cfg: &mut TrainConfig) -> Result<()> {
 pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     let a = &args.common;
     let cfg = a.config(STAGE2_DEFAULTS)?;
-    let (mut model, tokenizer) = a.load(&cfg)?;
+    let group = ProcessGroup::from_env()?;
+    let quiet = group.as_ref().is_some_and(|g| !g.is_main());
+    let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let entries = stic::stic::infuse::load_instruction_data(&a.data)?;
     let records: Vec<(usize, InstructionEntry)> = entries.into_iter().enumerate().collect();
-    let examples = a.examples(&records, Vec::new(), |position, entry| {
+    let examples = a.examples("conversations", cfg.max_length, quiet, &records, Vec::new(), |position, entry| {
         let turns = entry.training_turns()?;
         let (image, features) = match &entry.image {
             Some(name) => {
@@ -270,7 +286,7 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     })?;
     let adapter = a.attach_adapter(&mut model, &cfg)?;
     let objective = SftObjective { checkpointing: cfg.gradient_checkpointing, pad_id: tokenizer.pad_id };
-    a.train(&model, &adapter, objective, examples, cfg)?;
+    a.train(&model, &adapter, objective, examples, cfg, group)?;
     Ok(())
 }
 

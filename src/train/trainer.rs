@@ -1,5 +1,10 @@
 //! The training loop shared by DPO and SFT: LoRA (+ projector) with AdamW, warm-up and cosine decay, gradient
 //! accumulation and clipping, crash-safe checkpoints that resume bit for bit, a CSV log and a progress bar.
+//!
+//! Data-parallel under torchrun (`group`): `batch_size` is per rank, so a step sees world × batch_size × grad_accum
+//! examples; each micro-batch group of world × batch_size consecutive stream positions is split by rank, the
+//! gradients are averaged across ranks before clipping, metrics are averaged across ranks, and only rank 0 writes
+//! the log, checkpoints and the adapter. Rank 0 also restores a checkpoint and sends it to the others.
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -9,6 +14,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::optim::{clip_grad_norm, cosine_with_warmup, AdamW, AdamWConfig, ParamGroup};
+use crate::dist::ProcessGroup;
 use crate::error::{read_json, Error, Result};
 use crate::fsutil::{create_dir, write_atomic};
 use crate::image::{self, Preprocessed};
@@ -113,6 +119,8 @@ pub struct Trainer<'a, O: Objective> {
     pub base_model: String,
     /// Stop (as if interrupted) after this many optimizer steps of the run.
     pub stop_after: Option<usize>,
+    /// The data-parallel group (torchrun); None for a single process.
+    pub group: Option<&'a ProcessGroup>,
 }
 
 const LATEST: &str = "latest";
@@ -122,8 +130,21 @@ fn checkpoints_dir(output: &Path) -> PathBuf {
 }
 
 impl<'a, O: Objective> Trainer<'a, O> {
+    fn world_size(&self) -> usize {
+        self.group.map_or(1, |g| g.world_size())
+    }
+
+    fn is_main(&self) -> bool {
+        self.group.is_none_or(|g| g.is_main())
+    }
+
+    /// Examples per optimizer step, over all ranks.
+    pub fn global_batch(&self) -> usize {
+        self.world_size() * self.cfg.batch_size * self.cfg.grad_accum
+    }
+
     pub fn total_steps(&self) -> usize {
-        let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        let per_step = self.global_batch();
         self.cfg.max_steps.unwrap_or(((self.examples.len() as f64 * self.cfg.epochs) / per_step as f64).ceil() as usize).max(1)
     }
 
@@ -144,16 +165,21 @@ impl<'a, O: Objective> Trainer<'a, O> {
     }
 
     pub fn run(&mut self, resume: bool) -> Result<()> {
-        create_dir(&self.output)?;
+        let main = self.is_main();
+        if main {
+            create_dir(&self.output)?;
+        }
         let total = self.total_steps();
         let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as usize;
         let mut optimizer = self.optimizer();
-        let start = if resume { self.restore(&mut optimizer)? } else { 0 };
+        let start = if resume && main { self.restore(&mut optimizer)? } else { 0 };
+        let start = self.sync_start(start, &mut optimizer)?;
         let log_path = self.output.join("train_log.csv");
-        let mut log = open_log(&log_path, self.objective.metric_names(), start)?;
-        let bar = ProgressBar::new(total as u64).with_position(start as u64);
+        let mut log = if main { Some(open_log(&log_path, self.objective.metric_names(), start)?) } else { None };
+        let bar = if main { ProgressBar::new(total as u64) } else { ProgressBar::hidden() }.with_position(start as u64);
         bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}").expect("template"));
         let per_micro = self.cfg.batch_size;
+        let (rank, world) = crate::dist::rank_and_world(self.group);
         let n = self.examples.len();
         let mut orders: std::collections::HashMap<usize, Vec<usize>> = Default::default();
         let end = self.stop_after.map_or(total, |s| (start + s).min(total));
@@ -162,7 +188,8 @@ impl<'a, O: Objective> Trainer<'a, O> {
             let mut sums = vec![0.0; self.objective.metric_names().len()];
             let mut tokens = 0;
             for micro in 0..self.cfg.grad_accum {
-                let first = (step * self.cfg.grad_accum + micro) * per_micro;
+                // This rank's share of the micro-batch group of world × per_micro stream positions.
+                let first = ((step * self.cfg.grad_accum + micro) * world + rank) * per_micro;
                 let picked: Vec<(usize, &O::Example)> = (first..first + per_micro)
                     .map(|p| {
                         let order = orders.entry(p / n).or_insert_with(|| self.order(p / n));
@@ -170,7 +197,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
                         (idx, &self.examples[idx])
                     })
                     .collect();
-                let seed = (self.cfg.seed as i64).wrapping_mul(1_000_000_007).wrapping_add((step * self.cfg.grad_accum + micro) as i64);
+                let seed = (self.cfg.seed as i64)
+                    .wrapping_mul(1_000_000_007)
+                    .wrapping_add((step * self.cfg.grad_accum + micro) as i64)
+                    .wrapping_add((rank as i64) << 32);
                 let out = self.objective.step(self.model, &picked, 1.0 / self.cfg.grad_accum as f64, seed).map_err(|e| match e {
                     Error::Training(why) => Error::Training(format!(
                         "{why} at step {} (records {:?}); the last good checkpoint is in {}: lower the learning rate or check those records",
@@ -184,6 +214,17 @@ impl<'a, O: Objective> Trainer<'a, O> {
                     *s += m / self.cfg.grad_accum as f64;
                 }
                 tokens += out.tokens;
+            }
+            if let Some(group) = self.group {
+                let grads: Vec<Tensor> = optimizer.parameters().map(|p| p.grad()).filter(|g| g.defined()).collect();
+                group.all_reduce_mean_bucketed(&grads)?;
+                // Metrics: the mean over ranks; tokens: the sum.
+                let mut values = sums.iter().map(|v| v / world as f64).collect::<Vec<_>>();
+                values.push(tokens as f64);
+                let reduced = group.all_reduce_sum_f64(&values)?;
+                let n = sums.len();
+                sums.copy_from_slice(&reduced[..n]);
+                tokens = reduced[n] as usize;
             }
             let grad_norm = clip_grad_norm(optimizer.parameters(), self.cfg.max_grad_norm);
             let factor = cosine_with_warmup(step, warmup, total);
@@ -201,18 +242,52 @@ impl<'a, O: Objective> Trainer<'a, O> {
             let mut row = vec![(step + 1).to_string()];
             row.extend(sums.iter().map(|v| format!("{v:.6}")));
             row.extend([format!("{grad_norm:.6}"), format!("{:.3e}", self.cfg.lr * factor), format!("{:.1}", tokens as f64 / seconds)]);
-            writeln!(log, "{}", row.join(",")).and_then(|_| log.flush()).map_err(|e| Error::io(&log_path, e))?;
+            if let Some(log) = log.as_mut() {
+                writeln!(log, "{}", row.join(",")).and_then(|_| log.flush()).map_err(|e| Error::io(&log_path, e))?;
+            }
             bar.set_message(format!("loss {:.4}", sums[0]));
             bar.inc(1);
             if (step + 1) % self.cfg.save_steps.max(1) == 0 || step + 1 == total {
-                self.save_checkpoint(step + 1, total, &optimizer)?;
+                if main {
+                    self.save_checkpoint(step + 1, total, &optimizer)?;
+                }
+                self.barrier()?;
             }
         }
         bar.finish();
         if end == total {
-            self.adapter.save(&self.output, &self.base_model)?;
+            if main {
+                self.adapter.save(&self.output, &self.base_model)?;
+            }
+            self.barrier()?;
         }
         Ok(())
+    }
+
+    /// Waits for the other ranks (after rank 0 wrote something), so that none runs ahead of a save that fails.
+    fn barrier(&self) -> Result<()> {
+        self.group.map_or(Ok(()), |g| g.barrier())
+    }
+
+    /// Gives every rank rank 0's step, adapter and optimizer state (restored from a checkpoint or freshly
+    /// made), so that all ranks start from the same point without reading rank 0's files.
+    fn sync_start(&self, start: usize, optimizer: &mut AdamW) -> Result<usize> {
+        let Some(group) = self.group else { return Ok(start) };
+        let step = Tensor::from_slice(&[start as i64]);
+        group.broadcast(&step, 0)?;
+        let start = step.int64_value(&[0]) as usize;
+        tch::no_grad(|| -> Result<()> {
+            for (_, param) in self.adapter.parameters() {
+                group.broadcast(param, 0)?;
+            }
+            for (_, m, v) in &optimizer.state {
+                group.broadcast(m, 0)?;
+                group.broadcast(v, 0)?;
+            }
+            Ok(())
+        })?;
+        optimizer.steps = start as i64;
+        Ok(start)
     }
 
     fn save_checkpoint(&self, step: usize, total: usize, optimizer: &AdamW) -> Result<()> {

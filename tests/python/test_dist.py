@@ -127,3 +127,58 @@ def test_frozen_rank_is_named_after_the_peer_timeout(tmp_path):
         assert time.monotonic() - start < 30
     finally:
         stop_all(procs)
+
+
+def write_pairs(path, n):
+    images = ["chelsea.png", "coffee.png", "logo.png", "camera.png"]
+    with open(path, "w") as f:
+        for i in range(n):
+            user = {"role": "user", "content": "Describe the image."}
+            f.write(json.dumps({
+                "image": images[i % len(images)],
+                "chosen": [user, {"role": "assistant", "content": f"A picture, number {i}, with a cat on a sofa."}],
+                "rejected": [user, {"role": "assistant", "content": "Two dogs run on a beach."}],
+            }) + "\n")
+    return path
+
+
+def torchrun(world, *args, timeout=300):
+    cmd = [TORCHRUN, "--nproc-per-node", world, "--master-addr", "127.0.0.1", "--master-port", free_port(),
+           "--no-python", STIC, *args]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(hf_models, tmp_path):
+    """6 DPO steps, world 2 × batch 1 against 1 process × batch 2 (the same global batch); then a torchrun run
+    stopped after 3 steps and resumed under torchrun ends at the same adapter."""
+    from safetensors.torch import load_file
+
+    from conftest import IMAGES, run_stic
+
+    _, folder = hf_models["gqa"]
+    data = write_pairs(tmp_path / "pairs.jsonl", n=6)  # 3 steps an epoch: the 6 steps cross an epoch boundary
+    common = ["--model", folder, "--data", data, "--image-dir", IMAGES, "--max-steps", 6, "--lr", "1e-3",
+              "--projector-lr", "1e-3", "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0, "--grad-accum", 1,
+              "--dtype", "f32", "--device", "cpu", "--max-length", 4096, "--seed", 3, "--save-steps", 3]
+    run_stic("train-dpo", "--output", tmp_path / "single", "--batch-size", 2, *common)
+    torchrun(2, "train-dpo", "--output", tmp_path / "ranks", "--batch-size", 1, *common)
+    torchrun(2, "train-dpo", "--output", tmp_path / "resumed", "--batch-size", 1, *common, "--stop-after-steps", 3)
+    assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+    torchrun(2, "train-dpo", "--output", tmp_path / "resumed", "--batch-size", 1, *common, "--resume")
+
+    single = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    for run in ["ranks", "resumed"]:
+        got = load_file(tmp_path / run / "adapter_model.safetensors")
+        assert got.keys() == single.keys()
+        worst = max((got[k] - single[k]).abs().max().item() for k in single)
+        assert worst <= 1e-5, f"{run}: largest difference {worst:.2e}"
+    # Rank 0 alone logs every step once, with the metrics averaged over the ranks.
+    rows = [line.split(",") for line in (tmp_path / "single" / "train_log.csv").read_text().splitlines()]
+    for run in ["ranks", "resumed"]:
+        dist_rows = [line.split(",") for line in (tmp_path / run / "train_log.csv").read_text().splitlines()]
+        assert dist_rows[0] == rows[0] and [r[0] for r in dist_rows[1:]] == [str(i) for i in range(1, 7)]
+        for a, b in zip(rows[1:], dist_rows[1:]):
+            assert abs(float(a[1]) - float(b[1])) <= 1e-5, (a, b)  # loss
+    assert sorted(p.name for p in (tmp_path / "ranks" / "checkpoints").iterdir()) == ["latest", "step-000003", "step-000006"]
