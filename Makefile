@@ -40,5 +40,8 @@ reproduce: build
 bench-generate: build
 	$(PY) benches/bench_generate.py $(BENCH_ARGS)
 
+bench-train: build
+	$(PY) benches/bench_train.py $(BENCH_ARGS)
+
 clean:
 	rm -rf target $(VENV) results
