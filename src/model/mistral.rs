@@ -43,6 +43,8 @@ pub enum AttnMask {
     /// Plain causal attention (lets libtorch use its fused kernel): no cache, no left padding, no window in reach.
     /// Right padding needs no mask: under causality real tokens never see the padding after them.
     Causal,
+    /// Every query sees every key (a single new token over a cache without padding or window).
+    Unmasked,
     /// Boolean [batch, 1, queries, keys], true = attend.
     Explicit(Tensor),
 }
@@ -57,6 +59,9 @@ pub fn attention_mask(key_is_token: &Tensor, first_query: i64, num_queries: i64,
     let no_left_padding = bool::try_from(key_is_token.select(1, 0).ne(0).all()).unwrap_or(false);
     if first_query == 0 && window_out_of_reach && no_left_padding {
         return AttnMask::Causal;
+    }
+    if num_queries == 1 && first_query + 1 == num_keys && window_out_of_reach && bool::try_from(key_is_token.ne(0).all()).unwrap_or(false) {
+        return AttnMask::Unmasked;
     }
     let device = key_is_token.device();
     let q = Tensor::arange_start(first_query, first_query + num_queries, (Kind::Int64, device)).view([-1, 1]);
@@ -136,6 +141,7 @@ impl MistralAttention {
         let gqa = self.num_heads != self.num_kv_heads;
         let out = match mask {
             AttnMask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, gqa),
+            AttnMask::Unmasked => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, gqa),
             AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
         };
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]))
