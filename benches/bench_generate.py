@@ -108,7 +108,7 @@ def main():
         "batch_speedup": stic_batch_decode / stic_decode,
     }
     if device == "cuda":
-        result["stic_peak_gpu_memory_gib"] = one.get("peak_gpu_memory_gib")
+        result["stic_gpu_memory_gib"] = one.get("gpu_memory_gib")
     out = ROOT / "results" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / ("generate-full.json" if args.full_size else "generate.json")).write_text(json.dumps(result, indent=2))

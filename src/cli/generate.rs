@@ -77,7 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "prefill_seconds": timing.prefill_seconds,
                 "decode_seconds": timing.decode_seconds,
                 "batch_size": outputs.len(),
-                "peak_gpu_memory_gib": peak_gpu_memory_gib(),
+                "gpu_memory_gib": gpu_memory_gib(),
             });
             println!("{line}");
         } else {
@@ -87,8 +87,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Peak CUDA memory of this process as the driver reports it (None on CPU).
-fn peak_gpu_memory_gib() -> Option<f64> {
+/// CUDA memory this process holds at the end, as the driver reports it (libtorch's caching allocator keeps what
+/// the run needed at its peak); None on CPU.
+fn gpu_memory_gib() -> Option<f64> {
     if !tch::Cuda::is_available() {
         return None;
     }

@@ -302,3 +302,17 @@ def test_disk_full_when_saving_keeps_the_last_checkpoint(hf_models, tmp_path, sm
     assert all(torch.equal(before[k], after[k]) for k in before)
     leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
+
+
+def test_precomputed_reference_gives_the_same_training(hf_models, tmp_path):
+    _, folder = hf_models["gqa"]
+    data = write_pairs(tmp_path / "pairs.jsonl", n=4)
+    common = ["--max-steps", "3", "--lr", "1e-3", "--lora-dropout", "0", "--seed", "4"]
+    train(folder, data, tmp_path / "live", *common)
+    train(folder, data, tmp_path / "cached", *common, "--precompute-reference")
+    live = load_file(tmp_path / "live" / "adapter_model.safetensors")
+    cached = load_file(tmp_path / "cached" / "adapter_model.safetensors")
+    for k in live:
+        assert (live[k] - cached[k]).abs().max().item() <= 1e-6, k
+    rows = lambda d: (tmp_path / d / "train_log.csv").read_text().splitlines()[1:]  # noqa: E731
+    assert [r.split(",")[1] for r in rows("live")] == [r.split(",")[1] for r in rows("cached")]
