@@ -18,7 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
 import tiny_models  # noqa: E402
-from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig  # noqa: E402
+from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig  # noqa: E402
 
 ROOT = tiny_models.ROOT
 STIC = ROOT / "target" / "release" / "stic"
@@ -69,6 +69,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image", default=str(ROOT / "data" / "images" / "chelsea.png"))
+    parser.add_argument("--model-dir", default=None,
+                        help="save the random model here, or reuse the one already there (bench-train shares it)")
     args = parser.parse_args()
     device = "cuda" if args.full_size else "cpu"
     if args.full_size and not torch.cuda.is_available():
@@ -76,11 +78,9 @@ def main():
     dtype = torch.bfloat16 if args.full_size else torch.float32
     n = args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        model = LlavaNextForConditionalGeneration(model_config(args.full_size)).to(dtype).eval()
+        folder = Path(args.model_dir or Path(tmp) / "model")
+        model = tiny_models.random_model_folder(model_config(args.full_size), folder, device, dtype)
         params = sum(p.numel() for p in model.parameters())
-        folder = tiny_models.save_hf(model, Path(tmp) / "model")
-        model = model.to(device)
         processor = tiny_models.processor()
         inputs = processor(images=Image.open(args.image), text=PROMPT, return_tensors="pt").to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)

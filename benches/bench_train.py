@@ -91,24 +91,19 @@ def model_config(full_size, text_layers, vision_layers):
 
 
 def build_model_folder(args, folder):
-    """Random weights saved in the llava-hf layout; returns (total parameters, N for MFU)."""
+    """Random weights saved in the llava-hf layout (or reused, see --model-dir); returns (total parameters, N for
+    MFU)."""
     import torch
     import tiny_models
     from transformers import LlavaNextForConditionalGeneration
     config = model_config(args.full_size, args.text_layers, args.vision_layers)
-    torch.manual_seed(0)
-    if args.full_size:  # initialise on the GPU in bf16: 7B parameters on the CPU take minutes
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
-            model = LlavaNextForConditionalGeneration(config)
-        torch.set_default_dtype(torch.float32)
-    else:
-        model = LlavaNextForConditionalGeneration(config)
-    params = sum(p.numel() for p in model.parameters())
-    lm = [(n, p) for n, p in model.named_parameters() if "language_model" in n or n.startswith("lm_head")]
+    with torch.device("meta"):
+        shapes = LlavaNextForConditionalGeneration(config)
+    params = sum(p.numel() for p in shapes.parameters())
+    lm = [(n, p) for n, p in shapes.named_parameters() if "language_model" in n or n.startswith("lm_head")]
     n_flops = sum(p.numel() for n, p in lm if "embed_tokens" not in n)
-    tiny_models.save_hf(model, folder)
-    del model
+    device, dtype = ("cuda", torch.bfloat16) if args.full_size else ("cpu", torch.float32)
+    tiny_models.random_model_folder(config, folder, device, dtype, load=False)
     if args.full_size:
         torch.cuda.empty_cache()
     return params, n_flops
@@ -370,6 +365,8 @@ def main():
                         help="PyTorch side: logits of every position (plain, default) or only of those that predict "
                              "response tokens (transformers' logits_to_keep; stic computes only those)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not known")
+    parser.add_argument("--model-dir", default=None,
+                        help="save the random model here, or reuse the one already there (bench-generate shares it)")
     parser.add_argument("--keep", default=None, help="keep the model, logs and outputs in this folder")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -397,10 +394,11 @@ def main():
         stic = copy_binary(work / "stic")
         default_image = "rocket.jpg" if args.full_size else "chelsea.png"
         image = Path(args.image or ROOT / "data" / "images" / default_image).resolve()
-        params, n_flops = build_model_folder(args, work / "model")
+        model_dir = Path(args.model_dir) if args.model_dir else work / "model"
+        params, n_flops = build_model_folder(args, model_dir)
         data = write_pair(work / "pair.jsonl", image.name)
         dump = work / "first-step.safetensors"
-        run_measured(stic_common(args, stic, work / "model", data, image.parent, device, stic_dtype)
+        run_measured(stic_common(args, stic, model_dir, data, image.parent, device, stic_dtype)
                      + ["--output", work / "dump-out", "--dump-first-step", dump], False, work / "dump.log")
         from safetensors.torch import load_file
         batch = load_file(dump)
@@ -410,11 +408,11 @@ def main():
         for ckpt in modes:
             tag = "ckpt" if ckpt else "nockpt"
             print(f"[bench-train] stic, checkpointing {'on' if ckpt else 'off'} ...", file=sys.stderr, flush=True)
-            s = run_stic_train(args, stic, work / "model", data, image.parent, work / f"stic-{tag}", device,
+            s = run_stic_train(args, stic, model_dir, data, image.parent, work / f"stic-{tag}", device,
                                stic_dtype, ckpt, tokens)
             print(f"[bench-train] PyTorch + PEFT, checkpointing {'on' if ckpt else 'off'} ...", file=sys.stderr,
                   flush=True)
-            p = run_pytorch_train(args, work / "model", dump, image, work, device, dtype, ckpt)
+            p = run_pytorch_train(args, model_dir, dump, image, work, device, dtype, ckpt)
             assert p["tokens"] == tokens
             runs.append((ckpt, summarise(s, tokens, args.warmup_steps), summarise(p, tokens, args.warmup_steps)))
     finally:

@@ -4,6 +4,9 @@ use tch::Tensor;
 use super::weights::Vb;
 use crate::lora::LoraLayer;
 
+/// Row counts (batched decoding) for which MKL runs W x^T faster than x W^T on the CPU.
+const TRANSPOSED_GEMM_ROWS: std::ops::RangeInclusive<i64> = 6..=16;
+
 /// `nn.Linear` (weight [out, in]) with an optional LoRA adapter added to its output.
 pub struct Linear {
     pub weight: Tensor,
@@ -26,12 +29,28 @@ impl Linear {
         self.weight.size()[0]
     }
 
+    /// x W^T + b. For a handful of rows on the CPU MKL packs the weight for x W^T but streams it for W x^T,
+    /// which is 1.3-1.6x faster at 8-16 rows; up to 4 rows its own small-M path wins.
+    fn affine(&self, x: &Tensor) -> Tensor {
+        let rows = x.numel() as i64 / self.in_features().max(1);
+        if !TRANSPOSED_GEMM_ROWS.contains(&rows) || x.device() != tch::Device::Cpu {
+            return x.linear(&self.weight, self.bias.as_ref());
+        }
+        let mut shape = x.size();
+        *shape.last_mut().unwrap() = self.out_features();
+        let y = self.weight.matmul(&x.reshape([rows, -1]).tr()).tr().contiguous().view(shape.as_slice());
+        match &self.bias {
+            Some(bias) => y + bias,
+            None => y,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // A trained projector keeps f32 weights inside a bf16 model.
         let y = if x.kind() == self.weight.kind() {
-            x.linear(&self.weight, self.bias.as_ref())
+            self.affine(x)
         } else {
-            x.to_kind(self.weight.kind()).linear(&self.weight, self.bias.as_ref()).to_kind(x.kind())
+            self.affine(&x.to_kind(self.weight.kind())).to_kind(x.kind())
         };
         match &self.lora {
             Some(lora) => lora.add_to(y, x),

@@ -5,36 +5,50 @@ use super::config::TextConfig;
 use super::linear::{Linear, RmsNorm};
 use super::weights::Vb;
 
-/// Keys and values of every layer for the tokens seen so far, [batch, kv_heads, seen, head_dim].
-#[derive(Default)]
+/// Keys and values of the tokens seen so far, per layer, in buffers [b, kv_heads, capacity, head_dim] that grow
+/// by whole chunks: appending a decode step writes one slot instead of copying the whole cache.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
 }
+
+const KV_CACHE_CHUNK: i64 = 256;
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: (0..num_layers).map(|_| None).collect() }
+        KvCache { layers: (0..num_layers).map(|_| None).collect(), len: 0 }
     }
 
     pub fn seen(&self) -> i64 {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.size()[2])
+        self.len
     }
 
+    /// Writes `k`, `v` [b, kv_heads, t, head_dim] after the cached tokens of `layer` and returns views of all of
+    /// them. The token count advances once the last layer has appended.
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
-        let merged = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
-            None => (k, v),
+        let (start, t) = (self.len, k.size()[2]);
+        let needed = start + t;
+        let grown = |old: Option<&Tensor>, new: &Tensor| {
+            let mut shape = new.size();
+            shape[2] = (needed + KV_CACHE_CHUNK - 1) / KV_CACHE_CHUNK * KV_CACHE_CHUNK;
+            let buffer = Tensor::empty(shape.as_slice(), (new.kind(), new.device()));
+            if let Some(old) = old {
+                buffer.narrow(2, 0, start).copy_(&old.narrow(2, 0, start));
+            }
+            buffer
         };
-        self.layers[layer] = Some((merged.0.shallow_clone(), merged.1.shallow_clone()));
-        merged
-    }
-
-    /// Keeps only the given batch rows (used when finished rows leave a batch).
-    pub fn select_rows(&mut self, rows: &Tensor) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(0, rows);
-            *v = v.index_select(0, rows);
+        let (kb, vb) = match self.layers[layer].take() {
+            Some((kb, vb)) if kb.size()[2] >= needed => (kb, vb),
+            old => (grown(old.as_ref().map(|o| &o.0), &k), grown(old.as_ref().map(|o| &o.1), &v)),
+        };
+        kb.narrow(2, start, t).copy_(&k);
+        vb.narrow(2, start, t).copy_(&v);
+        let views = (kb.narrow(2, 0, needed), vb.narrow(2, 0, needed));
+        self.layers[layer] = Some((kb, vb));
+        if layer + 1 == self.layers.len() {
+            self.len = needed;
         }
+        views
     }
 }
 

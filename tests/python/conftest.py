@@ -12,6 +12,8 @@ import tiny_models  # noqa: E402
 ROOT = tiny_models.ROOT
 STIC = Path(os.environ.get("STIC_BIN", ROOT / "target" / "release" / "stic"))
 IMAGES = ROOT / "data" / "images"
+# where stic runs in the parity checks (the transformers reference stays on the CPU in f32): cpu, or cuda on a GPU
+DEVICE = os.environ.get("STIC_TEST_DEVICE", "cpu")
 
 
 def run_stic(*args, check=True, timeout=600):

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tiny_models
-from conftest import IMAGES, run_stic, run_stic_json
+from conftest import DEVICE, IMAGES, run_stic, run_stic_json
 
 PAIR_IMAGES = ["chelsea.png", "coffee.png", "logo.png", "camera.png"]
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -84,7 +84,7 @@ def test_loss_and_gradients_match_peft(hf_models, tmp_path, checkpointing):
     data = write_pairs(tmp_path / "pairs.jsonl", n=2, rejected="Two dogs run on a beach under a grey sky, far away.")
     dump_path = tmp_path / "dump.safetensors"
     run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", tmp_path / "out",
-             "--init-adapter", adapter, "--batch-size", "2", "--max-length", "4096", "--lora-dropout", "0", "--dtype", "f32", "--device", "cpu",
+             "--init-adapter", adapter, "--batch-size", "2", "--max-length", "4096", "--lora-dropout", "0", "--dtype", "f32", "--device", DEVICE,
              "--gradient-checkpointing", checkpointing, "--dump-first-step", dump_path)
     dump = load_file(dump_path)
     # the dump's rows are chosen then rejected for the pairs in file order: images 0, 1
@@ -101,7 +101,7 @@ def score_logits(folder, image, tmp_path, adapter=None, name="x"):
     out = tmp_path / f"{name}.safetensors"
     extra = ["--adapter", adapter] if adapter else []
     run_stic("score", "--model", folder, "--image", image, "--prompt", "What is shown?", "--response", "A cat.",
-             "--logits-out", out, "--device", "cpu", "--dtype", "f32", *extra)
+             "--logits-out", out, "--device", DEVICE, "--dtype", "f32", *extra)
     return load_file(out)
 
 
@@ -121,7 +121,7 @@ def test_stic_adapter_loads_in_peft(hf_models, tmp_path):
     out = tmp_path / "trained"
     run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", out,
              "--max-steps", "3", "--lr", "1e-2", "--projector-lr", "1e-3", "--lora-r", "4", "--lora-alpha", "8",
-             "--grad-accum", "1", "--max-length", "4096", "--dtype", "f32", "--device", "cpu")
+             "--grad-accum", "1", "--max-length", "4096", "--dtype", "f32", "--device", DEVICE)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4
     assert cfg["modules_to_save"] == ["multi_modal_projector"]
@@ -178,7 +178,7 @@ def test_peft_adapter_loads_in_stic(hf_models, tmp_path, layout):
 
 def train(folder, data, out, *extra):
     return run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", out,
-                    "--lora-r", "4", "--lora-alpha", "8", "--grad-accum", "1", "--dtype", "f32", "--device", "cpu",
+                    "--lora-r", "4", "--lora-alpha", "8", "--grad-accum", "1", "--dtype", "f32", "--device", DEVICE,
                     *(extra if "--max-length" in extra else (*extra, "--max-length", "4096")))
 
 
@@ -197,7 +197,7 @@ def test_learning_drives_reward_accuracy_to_one(hf_models, tmp_path):
         assert col in rows[0]
     [trained] = run_stic_json("generate", "--model", folder, "--adapter", out, "--image", IMAGES / "chelsea.png",
                               "--prompt", "Describe the image.", "--template", "vicuna_v1", "--max-new-tokens", "4",
-                              "--json", "--device", "cpu", "--dtype", "f32")
+                              "--json", "--device", DEVICE, "--dtype", "f32")
     assert trained["text"].split()[0] == "yes", trained["text"]
 
 
@@ -229,7 +229,7 @@ def test_bad_records(hf_models, tmp_path):
     lines += [json.dumps(bad), json.dumps(empty)]
     data.write_text("\n".join(lines) + "\n")
     proc = run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", tmp_path / "o",
-                    "--max-steps", "1", "--max-length", "4096", "--device", "cpu", check=False)
+                    "--max-steps", "1", "--max-length", "4096", "--device", DEVICE, check=False)
     assert proc.returncode == 2 and "line 2" in proc.stderr and "--skip-bad" in proc.stderr, proc.stderr
     proc = train(folder, data, tmp_path / "o2", "--max-steps", "1", "--skip-bad")
     assert "line 2" in proc.stderr and "missing.png" in proc.stderr and "empty" in proc.stderr
@@ -242,7 +242,7 @@ def test_long_sequences_are_truncated_and_reported(hf_models, tmp_path):
     proc = train(folder, data, tmp_path / "o", "--max-steps", "1", "--max-length", "2200")
     assert "2 responses truncated to max_length 2200" in proc.stderr, proc.stderr
     proc = run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", tmp_path / "o2",
-                    "--max-steps", "1", "--max-length", "100", "--device", "cpu", check=False)
+                    "--max-steps", "1", "--max-length", "100", "--device", DEVICE, check=False)
     assert proc.returncode == 2 and "over max_length 100" in proc.stderr
 
 
@@ -252,7 +252,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(hf_models, tmp_path):
     out = tmp_path / "o"
     proc = run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", out,
                     "--max-steps", "6", "--lr", "1e38", "--projector-lr", "1e38", "--save-steps", "1",
-                    "--grad-accum", "1", "--lora-r", "4", "--max-length", "4096", "--device", "cpu", "--dtype", "f32",
+                    "--grad-accum", "1", "--lora-r", "4", "--max-length", "4096", "--device", DEVICE, "--dtype", "f32",
                     check=False)
     assert proc.returncode == 2, proc.stderr
     assert "non-finite" in proc.stderr and "last good checkpoint" in proc.stderr, proc.stderr
@@ -292,7 +292,7 @@ def test_disk_full_when_saving_keeps_the_last_checkpoint(hf_models, tmp_path, sm
     before = load_file(out / "checkpoints" / good / "adapter_model.safetensors")
     fill(small_disk, leave_bytes=16 * 1024)
     proc = run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", out,
-                    "--lora-r", "4", "--lora-alpha", "8", "--grad-accum", "1", "--dtype", "f32", "--device", "cpu",
+                    "--lora-r", "4", "--lora-alpha", "8", "--grad-accum", "1", "--dtype", "f32", "--device", DEVICE,
                     "--max-length", "4096", *common, "--resume", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "No space left" in proc.stderr or "space" in proc.stderr.lower(), proc.stderr

@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tiny_models
-from conftest import IMAGES, run_stic, run_stic_json
+from conftest import DEVICE, IMAGES, run_stic, run_stic_json
 
 PROMPT = "[INST] <image>\nDescribe the image in detail. [/INST]"
 PNG_IMAGES = ["astronaut.png", "camera.png", "logo.png", "chelsea.png", "coffee.png"]
@@ -30,7 +30,7 @@ def reference(model, image, text=PROMPT):
 def stic_logits(folder, image, tmp_path, text=PROMPT):
     out = tmp_path / "logits.safetensors"
     run_stic("score", "--model", folder, "--image", image, "--text", text, "--logits-out", out,
-             "--device", "cpu", "--dtype", "f32")
+             "--device", DEVICE, "--dtype", "f32")
     return load_file(out)
 
 
@@ -82,7 +82,7 @@ def test_greedy_tokens_match_transformers(hf_models, variant):
         ref = model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=32001)
     ref_tokens = ref[0, inputs["input_ids"].shape[1]:].tolist()
     [got] = run_stic_json("generate", "--model", folder, "--image", image, "--text", PROMPT,
-                          "--max-new-tokens", "32", "--json", "--device", "cpu", "--dtype", "f32")
+                          "--max-new-tokens", "32", "--json", "--device", DEVICE, "--dtype", "f32")
     assert got["tokens"] == ref_tokens
     assert got["prompt_tokens"] == inputs["input_ids"].shape[1]
 
@@ -105,7 +105,7 @@ def test_batched_generation_equals_one_by_one(hf_models):
     _, folder = hf_models["gqa"]
     images = [IMAGES / "chelsea.png", IMAGES / "camera.png", IMAGES / "logo.png"]
     prompts = ["What is in the picture?", "Describe the image in detail, step by step.", "Colours?"]
-    common = ["--model", folder, "--max-new-tokens", "24", "--json", "--device", "cpu", "--dtype", "f32"]
+    common = ["--model", folder, "--max-new-tokens", "24", "--json", "--device", DEVICE, "--dtype", "f32"]
     for sampling in ([], ["--temperature", "0.9", "--top-p", "0.9", "--seed", "7"]):
         batch_args = [a for img, p in zip(images, prompts) for a in ("--image", img, "--prompt", p)]
         batched = run_stic_json("generate", *common, *sampling, *batch_args)

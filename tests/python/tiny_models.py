@@ -68,6 +68,34 @@ def save_hf(model, out):
     return out
 
 
+def random_model_folder(config, folder, device="cpu", dtype=torch.float32, load=True):
+    """Random weights for `config` saved in the llava-hf layout under `folder` (seed 0, initialised on `device` in
+    `dtype`: 7B parameters on a CPU take minutes). A folder that already holds a model of the same shapes is reused,
+    so that the benchmarks can share one full-size model. Returns the model, or None when it was reused and `load`
+    is false."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    folder = Path(folder)
+    shapes = lambda c: (c.text_config.to_dict(), c.vision_config.to_dict())  # noqa: E731
+    if (folder / "config.json").exists():
+        saved = LlavaNextConfig.from_pretrained(folder)
+        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        if any(shapes(saved)[i].get(k) != shapes(config)[i].get(k) for i in (0, 1) for k in keys):
+            raise SystemExit(f"{folder} holds a model of other shapes: remove it or name another folder")
+        if not load:
+            return None
+        return LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    save_hf(model, folder)
+    return model
+
+
 def to_new_hf_layout(src, dst):
     """The newer llava-hf key names (`model.language_model.*`, top-level `lm_head`), sharded in two files."""
     src, dst = Path(src), Path(dst)
