@@ -1,5 +1,6 @@
 """`make bench-generate`: decode tokens/s and prefill time of `stic generate` against transformers' `generate`
-on the same random model, image and prompt, measured in one run on this machine.
+on the same random model, image and prompt, measured in one run on this machine. Both sides run once before the
+timed runs (warm-up); prefill = image encoding + the prompt's forward pass + the first token, on both sides.
 
 CPU (default): a few-hundred-million-parameter model with the real LLaVA-v1.6-Mistral-7B layer shapes scaled
 down (head_dim 128, 4:1 grouped-query attention, SwiGLU ratio 3.5, CLIP 336/14 anyres tiles).
@@ -55,7 +56,7 @@ def hf_generate(model, inputs, new_tokens, device):
 
 def stic_generate(folder, image, new_tokens, batch, device, dtype):
     args = [str(STIC), "generate", "--model", str(folder), "--image", str(image), "--max-new-tokens", str(new_tokens),
-            "--ignore-eos", "--json", "--device", device, "--dtype", dtype]
+            "--ignore-eos", "--warmup", "--json", "--device", device, "--dtype", dtype]
     for _ in range(batch):
         args += ["--text", PROMPT]
     proc = subprocess.run(args, capture_output=True, text=True, check=True)

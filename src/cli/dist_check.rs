@@ -16,7 +16,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
-    let group = ProcessGroup::from_env()?;
+    let group = ProcessGroup::from_env_with(true)?;
     let (rank, world) = rank_and_world(group.as_ref());
     let device = group.as_ref().map_or(device, |g| g.device_for(device));
     if args.stall_rank == Some(rank) {

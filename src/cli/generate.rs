@@ -37,6 +37,10 @@ pub struct Args {
     /// Print one JSON line per prompt.
     #[arg(long)]
     json: bool,
+    /// Run the whole generation once (2 new tokens) before the timed run, so that the timings leave out what
+    /// only a first run pays: CUDA loading its kernels lazily, the allocator growing (benchmarks).
+    #[arg(long)]
+    warmup: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -54,17 +58,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let session = args.model.load()?;
     let images = args.images.iter().map(|p| session.load_image(p)).collect::<stic::Result<Vec<_>>>()?;
-    let started = Instant::now();
-    let mut prompts = Vec::with_capacity(texts.len());
-    for (i, text) in texts.iter().enumerate() {
-        let image = &images[if images.len() == 1 { 0 } else { i }];
-        prompts.push(session.prepare(text, session.image_features(&[image])?)?);
-    }
-    let cfg = SamplingConfig { max_new_tokens: args.max_new_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
-    let seeds = vec![0; prompts.len()];
+    let seeds = vec![0; texts.len()];
     let eos = if args.ignore_eos { -1 } else { session.tokenizer.eos_id };
-    let (outputs, timing) = generate(&session.model, &prompts, &seeds, &cfg, eos, session.tokenizer.pad_id)?;
-    let seconds = started.elapsed().as_secs_f64();
+    let run = |max_new_tokens: usize| -> stic::Result<_> {
+        let started = Instant::now();
+        let mut prompts = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let image = &images[if images.len() == 1 { 0 } else { i }];
+            prompts.push(session.prepare(text, session.image_features(&[image])?)?);
+        }
+        let encode_seconds = started.elapsed().as_secs_f64();
+        let cfg = SamplingConfig { max_new_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+        let (outputs, timing) = generate(&session.model, &prompts, &seeds, &cfg, eos, session.tokenizer.pad_id)?;
+        Ok((outputs, encode_seconds + timing.prefill_seconds, timing.decode_seconds, started.elapsed().as_secs_f64()))
+    };
+    if args.warmup {
+        run(2)?;
+    }
+    let (outputs, prefill_seconds, decode_seconds, seconds) = run(args.max_new_tokens)?;
     for out in &outputs {
         let text = session.tokenizer.decode(&out.tokens, true)?;
         if args.json {
@@ -74,8 +85,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "prompt_tokens": out.prompt_tokens,
                 "stopped_at_eos": out.stopped_at_eos,
                 "seconds": seconds,
-                "prefill_seconds": timing.prefill_seconds,
-                "decode_seconds": timing.decode_seconds,
+                "prefill_seconds": prefill_seconds,
+                "decode_seconds": decode_seconds,
                 "batch_size": outputs.len(),
                 "gpu_memory_gib": gpu_memory_gib(),
             });

@@ -67,13 +67,18 @@ fn seconds(name: &str, default: f64) -> Result<f64> {
 impl DistEnv {
     /// None when `WORLD_SIZE` is unset or 1 (a single-process run).
     pub fn from_env() -> Result<Option<DistEnv>> {
+        Self::from_env_with(false)
+    }
+
+    /// As `from_env`; with `alone`, a group of one is made too (diagnostics of the backend on one device).
+    pub fn from_env_with(alone: bool) -> Result<Option<DistEnv>> {
         let Some(world_size) = parse_var::<usize>("WORLD_SIZE", "a whole number")? else {
             return Ok(None);
         };
         if world_size == 0 {
             return Err(Error::Distributed("WORLD_SIZE must be at least 1".into()));
         }
-        if world_size == 1 {
+        if world_size == 1 && !alone {
             return Ok(None);
         }
         let need = |name: &str| {
@@ -227,7 +232,12 @@ unsafe impl Send for ProcessGroup {}
 impl ProcessGroup {
     /// Joins the group described by torchrun's environment; None for a single-process run.
     pub fn from_env() -> Result<Option<ProcessGroup>> {
-        match DistEnv::from_env()? {
+        Self::from_env_with(false)
+    }
+
+    /// As `from_env`; with `alone`, a torchrun world of one joins a group of one (`dist-check`).
+    pub fn from_env_with(alone: bool) -> Result<Option<ProcessGroup>> {
+        match DistEnv::from_env_with(alone)? {
             None => Ok(None),
             Some(env) => ProcessGroup::init(&env).map(Some),
         }
