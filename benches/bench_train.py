@@ -109,6 +109,19 @@ def build_model_folder(args, folder):
     return params, n_flops
 
 
+def lossless_copy(image, work):
+    """The image as PNG: JPEG decoders differ by a few grey levels (the image crate vs libjpeg-turbo), which a deep
+    random model amplifies, and the first-step losses of both sides should agree."""
+    from PIL import Image
+    if image.suffix.lower() == ".png":
+        return image
+    folder = work / "images"
+    folder.mkdir(exist_ok=True)
+    png = folder / (image.stem + ".png")
+    Image.open(image).convert("RGB").save(png)
+    return png
+
+
 def write_pair(path, image):
     turn = lambda answer: [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": answer}]  # noqa: E731
     path.write_text(json.dumps({"image": image, "chosen": turn(CHOSEN), "rejected": turn(REJECTED)}) + "\n")
@@ -393,7 +406,7 @@ def main():
         # one binary for the whole run (the RUNPATH to libtorch is absolute), safe against a concurrent relink
         stic = copy_binary(work / "stic")
         default_image = "rocket.jpg" if args.full_size else "chelsea.png"
-        image = Path(args.image or ROOT / "data" / "images" / default_image).resolve()
+        image = lossless_copy(Path(args.image or ROOT / "data" / "images" / default_image).resolve(), work)
         model_dir = Path(args.model_dir) if args.model_dir else work / "model"
         params, n_flops = build_model_folder(args, model_dir)
         data = write_pair(work / "pair.jsonl", image.name)

@@ -5,13 +5,16 @@
 #                   reference stays on the CPU in f32)
 #   bench-generate  make bench-generate --full-size (exact 7B shapes, bf16)
 #   bench-train     make bench-train --full-size (exact 7B shapes, r 128, bf16), sharing the 7B model folder
-# Usage: benches/cuda_checks.sh [OUT_DIR]   (default results/cuda; logs, summary.txt and the benchmark JSON)
+# Usage: benches/cuda_checks.sh [OUT_DIR [STEP...]]   (default results/cuda and every step; OUT_DIR gets the logs,
+# summary.txt and the benchmark JSON)
 # Runs with .venv/bin/python where `make setup` made one, else with python3 (a GPU machine with PyTorch, the
 # pinned transformers/peft/pillow on PYTHONPATH, and a stic binary built elsewhere).
 set -u
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-results/cuda}")
 mkdir -p "$out"
+shift
+steps=" ${*:-dist-check parity bench-generate bench-train} "
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
 libtorch=$("$py" -c 'import os, torch; print(os.path.dirname(torch.__file__))')/lib
@@ -22,6 +25,7 @@ failed=0
 step() {  # name, seconds, command...
     local name=$1 limit=$2 started=$SECONDS
     shift 2
+    [[ $steps == *" $name "* ]] || return 0
     echo "== $name (limit ${limit} s)"
     timeout --kill-after 10 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
