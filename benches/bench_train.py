@@ -102,8 +102,8 @@ def build_model_folder(args, folder):
     params = sum(p.numel() for p in shapes.parameters())
     lm = [(n, p) for n, p in shapes.named_parameters() if "language_model" in n or n.startswith("lm_head")]
     n_flops = sum(p.numel() for n, p in lm if "embed_tokens" not in n)
-    device, dtype = ("cuda", torch.bfloat16) if args.full_size else ("cpu", torch.float32)
-    tiny_models.random_model_folder(config, folder, device, dtype, load=False)
+    device = "cuda" if args.full_size else "cpu"
+    tiny_models.random_model_folder(config, folder, device, getattr(torch, args.dtype), load=False)
     if args.full_size:
         torch.cuda.empty_cache()
     return params, n_flops
@@ -368,6 +368,8 @@ def main():
     parser.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the means")
     parser.add_argument("--checkpointing", choices=["both", "on", "off"], default=None,
                         help="gradient checkpointing runs (default: both on CPU, on with --full-size)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default float32, bfloat16 with --full-size")
     parser.add_argument("--lora-r", type=int, default=None, help="default 16, 128 with --full-size")
     parser.add_argument("--text-layers", type=int, default=4, help="decoder layers of the CPU model")
     parser.add_argument("--vision-layers", type=int, default=2, help="CLIP layers of the CPU model")
@@ -391,8 +393,10 @@ def main():
     if not STIC.exists():
         sys.exit(f"{STIC} is missing: run `make build` first")
     device = "cuda" if args.full_size else "cpu"
-    dtype, stic_dtype = ("bfloat16", "bf16") if args.full_size else ("float32", "f32")
+    dtype = args.dtype or ("bfloat16" if args.full_size else "float32")
+    stic_dtype = {"bfloat16": "bf16", "float32": "f32"}[dtype]
     args.lora_r = args.lora_r or (128 if args.full_size else 16)
+    args.dtype = dtype
     checkpointing = args.checkpointing or ("on" if args.full_size else "both")
     modes = {"both": [True, False], "on": [True], "off": [False]}[checkpointing]
     if args.steps <= args.warmup_steps:

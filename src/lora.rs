@@ -116,7 +116,7 @@ fn lora_key(module: &str, which: &str) -> String {
     format!("{PEFT_PREFIX}{module}.lora_{which}.weight")
 }
 
-/// Runs the projector in f32 when it is trained (its master weights stay f32 even on a bf16 model).
+/// The trained projector's master weights are f32 even on a bf16 model (see `Linear::forward`).
 fn projector_params(model: &mut LlavaNext) -> Vec<(String, Tensor)> {
     model.original_projector = Some(model.multi_modal_projector.frozen_copy());
     let mut params = Vec::new();

@@ -46,11 +46,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        // A trained projector keeps f32 weights inside a bf16 model.
         let y = if x.kind() == self.weight.kind() {
             self.affine(x)
         } else {
-            self.affine(&x.to_kind(self.weight.kind())).to_kind(x.kind())
+            // A trained projector keeps f32 master weights inside a bf16 model; like mixed-precision training
+            // (and PEFT's bf16 copy) it computes in the model's dtype, so that before any update it equals the
+            // frozen original exactly.
+            let bias = self.bias.as_ref().map(|b| b.to_kind(x.kind()));
+            x.linear(&self.weight.to_kind(x.kind()), bias.as_ref())
         };
         match &self.lora {
             Some(lora) => lora.add_to(y, x),

@@ -53,14 +53,14 @@ def canonical(name):
     return m.group(0).replace(".weight", "") + (".weight" if name.endswith(".weight") else ".bias")
 
 
-def reference_loss_and_grads(model_dir, adapter_dir, dump, images, beta=0.1, alpha=1 / 1024):
-    base = tiny_models.LlavaNextForConditionalGeneration.from_pretrained(model_dir).eval()
+def reference_loss_and_grads(model_dir, adapter_dir, dump, images, beta=0.1, alpha=1 / 1024, dtype=torch.float32):
+    base = tiny_models.LlavaNextForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     processor = tiny_models.processor()
     pix = processor.image_processor([Image.open(IMAGES / i) for i in images], return_tensors="pt")
     ids, mask, scored = dump["input_ids"], dump["attention_mask"], dump["scored"].bool()
     pairs = ids.shape[0] // 2
-    pixel_values = torch.cat([pix["pixel_values"], pix["pixel_values"]])
+    pixel_values = torch.cat([pix["pixel_values"], pix["pixel_values"]]).to(dtype)
     image_sizes = torch.cat([pix["image_sizes"], pix["image_sizes"]])
 
     def logps(logits):
@@ -77,24 +77,29 @@ def reference_loss_and_grads(model_dir, adapter_dir, dump, images, beta=0.1, alp
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("checkpointing", ["true", "false"])
-def test_loss_and_gradients_match_peft(hf_models, tmp_path, checkpointing):
+@pytest.mark.parametrize("checkpointing,dtype", [("true", "f32"), ("false", "f32"), ("true", "bf16")])
+def test_loss_and_gradients_match_peft(hf_models, tmp_path, checkpointing, dtype):
+    """In bf16 both sides keep LoRA and the trained projector in f32 and compute the projector in bf16 (PEFT's
+    modules_to_save copy is a bf16 module), so the loss agrees as closely as in f32 and the gradients to bf16's
+    precision."""
     model, folder = hf_models["gqa"]
     adapter, _ = peft_adapter(tiny_models.build_model("gqa", seed=0), tmp_path / "adapter")
     data = write_pairs(tmp_path / "pairs.jsonl", n=2, rejected="Two dogs run on a beach under a grey sky, far away.")
     dump_path = tmp_path / "dump.safetensors"
     run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", tmp_path / "out",
-             "--init-adapter", adapter, "--batch-size", "2", "--max-length", "4096", "--lora-dropout", "0", "--dtype", "f32", "--device", DEVICE,
+             "--init-adapter", adapter, "--batch-size", "2", "--max-length", "4096", "--lora-dropout", "0", "--dtype", dtype, "--device", DEVICE,
              "--gradient-checkpointing", checkpointing, "--dump-first-step", dump_path)
     dump = load_file(dump_path)
     # the dump's rows are chosen then rejected for the pairs in file order: images 0, 1
-    loss, grads = reference_loss_and_grads(folder, adapter, dump, PAIR_IMAGES[:2])
-    assert abs(dump["loss"].item() - loss) <= 1e-5, (dump["loss"].item(), loss)
+    loss, grads = reference_loss_and_grads(folder, adapter, dump, PAIR_IMAGES[:2],
+                                           dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    assert abs(dump["loss"].item() - loss) <= 1e-5 * max(1.0, abs(loss)), (dump["loss"].item(), loss)
     stic_grads = {canonical(k[len("grad."):]): v for k, v in dump.items() if k.startswith("grad.")}
     assert set(stic_grads) == set(grads)
     for name, g in grads.items():
-        rel = (stic_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert rel <= 1e-4, f"{name}: relative gradient error {rel:.2e}"
+        g = g.float()
+        rel = (stic_grads[name].float() - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel <= (1e-4 if dtype == "f32" else 2e-2), f"{name}: relative gradient error {rel:.2e}"
 
 
 def score_logits(folder, image, tmp_path, adapter=None, name="x"):
