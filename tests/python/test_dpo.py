@@ -93,7 +93,9 @@ def test_loss_and_gradients_match_peft(hf_models, tmp_path, checkpointing, dtype
     # the dump's rows are chosen then rejected for the pairs in file order: images 0, 1
     loss, grads = reference_loss_and_grads(folder, adapter, dump, PAIR_IMAGES[:2],
                                            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    assert abs(dump["loss"].item() - loss) <= 1e-5 * max(1.0, abs(loss)), (dump["loss"].item(), loss)
+    # stic on a GPU against the CPU reference: bf16 kernels round differently (measured 2e-4 on an H200)
+    loss_tolerance = 1e-3 if dtype == "bf16" and DEVICE != "cpu" else 1e-5
+    assert abs(dump["loss"].item() - loss) <= loss_tolerance * max(1.0, abs(loss)), (dump["loss"].item(), loss)
     stic_grads = {canonical(k[len("grad."):]): v for k, v in dump.items() if k.startswith("grad.")}
     assert set(stic_grads) == set(grads)
     for name, g in grads.items():
