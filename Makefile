@@ -8,7 +8,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 STIC := target/release/stic
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build test test-rust test-python demo reproduce bench-generate bench-train check-cuda clean
+.PHONY: setup build test test-rust test-python demo reproduce bench-generate bench-train bench-ddp check-cuda clean
 
 setup: $(SETUP_STAMP)
 
@@ -42,6 +42,9 @@ bench-generate: build
 
 bench-train: build
 	$(PY) benches/bench_train.py $(BENCH_ARGS)
+
+bench-ddp: build
+	$(PY) benches/bench_ddp.py $(BENCH_ARGS)
 
 check-cuda: build
 	benches/cuda_checks.sh

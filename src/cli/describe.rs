@@ -6,6 +6,7 @@ use stic::stic::describe::DescribeTask;
 use stic::stic::infuse::load_instruction_data;
 use stic::stic::job::run_job;
 use stic::stic::prefs::SticPrompts;
+use stic::stic::sharding::JobOutput;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,8 +28,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let entries = load_instruction_data(&args.data)?;
     stic::fsutil::create_parent(&args.output)?;
     let prompts = SticPrompts::shipped();
-    let opts = args.job.options(&args.output, "id", "descriptions", &prompts)?;
-    let session = args.model.load()?;
+    let sharding = args.job.sharding()?;
+    let opts = args.job.options(&args.output, "id", "descriptions", &prompts, &sharding);
+    let session = args.model.load_for(&sharding)?;
     let task = DescribeTask {
         description_prompts: prompts.description_prompts.clone(),
         image_dir: &args.image_dir,
@@ -37,6 +39,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let with_images: Vec<_> = entries.into_iter().filter(|e| e.image.is_some()).collect();
     let summary = run_job(&session, &task, &with_images, &opts)?;
-    report(&summary, &args.output);
+    report(&summary, &opts.output);
+    let ids: Vec<String> = with_images.iter().map(|e| e.id_text()).collect();
+    sharding.finish(&[JobOutput { path: &args.output, key_field: "id", keys: &ids }])?;
     Ok(())
 }

@@ -8,8 +8,9 @@ use stic::eval::judge::{JudgeClient, JudgeConfig};
 use stic::eval::run::{answer_tokens, read_predictions, AnswerItems, DescribeItems};
 use stic::generate::SamplingConfig;
 use stic::stic::job::{run_job, JobOptions};
-use stic::stic::jsonl::Shard;
+use stic::stic::jsonl::shard_path;
 use stic::stic::prefs::SticPrompts;
+use stic::stic::sharding::{JobOutput, Sharding};
 use stic::text::Template;
 use stic::{Error, Result};
 
@@ -61,8 +62,10 @@ pub struct Args {
     circular: bool,
     #[arg(long)]
     limit: Option<usize>,
-    #[arg(long, default_value = "0/1")]
-    shard: String,
+    /// Answer only the items whose position p has p % N == I, into predictions.shard-I-of-N.jsonl (not
+    /// scored). Under torchrun each rank takes shard RANK/WORLD_SIZE by itself and rank 0 joins and scores them.
+    #[arg(long)]
+    shard: Option<String>,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Default: 128 for short-answer benchmarks, 1024 for LLaVA-Bench, MM-Vet and MathVista.
@@ -84,30 +87,30 @@ fn benchmark(name: &str) -> Result<Benchmark> {
     })
 }
 
-fn shard_file(output: &Path, stem: &str, shard: &Shard) -> PathBuf {
-    if shard.count() == 1 { output.join(format!("{stem}.jsonl")) } else { output.join(format!("{stem}.shard-{}-of-{}.jsonl", shard.index(), shard.count())) }
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let bench = benchmark(&args.benchmark)?;
     let items = load_with_options(bench, &args.data, &LoadOptions { mmbench_circular: args.circular })?;
-    let shard: Shard = args.shard.parse().map_err(Error::from)?;
+    let sharding = Sharding::new(args.shard.as_deref())?;
+    let shard = sharding.shard();
     stic::fsutil::create_dir(&args.output)?;
-    let session = args.model.load()?;
+    let session = args.model.load_for(&sharding)?;
     let max_pixels = session.model.cfg.image.max_pixels;
-    let options = |stem: &str, tokens: usize| JobOptions {
-            output: shard_file(&args.output, stem, &shard),
-            key_field: "id",
-            shard,
-            batch_size: args.batch_size,
-            limit: args.limit,
-            sampling: SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 },
-            template: Template::MistralInstruct,
-            unit: "items",
+    let descriptions_path = args.output.join("descriptions.jsonl");
+    let predictions_path = args.output.join("predictions.jsonl");
+    let options = |path: &Path, tokens: usize| JobOptions {
+        output: shard_path(path, shard),
+        key_field: "id",
+        shard,
+        batch_size: args.batch_size,
+        limit: args.limit,
+        sampling: SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 },
+        template: Template::MistralInstruct,
+        unit: "items",
+        progress: sharding.is_main(),
     };
     let descriptions = if args.dar {
         let describe = DescribeItems { prompt: SticPrompts::shipped().dar_description_prompt, max_pixels };
-        let opts = options("descriptions", args.description_max_new_tokens);
+        let opts = options(&descriptions_path, args.description_max_new_tokens);
         let summary = run_job(&session, &describe, &items, &opts)?;
         super::prefs::report(&summary, &opts.output);
         let rows: Vec<serde_json::Value> = stic::stic::jsonl::read_jsonl(&opts.output)?;
@@ -116,16 +119,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None
     };
     let answer = AnswerItems { descriptions: descriptions.as_ref(), max_pixels };
-    let opts = options("predictions", args.max_new_tokens.unwrap_or(answer_tokens(bench)));
+    let opts = options(&predictions_path, args.max_new_tokens.unwrap_or(answer_tokens(bench)));
     let summary = run_job(&session, &answer, &items, &opts)?;
     super::prefs::report(&summary, &opts.output);
-    if shard.count() > 1 {
-        eprintln!("shard done; join the shards with `stic prefs-merge`-style concatenation and score them with `stic eval-score`");
+    let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
+    let mut outputs = vec![JobOutput { path: &predictions_path, key_field: "id", keys: &ids }];
+    if args.dar {
+        outputs.push(JobOutput { path: &descriptions_path, key_field: "id", keys: &ids });
+    }
+    if !sharding.finish(&outputs)? {
+        if args.shard.is_some() {
+            eprintln!("shard done; concatenate the shards' predictions and score them with `stic eval-score`");
+        }
         return Ok(());
     }
     let limit = args.limit.unwrap_or(items.len()).min(items.len());
     let scored_items = &items[..limit];
-    let written = write_summary(bench, scored_items, &opts.output, &args.output, &args.judge)?;
+    let written = write_summary(bench, scored_items, &predictions_path, &args.output, &args.judge)?;
     println!("{written}");
     Ok(())
 }

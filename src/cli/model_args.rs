@@ -2,6 +2,7 @@
 use std::path::PathBuf;
 
 use stic::session::{parse_device, parse_dtype, Session};
+use stic::stic::sharding::Sharding;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -21,7 +22,15 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> stic::Result<Session> {
-        let device = parse_device(&self.device)?;
+        self.load_on(parse_device(&self.device)?)
+    }
+
+    /// Loads onto the device of this process's share of a job (its own GPU under torchrun).
+    pub fn load_for(&self, sharding: &Sharding) -> stic::Result<Session> {
+        self.load_on(sharding.device(parse_device(&self.device)?))
+    }
+
+    fn load_on(&self, device: tch::Device) -> stic::Result<Session> {
         let kind = parse_dtype(&self.dtype, device)?;
         Session::load(&self.model, self.adapter.as_deref(), kind, device)
     }

@@ -3,17 +3,19 @@ use std::path::{Path, PathBuf};
 use super::model_args::ModelArgs;
 use stic::generate::SamplingConfig;
 use stic::stic::job::{run_job, JobOptions, JobSummary};
-use stic::stic::jsonl::{merge_shards, Shard};
+use stic::stic::jsonl::{merge_shards, MissingKeys};
 use stic::stic::prefs::{PrefsTask, SticPrompts};
+use stic::stic::sharding::{JobOutput, Sharding};
 use stic::text::Template;
 use stic::{Error, Result};
 
 /// Sampling flags of the generation jobs; unset values come from third_party/stic/prompts.json.
 #[derive(clap::Args, Debug)]
 pub struct JobArgs {
-    /// Process only the items whose position p in the list has p % N == I.
-    #[arg(long, default_value = "0/1")]
-    pub shard: String,
+    /// Process only the items whose position p in the list has p % N == I (join the outputs with
+    /// `stic prefs-merge`). Under torchrun each rank takes shard RANK/WORLD_SIZE by itself.
+    #[arg(long)]
+    pub shard: Option<String>,
     /// Items per generation batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -31,12 +33,16 @@ pub struct JobArgs {
 }
 
 impl JobArgs {
-    pub fn options<'a>(&self, output: &Path, key_field: &'a str, unit: &'a str, prompts: &SticPrompts) -> Result<JobOptions<'a>> {
+    pub fn sharding(&self) -> Result<Sharding> {
+        Sharding::new(self.shard.as_deref())
+    }
+
+    pub fn options<'a>(&self, output: &Path, key_field: &'a str, unit: &'a str, prompts: &SticPrompts, sharding: &Sharding) -> JobOptions<'a> {
         let defaults = &prompts.generation;
-        Ok(JobOptions {
-            output: output.to_path_buf(),
+        JobOptions {
+            output: sharding.part(output),
             key_field,
-            shard: self.shard.parse::<Shard>().map_err(Error::from)?,
+            shard: sharding.shard(),
             batch_size: self.batch_size,
             limit: self.limit,
             sampling: SamplingConfig {
@@ -47,7 +53,8 @@ impl JobArgs {
             },
             template: Template::MistralInstruct,
             unit,
-        })
+            progress: sharding.is_main(),
+        }
     }
 }
 
@@ -109,9 +116,10 @@ pub fn image_list(image_dir: &Path, list: Option<&Path>) -> Result<Vec<String>> 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let names = image_list(&args.image_dir, args.images.as_deref())?;
     let prompts = SticPrompts::shipped();
-    let opts = args.job.options(&args.output, "image", "images", &prompts)?;
+    let sharding = args.job.sharding()?;
+    let opts = args.job.options(&args.output, "image", "images", &prompts, &sharding);
     stic::fsutil::create_parent(&args.output)?;
-    let session = args.model.load()?;
+    let session = args.model.load_for(&sharding)?;
     let task = PrefsTask {
         prompts,
         image_dir: &args.image_dir,
@@ -120,7 +128,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_pixels: session.model.cfg.image.max_pixels,
     };
     let summary = run_job(&session, &task, &names, &opts)?;
-    report(&summary, &args.output);
+    report(&summary, &opts.output);
+    sharding.finish(&[JobOutput { path: &args.output, key_field: "image", keys: &names }])?;
     Ok(())
 }
 
@@ -151,7 +160,7 @@ pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
     };
     let mut seen = std::collections::HashSet::new();
     let order: Vec<String> = order.into_iter().filter(|k| seen.insert(k.clone())).collect();
-    let n = merge_shards(&args.inputs, &args.output, key, &order)?;
+    let n = merge_shards(&args.inputs, &args.output, key, &order, MissingKeys::Refuse)?;
     eprintln!("{}: {n} records from {} shards", args.output.display(), args.inputs.len());
     Ok(())
 }

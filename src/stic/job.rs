@@ -33,6 +33,8 @@ pub struct JobOptions<'a> {
     pub sampling: SamplingConfig,
     pub template: Template,
     pub unit: &'a str,
+    /// Draw a progress bar (off on the ranks other than 0 under torchrun).
+    pub progress: bool,
 }
 
 pub struct JobSummary {
@@ -57,7 +59,7 @@ pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item]
     let mine: Vec<usize> = (0..limit).filter(|&p| first_listing[p] && opts.shard.owns(p)).collect();
     let todo: Vec<usize> = mine.iter().copied().filter(|&p| !out.is_done(&task.key(&items[p]))).collect();
     let already_done = mine.len() - todo.len();
-    let bar = ProgressBar::new(todo.len() as u64);
+    let bar = if opts.progress { ProgressBar::new(todo.len() as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template(&format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {}, {{per_sec}}, ETA {{eta}}", opts.unit))
             .expect("template"),

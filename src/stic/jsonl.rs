@@ -243,11 +243,37 @@ impl std::fmt::Display for Shard {
     }
 }
 
+/// The file a shard of a job writes for the job's output `path`: `path` itself for the whole list, else
+/// `<stem>.shard-<I>-of-<N>.<extension>` beside it (e.g. `predictions.shard-0-of-2.jsonl`).
+pub fn shard_path(path: &Path, shard: Shard) -> PathBuf {
+    if shard.count == 1 {
+        return path.to_owned();
+    }
+    let mut name = path.file_stem().unwrap_or_default().to_owned();
+    name.push(format!(".shard-{}-of-{}", shard.index, shard.count));
+    if let Some(extension) = path.extension() {
+        name.push(".");
+        name.push(extension);
+    }
+    path.with_file_name(name)
+}
+
+/// What [`merge_shards`] makes of a key of the input list that no shard holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingKeys {
+    /// An error: a shard is unfinished (or the wrong files were given).
+    Refuse,
+    /// Left out, as a single process leaves out what it skipped or did not reach (`--limit`): for shards that
+    /// are known to be complete.
+    Omit,
+}
+
 /// Joins the shard outputs `inputs` into `output`, one record per key of `order` and in that order (the job's
 /// input list). The lines are copied byte for byte; a torn last line of a shard counts as missing. Fails,
-/// writing nothing, when a key is recorded twice, when one of `order` is missing, or when a shard holds a key
-/// that `order` lacks. `output` is replaced atomically. Returns the number of records written.
-pub fn merge_shards(inputs: &[PathBuf], output: &Path, key: &str, order: &[String]) -> Result<usize> {
+/// writing nothing, when a key is recorded twice, when one of `order` is missing (unless `missing` is
+/// [`MissingKeys::Omit`]), or when a shard holds a key that `order` lacks. `output` is replaced atomically.
+/// Returns the number of records written.
+pub fn merge_shards(inputs: &[PathBuf], output: &Path, key: &str, order: &[String], missing: MissingKeys) -> Result<usize> {
     let mut ordered_keys = HashSet::with_capacity(order.len());
     if let Some(repeated) = order.iter().find(|k| !ordered_keys.insert(k.as_str())) {
         return Err(PipelineError::DuplicateInputKey { key: repeated.clone() }.into());
@@ -267,24 +293,27 @@ pub fn merge_shards(inputs: &[PathBuf], output: &Path, key: &str, order: &[Strin
             }
         }
     }
-    let missing: Vec<String> = order.iter().filter(|k| !lines_by_key.contains_key(k.as_str())).cloned().collect();
-    if !(duplicated.is_empty() && missing.is_empty() && unexpected.is_empty()) {
+    let absent: Vec<String> = match missing {
+        MissingKeys::Refuse => order.iter().filter(|k| !lines_by_key.contains_key(k.as_str())).cloned().collect(),
+        MissingKeys::Omit => Vec::new(),
+    };
+    if !(duplicated.is_empty() && absent.is_empty() && unexpected.is_empty()) {
         return Err(PipelineError::ShardsDoNotMatchInput {
             output: output.to_owned(),
             duplicated,
-            missing,
+            missing: absent,
             unexpected,
         }
         .into());
     }
 
     let mut merged = String::new();
-    for k in order {
-        merged.push_str(lines_by_key[k.as_str()]);
+    for line in order.iter().filter_map(|k| lines_by_key.get(k.as_str())) {
+        merged.push_str(line);
         merged.push('\n');
     }
     crate::fsutil::write_atomic(output, merged.as_bytes())?;
-    Ok(order.len())
+    Ok(lines_by_key.len())
 }
 
 #[cfg(test)]
@@ -444,7 +473,7 @@ mod tests {
             run_job(path, &inputs, shard, usize::MAX);
         }
         let merged = dir.path().join("merged.jsonl");
-        assert_eq!(merge_shards(&shard_paths, &merged, "image", &inputs).unwrap(), 10);
+        assert_eq!(merge_shards(&shard_paths, &merged, "image", &inputs, MissingKeys::Refuse).unwrap(), 10);
         assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(&unsharded).unwrap());
     }
 
@@ -461,7 +490,7 @@ mod tests {
         let shard_a = write("a.jsonl", &["COCO_000.jpg", "COCO_001.jpg", "stray.jpg"]);
         let shard_b = write("b.jsonl", &["COCO_001.jpg", "COCO_002.jpg"]);
         let merged = dir.path().join("merged.jsonl");
-        let error = merge_shards(&[shard_a, shard_b], &merged, "image", &inputs).unwrap_err().to_string();
+        let error = merge_shards(&[shard_a.clone(), shard_b.clone()], &merged, "image", &inputs, MissingKeys::Refuse).unwrap_err().to_string();
         assert!(error.contains("1 duplicated, 1 missing, 1 not in the input list"), "{error}");
         assert!(
             error.contains("duplicated: COCO_001.jpg; missing: COCO_003.jpg; not in the input list: stray.jpg"),
@@ -469,9 +498,25 @@ mod tests {
         );
         assert!(!merged.exists());
 
+        // Omitting missing keys (complete shards that skipped one) still refuses duplicates and strays.
+        let error = merge_shards(&[shard_a, shard_b.clone()], &merged, "image", &inputs, MissingKeys::Omit).unwrap_err().to_string();
+        assert!(error.contains("1 duplicated, 0 missing, 1 not in the input list"), "{error}");
+        let shard_c = write("c.jsonl", &["COCO_000.jpg"]);
+        assert_eq!(merge_shards(&[shard_b, shard_c], &merged, "image", &inputs, MissingKeys::Omit).unwrap(), 3);
+        let order: Vec<String> = lines(&merged).iter().map(|r| r["image"].as_str().unwrap().to_string()).collect();
+        assert_eq!(order, ["COCO_000.jpg", "COCO_001.jpg", "COCO_002.jpg"]);
+
         let repeated_input = ["x".to_string(), "x".to_string()];
-        let error = merge_shards(&[], &merged, "image", &repeated_input).unwrap_err().to_string();
+        let error = merge_shards(&[], &merged, "image", &repeated_input, MissingKeys::Omit).unwrap_err().to_string();
         assert!(error.contains("'x' more than once"), "{error}");
+    }
+
+    #[test]
+    fn shard_files_are_named_after_the_output() {
+        let shard = Shard::new(1, 4).unwrap();
+        assert_eq!(shard_path(Path::new("out/prefs.jsonl"), shard), Path::new("out/prefs.shard-1-of-4.jsonl"));
+        assert_eq!(shard_path(Path::new("prefs"), shard), Path::new("prefs.shard-1-of-4"));
+        assert_eq!(shard_path(Path::new("out/prefs.jsonl"), Shard::default()), Path::new("out/prefs.jsonl"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The model-independent parts of the STIC pipeline: image corruptions (stage 1), description infusion
-//! (stage 2) and the resumable, shardable JSONL output of the generation jobs.
+//! (stage 2), the resumable, shardable JSONL output of the generation jobs and their split across torchrun ranks.
 //!
 //! Functions that touch files return the crate's [`crate::Error`] (I/O errors name the path); everything the
 //! pipeline itself finds wrong with its inputs is a [`PipelineError`].
@@ -9,6 +9,7 @@ pub mod infuse;
 pub mod job;
 pub mod jsonl;
 pub mod prefs;
+pub mod sharding;
 
 use std::path::PathBuf;
 

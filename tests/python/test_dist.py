@@ -182,3 +182,67 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(hf_models, 
         for a, b in zip(rows[1:], dist_rows[1:]):
             assert abs(float(a[1]) - float(b[1])) <= 1e-5, (a, b)  # loss
     assert sorted(p.name for p in (tmp_path / "ranks" / "checkpoints").iterdir()) == ["latest", "step-000003", "step-000006"]
+
+
+# ---------------------------------------------------------------- generation jobs: one shard per rank
+
+def shard_env_error(command, *args):
+    """`command` as rank 0 of a world of 2 with --shard: refused before joining the group."""
+    return subprocess.run([str(STIC), command, *map(str, args), "--shard", "0/2"], capture_output=True, text=True,
+                          timeout=60, env=rank_env(0, 2, free_port()))
+
+
+def job_images(tmp_path):
+    """Five photos (the ranks get 3 and 2) and a truncated JPEG that every run skips."""
+    from conftest import IMAGES
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ["chelsea.png", "coffee.png", "logo.png", "camera.png", "rocket.jpg"]:
+        (folder / name).write_bytes((IMAGES / name).read_bytes())
+    data = (IMAGES / "rocket.jpg").read_bytes()
+    (folder / "broken.jpg").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def test_prefs_under_torchrun_equals_the_unsharded_run(hf_models, tmp_path):
+    from conftest import run_stic
+
+    _, model = hf_models["gqa"]
+    images = job_images(tmp_path)
+    common = ["prefs", "--model", model, "--image-dir", images, "--device", "cpu", "--max-new-tokens", 6, "--seed", 5]
+    run_stic(*common, "--output", tmp_path / "single.jsonl", "--batch-size", 4)
+    out = tmp_path / "ranks" / "prefs.jsonl"
+    proc = torchrun(2, *common, "--output", out, "--batch-size", 2)
+    assert out.read_bytes() == (tmp_path / "single.jsonl").read_bytes()
+    names = sorted(p.name for p in images.iterdir())  # broken.jpg is position 0: rank 0 skips it
+    parts = [json.loads(line)["image"] for i in range(2)
+             for line in (out.parent / f"prefs.shard-{i}-of-2.jsonl").read_text().splitlines()]
+    assert parts == [n for n in names[0::2] if n != "broken.jpg"] + names[1::2]
+    assert "skipped broken.jpg" in proc.stderr and "5 records joined from 2 ranks" in proc.stderr, proc.stderr
+    # A rerun resumes every rank's shard file: nothing is generated again, the output stays.
+    proc = torchrun(2, *common, "--output", out, "--batch-size", 2)
+    assert proc.stderr.count("0 written") == 2, proc.stderr
+    assert out.read_bytes() == (tmp_path / "single.jsonl").read_bytes()
+
+    proc = shard_env_error(*common, "--output", tmp_path / "x.jsonl")
+    assert proc.returncode == 2 and "--shard 0/2 under torchrun (WORLD_SIZE=2)" in proc.stderr, proc.stderr
+    assert "panicked" not in proc.stderr and not (tmp_path / "x.jsonl").exists()
+
+
+def test_eval_with_dar_under_torchrun_equals_the_unsharded_run(hf_models, tmp_path):
+    import eval_data
+    from conftest import run_stic
+
+    _, model = hf_models["gqa"]
+    bench = eval_data.textvqa(tmp_path / "data")
+    common = ["eval", "--model", model, "--benchmark", "textvqa", "--data", bench.path, "--device", "cpu",
+              "--max-new-tokens", 4, "--dar", "--description-max-new-tokens", 4]
+    single = run_stic(*common, "--output", tmp_path / "single")
+    proc = torchrun(2, *common, "--output", tmp_path / "ranks", "--batch-size", 1)
+    for name in ["descriptions.jsonl", "predictions.jsonl", "summary.json"]:
+        assert (tmp_path / "ranks" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+    assert json.loads((tmp_path / "ranks" / "summary.json").read_text())["answered"] == len(bench.ids)
+    assert json_lines(proc.stdout) == json_lines(single.stdout), "rank 0 alone prints the summary"
+
+    proc = shard_env_error(*common, "--output", tmp_path / "x")
+    assert proc.returncode == 2 and "drop --shard" in proc.stderr, proc.stderr
