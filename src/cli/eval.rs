@@ -20,23 +20,27 @@ pub struct JudgeArgs {
     /// API base (`…/v1`) or the full `…/chat/completions` URL.
     #[arg(long)]
     judge_url: Option<String>,
-    #[arg(long, default_value = "gpt-4-0613")]
-    judge_model: String,
+    /// Default: the model the benchmark's official script calls (LLaVA-Bench gpt-4-0314, MM-Vet and MathVista
+    /// gpt-4-0613).
+    #[arg(long)]
+    judge_model: Option<String>,
     /// Environment variable holding the API key.
     #[arg(long, default_value = "OPENAI_API_KEY")]
     judge_key_env: String,
 }
 
 impl JudgeArgs {
-    fn client(&self, cache_dir: &Path) -> Result<Option<JudgeClient>> {
+    fn client(&self, bench: Benchmark, cache_dir: &Path) -> Result<Option<JudgeClient>> {
         let Some(url) = &self.judge_url else { return Ok(None) };
+        let default = JudgeConfig::default();
+        let model = self.judge_model.as_deref().or(bench.official_judge_model()).unwrap_or(&default.model).to_string();
         let cfg = JudgeConfig {
             url: url.clone(),
-            model: self.judge_model.clone(),
+            model,
             api_key_env: self.judge_key_env.clone(),
             cache_path: Some(cache_dir.join("judge_cache.jsonl")),
             timeout: Duration::from_secs(120),
-            ..JudgeConfig::default()
+            ..default
         };
         JudgeClient::new(cfg).map(Some).map_err(|e| Error::Input(format!("judge: {e}")))
     }
@@ -143,7 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// Scores what can be scored and writes `summary.json`; LLaVA-Bench and MM-Vet without a judge get the files
 /// their official graders read instead.
 fn write_summary(bench: Benchmark, items: &[EvalItem], predictions_path: &Path, out_dir: &Path, judge: &JudgeArgs) -> Result<serde_json::Value> {
-    let predictions = read_predictions(predictions_path)?;
+    let predictions = read_predictions(predictions_path, bench, items)?;
     let answered: Vec<EvalItem> = items.iter().filter(|i| predictions.contains_key(&i.id)).cloned().collect();
     let known: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
     let unmatched: Vec<&String> = predictions.keys().filter(|id| !known.contains(id.as_str())).collect();
@@ -155,7 +159,7 @@ fn write_summary(bench: Benchmark, items: &[EvalItem], predictions_path: &Path, 
             unmatched.iter().take(3).collect::<Vec<_>>()
         );
     }
-    let client = judge.client(out_dir)?;
+    let client = judge.client(bench, out_dir)?;
     let summary = if matches!(bench, Benchmark::LlavaBench | Benchmark::MmVet) && client.is_none() {
         let file = write_official_grader_files(bench, &answered, &predictions, out_dir)?;
         serde_json::json!({

@@ -17,7 +17,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::judge::{JudgeClient, JudgeError, LlavaBenchReviewInput};
+use super::judge::{
+    llava_bench_rule, JudgeClient, JudgeError, LlavaBenchReviewInput, LLAVA_BENCH_JUDGE_MODEL,
+    MATHVISTA_JUDGE_MODEL, MM_VET_JUDGE_MODEL,
+};
 use super::metrics::{
     chartqa_relaxed_correct, infer_option_letter, llava_bench_summary, mathvista_is_correct,
     mm_vet_summary, mmbench_accuracy, parse_scienceqa_letter, scienceqa_is_correct, vqa_accuracy,
@@ -84,6 +87,16 @@ impl Benchmark {
             Benchmark::MmBench => "mmbench",
             Benchmark::MmVet => "mm-vet",
             Benchmark::MathVista => "mathvista",
+        }
+    }
+
+    /// The judge model the benchmark's official script calls, for those graded or read by one.
+    pub fn official_judge_model(self) -> Option<&'static str> {
+        match self {
+            Benchmark::LlavaBench => Some(LLAVA_BENCH_JUDGE_MODEL),
+            Benchmark::MmVet => Some(MM_VET_JUDGE_MODEL),
+            Benchmark::MathVista => Some(MATHVISTA_JUDGE_MODEL),
+            _ => None,
         }
     }
 }
@@ -441,6 +454,36 @@ fn load_textvqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
         .collect()
 }
 
+/// Item ids by the key `eval_textvqa.py` joins LLaVA's answer lines on: the
+/// image id (their `question_id`) and the lowercased question of the prompt.
+pub struct TextVqaAnswerIndex(HashMap<(String, String), String>);
+
+impl TextVqaAnswerIndex {
+    pub fn new(items: &[EvalItem]) -> Self {
+        TextVqaAnswerIndex(
+            items
+                .iter()
+                .filter_map(|item| {
+                    let meta: TextVqaMeta = item.meta_as().ok()?;
+                    let question = textvqa_question_from_prompt(&item.question)?;
+                    Some(((meta.image_id, question), item.id.clone()))
+                })
+                .collect(),
+        )
+    }
+
+    /// The item a LLaVA answer line belongs to, if any; `Err` when its prompt
+    /// has a layout `prompt_processor` cannot read (the official script fails there too).
+    pub fn item_id(&self, image_id: &str, prompt: &str) -> Result<Option<&str>, String> {
+        let question = textvqa_question_from_prompt(prompt)
+            .ok_or_else(|| format!("unrecognised TextVQA prompt layout: {prompt:?}"))?;
+        Ok(self
+            .0
+            .get(&(image_id.to_string(), question))
+            .map(String::as_str))
+    }
+}
+
 // ---------------------------------------------------------------- ChartQA
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -515,9 +558,6 @@ struct LlavaBenchAnswer {
     text: String,
 }
 
-/// The categories `rule.json` has review prompts for.
-const LLAVA_BENCH_CATEGORIES: [&str; 3] = ["conv", "detail", "complex"];
-
 fn load_llava_bench(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     const BENCHMARK: Benchmark = Benchmark::LlavaBench;
     const ORIGIN: &str =
@@ -545,10 +585,13 @@ fn load_llava_bench(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
         .into_iter()
         .map(|question| {
             let id = json_text(&question.question_id);
-            if !LLAVA_BENCH_CATEGORIES.contains(&question.category.as_str()) {
+            if llava_bench_rule(&question.category).is_none() {
                 return Err(invalid(
                     &questions_path,
-                    format!("question {id}: unknown category {:?}", question.category),
+                    format!(
+                        "question {id}: category {:?} has no review rule (llava_bench_<category> in LLaVA's rule.json)",
+                        question.category
+                    ),
                 ));
             }
             let context = captions.get(&question.image).ok_or_else(|| {
@@ -804,21 +847,28 @@ fn load_mm_vet(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     const ORIGIN: &str = "it is in the MM-Vet release (mm-vet.zip: mm-vet.json and images/)";
     let path = require(Benchmark::MmVet, data_dir.join("mm-vet.json"), ORIGIN)?;
     let images_dir = require(Benchmark::MmVet, data_dir.join("images"), ORIGIN)?;
-    let records: BTreeMap<String, MmVetRecord> = read_json(&path)?;
-    let mut items: Vec<EvalItem> = records
+    // The file's order, in which the official grader iterates and sums.
+    let records: serde_json::Map<String, Value> = read_json(&path)?;
+    records
         .into_iter()
-        .map(|(id, record)| EvalItem {
-            id,
-            image: ImageSource::Path(images_dir.join(&record.imagename)),
-            question: record.question,
-            meta: to_meta(MmVetMeta {
-                answer: record.answer,
-                capabilities: record.capability,
-            }),
+        .map(|(id, record)| {
+            let record: MmVetRecord =
+                serde_json::from_value(record).map_err(|source| EvalDataError::Json {
+                    path: path.clone(),
+                    line: None,
+                    source,
+                })?;
+            Ok(EvalItem {
+                id,
+                image: ImageSource::Path(images_dir.join(&record.imagename)),
+                question: record.question,
+                meta: to_meta(MmVetMeta {
+                    answer: record.answer,
+                    capabilities: record.capability,
+                }),
+            })
         })
-        .collect();
-    items.sort_by(|a, b| natural_order(&a.id, &b.id));
-    Ok(items)
+        .collect()
 }
 
 // ---------------------------------------------------------------- MathVista
@@ -942,8 +992,8 @@ pub enum ScoreError {
 
 /// Grades `predictions` (item id -> generated text) for `items` loaded for
 /// `benchmark`. Predictions are trimmed, as LLaVA's generation scripts strip
-/// their outputs. LLaVA-Bench and MM-Vet need `judge`; MathVista uses it,
-/// when given, for answers its extraction rules cannot read.
+/// their outputs. LLaVA-Bench and MM-Vet need `judge`; MathVista, given one,
+/// extracts answers with it as `extract_answer.py` does (rules stand in without).
 pub fn score(
     benchmark: Benchmark,
     items: &[EvalItem],
@@ -1100,7 +1150,13 @@ fn score_llava_bench(graded: &[Graded], judge: &JudgeClient) -> Result<Score, Sc
     let mut reviews = Vec::with_capacity(graded.len());
     for entry in graded {
         let meta: LlavaBenchMeta = entry.meta(Benchmark::LlavaBench)?;
+        let rule = llava_bench_rule(&meta.category).ok_or_else(|| ScoreError::InvalidMeta {
+            benchmark: Benchmark::LlavaBench,
+            id: entry.item.id.clone(),
+            source: serde::de::Error::custom(format!("no review rule for category {:?}", meta.category)),
+        })?;
         let input = LlavaBenchReviewInput {
+            rule,
             context: meta.context,
             question: entry.item.question.clone(),
             reference_answer: meta.reference_answer,
@@ -1121,22 +1177,24 @@ fn score_llava_bench(graded: &[Graded], judge: &JudgeClient) -> Result<Score, Sc
     Ok(score.with_extra("categories", to_meta(summary)))
 }
 
-/// Grades the judge cannot give after its re-asks count 0.0, as in MM-Vet's grader.
+/// Grades the judge cannot give after its re-asks count 0.0, as in MM-Vet's
+/// grader. The headline is the official table's rounded total.
 fn score_mm_vet(graded: &[Graded], judge: &JudgeClient) -> Result<Score, ScoreError> {
     let mut grades = Vec::with_capacity(graded.len());
     for entry in graded {
         let meta: MmVetMeta = entry.meta(Benchmark::MmVet)?;
         let grade = match judge.grade_mm_vet(&entry.item.question, &meta.answer, entry.prediction) {
             Ok(grade) => grade,
-            Err(JudgeError::UnparsableScore { .. } | JudgeError::MalformedReply { .. }) => 0.0,
+            Err(JudgeError::UnparsableScore { .. }) => 0.0,
             Err(error) => return Err(error.into()),
         };
         grades.push((meta.capabilities, grade));
     }
     let summary = mm_vet_summary(&grades);
     let total = grades.iter().map(|(_, grade)| grade).sum();
-    Ok(Score::new(Benchmark::MmVet.name(), total, graded.len())
-        .with_extra("by_capability_percent", to_meta(summary.by_capability)))
+    let mut score = Score::new(Benchmark::MmVet.name(), total, graded.len());
+    score.accuracy = summary.total / 100.0;
+    Ok(score.with_extra("by_capability_percent", to_meta(summary.by_capability)))
 }
 
 #[cfg(test)]
@@ -1616,7 +1674,7 @@ mod tests {
     }
 
     #[test]
-    fn mathvista_loads_jsonl_and_uses_the_judge_when_rules_fail() {
+    fn mathvista_loads_jsonl_and_extracts_with_the_judge() {
         let dir = tempfile::tempdir().unwrap();
         let Value::Object(problems) = mathvista_problems() else {
             unreachable!()
@@ -1630,15 +1688,27 @@ mod tests {
         let items = load(Benchmark::MathVista, dir.path()).unwrap();
         assert_eq!(items.len(), 2);
 
-        let server = StubServer::start(vec![(200, completion("1.45"))]);
+        // Past the direct checks every response goes to the judge, even one the rules could read.
+        let server = StubServer::start(vec![(200, completion("1.45")), (200, completion("B"))]);
         let judge = test_client(&server.url, None);
         let preds = predictions(&[("2", "one dollar and forty-five cents"), ("10", "(B) 8/11")]);
         let score = score(Benchmark::MathVista, &items, &preds, Some(&judge)).unwrap();
-        assert_eq!(
-            server.finish().len(),
-            1,
-            "only the unreadable float answer goes to the judge"
-        );
+        let bodies = server.finish();
+        assert_eq!(bodies.len(), 2);
+        let sent: Value = serde_json::from_str(&bodies[1]).unwrap();
+        assert!(sent["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .ends_with("\nQuestion: What fraction is blue?\nChoices:\n(A) 3/11\n(B) 8/11\n\n(B) 8/11\n\nExtracted answer: "));
+        assert_eq!((score.correct, score.total), (2.0, 2));
+        assert_eq!(score.extra["llm_extraction_failures"], 0);
+
+        // A choice's own text and a float that parses never reach it (the stub answers nothing).
+        let server = StubServer::start(Vec::new());
+        let judge = test_client(&server.url, None);
+        let preds = predictions(&[("2", "1.450"), ("10", "8/11")]);
+        let score = super::score(Benchmark::MathVista, &items, &preds, Some(&judge)).unwrap();
+        assert!(server.finish().is_empty());
         assert_eq!((score.correct, score.total), (2.0, 2));
         assert_eq!(score.extra["llm_extraction_failures"], 0);
     }
@@ -1721,7 +1791,9 @@ mod tests {
         );
         let error = load(Benchmark::LlavaBench, dir.path()).unwrap_err();
         assert!(
-            error.to_string().contains("unknown category \"ocr\""),
+            error
+                .to_string()
+                .contains("category \"ocr\" has no review rule"),
             "{error}"
         );
     }
@@ -1751,7 +1823,7 @@ mod tests {
     }
 
     #[test]
-    fn mm_vet_loads_in_natural_order_and_scores_with_the_judge() {
+    fn mm_vet_loads_in_file_order_and_scores_with_the_judge() {
         let dir = tempfile::tempdir().unwrap();
         let records = json!({
             "v1_10": { "imagename": "v1_10.png", "capability": ["ocr"], "question": "What is written?", "answer": "STOP" },
@@ -1766,17 +1838,18 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("images")).unwrap();
 
         let items = load(Benchmark::MmVet, dir.path()).unwrap();
+        // The official grader iterates (and sums) in the file's order.
         assert_eq!(
             items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-            ["v1_2", "v1_10"]
+            ["v1_10", "v1_2"]
         );
-        assert_eq!(items[0].question, "What is x?");
+        assert_eq!(items[1].question, "What is x?");
         assert_eq!(
-            items[1].image,
+            items[0].image,
             ImageSource::Path(dir.path().join("images/v1_10.png"))
         );
         assert_eq!(
-            items[0].meta_as::<MmVetMeta>().unwrap().capabilities,
+            items[1].meta_as::<MmVetMeta>().unwrap().capabilities,
             ["math", "ocr"]
         );
 
@@ -1789,10 +1862,13 @@ mod tests {
             Some(&judge),
         )
         .unwrap();
-        assert_eq!(server.finish().len(), 2);
+        let bodies = server.finish();
+        assert!(bodies[0].contains("What is written? | STOP | STOP | "));
+        assert!(bodies[1].contains("What is x? | -1 <AND> -5 | x = -1 | "));
+        // v1_10 (ocr) 0.5, v1_2 (math, ocr) 1.0.
         assert_eq!((score.correct, score.accuracy), (1.5, 0.75));
         assert_eq!(score.extra["by_capability_percent"]["ocr"], 75.0);
-        assert_eq!(score.extra["by_capability_percent"]["math"], 50.0);
+        assert_eq!(score.extra["by_capability_percent"]["math"], 100.0);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -330,40 +330,52 @@ impl JudgeClient {
             ChatMessage::system(LLAVA_BENCH_SYSTEM_PROMPT),
             ChatMessage::user(llava_bench_review_prompt(input)),
         ];
-        let review = self.complete(&messages, 0.2, 1024)?;
+        let review = self.complete(&messages, LLAVA_BENCH_TEMPERATURE, LLAVA_BENCH_MAX_TOKENS)?;
         parse_review_scores(&review).ok_or_else(|| self.unparsable(review))
     }
 
-    /// MM-Vet grade in [0, 1]. As the official grader, an unreadable reply is
-    /// asked again with a "Predict the correctness" suffix at rising
-    /// temperature; after five calls the error is returned (the official
-    /// script then records 0.0).
+    /// MM-Vet grade in [0, 1], as `mm-vet_evaluator.py` grades one run. An
+    /// unreadable reply (or one without content) is asked again with the
+    /// "Predict the correctness" suffix: temperatures 0.0, 0.0, 0.5, 1.0, 1.5.
+    /// After five unreadable replies the error is returned; the official
+    /// loop then makes a sixth call (at 2.0) whose reply it never reads and
+    /// records 0.0, so that call is skipped here.
     pub fn grade_mm_vet(
         &self,
         question: &str,
         ground_truth: &str,
         prediction: &str,
     ) -> Result<f64, JudgeError> {
-        const MAX_CALLS: u32 = 5;
+        const READ_REPLIES: u32 = 5;
+        const TEMPERATURE_STEP: f64 = 0.5;
         let prompt = mm_vet_grader_prompt(question, ground_truth, prediction);
         let mut content = prompt.clone();
         let mut temperature = 0.0;
         let mut reply = String::new();
-        for call in 1..=MAX_CALLS {
-            reply = self.complete(&[ChatMessage::user(content.as_str())], temperature, 3)?;
+        for call in 1..=READ_REPLIES {
+            match self.complete(
+                &[ChatMessage::user(content.as_str())],
+                temperature,
+                MM_VET_MAX_TOKENS,
+            ) {
+                Ok(text) => reply = text,
+                Err(JudgeError::MalformedReply { body, .. }) => reply = body,
+                Err(error) => return Err(error),
+            }
             if let Some(score) = parse_mm_vet_score(&reply) {
                 return Ok(score);
             }
-            content = format!("{prompt}\nPredict the correctness of the answer (digit): ");
+            content = format!("{prompt}{MM_VET_RETRY_SUFFIX}");
             // The official loop raises the temperature only after the first re-ask.
             if call > 1 {
-                temperature += 0.5;
+                temperature += TEMPERATURE_STEP;
             }
         }
         Err(self.unparsable(reply))
     }
 
-    /// MathVista's GPT answer extraction (few-shot prompt, temperature 0).
+    /// MathVista's GPT answer extraction (`extract_answer.py`: few-shot
+    /// prompt, temperature 0, at most 1024 tokens, reply stripped).
     pub fn extract_mathvista_answer(
         &self,
         query: &str,
@@ -371,7 +383,7 @@ impl JudgeClient {
     ) -> Result<String, JudgeError> {
         let prompt = mathvista_extraction_prompt(query, response);
         Ok(self
-            .complete(&[ChatMessage::user(prompt)], 0.0, 256)?
+            .complete(&[ChatMessage::user(prompt)], 0.0, MATHVISTA_MAX_TOKENS)?
             .trim()
             .to_string())
     }
@@ -388,17 +400,43 @@ fn is_loopback_url(url: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+// The prompt texts below are the official ones, shipped as data under
+// third_party/ (sources, commits and licences in the README files there).
+
 // ---------------------------------------------------------------- LLaVA-Bench
 
-pub const LLAVA_BENCH_SYSTEM_PROMPT: &str =
-    "You are a helpful and precise assistant for checking the quality of the answer.";
+/// The judge `eval_gpt_review_bench.py` calls.
+pub const LLAVA_BENCH_JUDGE_MODEL: &str = "gpt-4-0314";
+const LLAVA_BENCH_TEMPERATURE: f64 = 0.2;
+/// The script's `--max-tokens` default.
+const LLAVA_BENCH_MAX_TOKENS: u32 = 1024;
 
-/// The `rule.json` prompt; its `llava_bench_conv`, `llava_bench_detail` and
-/// `llava_bench_complex` entries share this text and the role "Assistant".
-pub const LLAVA_BENCH_RULE_PROMPT: &str = "We would like to request your feedback on the performance of two AI assistants in response to the user question displayed above. The user asks the question on observing an image. For your reference, the visual content in the image is represented with a few sentences describing the image. \nPlease rate the helpfulness, relevance, accuracy, level of details of their responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher score indicates better overall performance.\nPlease first output a single line containing only two values indicating the scores for Assistant 1 and 2, respectively. The two scores are separated by a space.\nIn the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any potential bias and ensuring that the order in which the responses were presented does not affect your judgment.";
+/// `eval_gpt_review_bench.py`'s system message.
+pub const LLAVA_BENCH_SYSTEM_PROMPT: &str =
+    include_str!("../../third_party/llava/review_system_prompt.txt");
+
+/// An entry of LLaVA's `llava/eval/table/rule.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ReviewRule {
+    pub role: String,
+    pub prompt: String,
+}
+
+static LLAVA_REVIEW_RULES: LazyLock<HashMap<String, ReviewRule>> = LazyLock::new(|| {
+    serde_json::from_str(include_str!("../../third_party/llava/rule.json"))
+        .expect("the shipped rule.json parses")
+});
+
+/// The rule `eval_gpt_review_bench.py` reviews a question of `category`
+/// ("conv", "detail", "complex") with: `rule.json["llava_bench_" + category]`.
+pub fn llava_bench_rule(category: &str) -> Option<&'static ReviewRule> {
+    LLAVA_REVIEW_RULES.get(&format!("llava_bench_{category}"))
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlavaBenchReviewInput {
+    /// The rule of the question's category.
+    pub rule: &'static ReviewRule,
     /// The image's caption(s) from `context.jsonl`, joined by newlines.
     pub context: String,
     pub question: String,
@@ -409,9 +447,15 @@ pub struct LlavaBenchReviewInput {
 }
 
 pub fn llava_bench_review_prompt(input: &LlavaBenchReviewInput) -> String {
+    let LlavaBenchReviewInput {
+        rule: ReviewRule { role, prompt },
+        context,
+        question,
+        reference_answer,
+        model_answer,
+    } = input;
     format!(
-        "[Context]\n{}\n\n[Question]\n{}\n\n[Assistant 1]\n{}\n\n[End of Assistant 1]\n\n[Assistant 2]\n{}\n\n[End of Assistant 2]\n\n[System]\n{}\n\n",
-        input.context, input.question, input.reference_answer, input.model_answer, LLAVA_BENCH_RULE_PROMPT
+        "[Context]\n{context}\n\n[Question]\n{question}\n\n[{role} 1]\n{reference_answer}\n\n[End of {role} 1]\n\n[{role} 2]\n{model_answer}\n\n[End of {role} 2]\n\n[System]\n{prompt}\n\n"
     )
 }
 
@@ -431,18 +475,14 @@ pub fn parse_review_scores(review: &str) -> Option<[f64; 2]> {
 
 // ---------------------------------------------------------------- MM-Vet
 
-pub const MM_VET_GRADER_PROMPT: &str = r#"Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
+/// `mm-vet_evaluator.py`'s `--gpt_model` default.
+pub const MM_VET_JUDGE_MODEL: &str = "gpt-4-0613";
+const MM_VET_MAX_TOKENS: u32 = 3;
 
-Question | Ground truth | Prediction | Correctness
---- | --- | --- | ---
-What is x in the equation? | -1 <AND> -5 | x = 3 | 0.0
-What is x in the equation? | -1 <AND> -5 | x = -1 | 0.5
-What is x in the equation? | -1 <AND> -5 | x = -5 | 0.5
-What is x in the equation? | -1 <AND> -5 | x = -5 or 5 | 0.5
-What is x in the equation? | -1 <AND> -5 | x = -1 or x = -5 | 1.0
-Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme talks about Iceland and Greenland. It's pointing out that despite their names, Iceland is not very icy and Greenland isn't very green. | 0.4
-Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme is using humor to point out the misleading nature of Iceland's and Greenland's names. Iceland, despite its name, has lush green landscapes while Greenland is mostly covered in ice and snow. The text 'This is why I have trust issues' is a playful way to suggest that these contradictions can lead to distrust or confusion. The humor in this meme is derived from the unexpected contrast between the names of the countries and their actual physical characteristics. | 1.0
-"#;
+/// The few-shot grading table of `mm-vet_evaluator.py` (its `prompt`).
+pub const MM_VET_GRADER_PROMPT: &str = include_str!("../../third_party/mm-vet/grader_prompt.txt");
+/// Appended to the sample's row when a reply is not a score in [0, 1].
+pub const MM_VET_RETRY_SUFFIX: &str = include_str!("../../third_party/mm-vet/retry_suffix.txt");
 
 /// The few-shot table plus this sample's row with an empty last cell.
 pub fn mm_vet_grader_prompt(question: &str, ground_truth: &str, prediction: &str) -> String {
@@ -455,7 +495,9 @@ pub fn mm_vet_grader_prompt(question: &str, ground_truth: &str, prediction: &str
     )
 }
 
-/// The first space-separated word of the reply as a number in [0, 1].
+/// The first space-separated word of the reply as a number in [0, 1]. The
+/// official range check lets `nan` through (NaN compares false); here it
+/// counts as unreadable, so it cannot turn the averages into NaN.
 pub fn parse_mm_vet_score(reply: &str) -> Option<f64> {
     let score = parse_python_float(reply.split(' ').next().unwrap_or_default())?;
     (0.0..=1.0).contains(&score).then_some(score)
@@ -463,46 +505,21 @@ pub fn parse_mm_vet_score(reply: &str) -> Option<f64> {
 
 // ---------------------------------------------------------------- MathVista
 
-const MATHVISTA_EXTRACTION_DEMO: &str = r#"Please read the following example. Then extract the answer from the model response and type it at the end of the prompt.
+/// `extract_answer.py` takes its model from the environment; the README's
+/// extractor is GPT-4, and the first release's `--llm_engine` default was this.
+pub const MATHVISTA_JUDGE_MODEL: &str = "gpt-4-0613";
+/// `GPT_Model`'s `max_tokens` default.
+const MATHVISTA_MAX_TOKENS: u32 = 1024;
 
-Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end.
-Question: Which number is missing?
+/// `demo_prompt` of `evaluation/prompts/ext_ans.py`.
+const MATHVISTA_DEMO_PROMPT: &str = include_str!("../../third_party/mathvista/demo_prompt.txt");
 
-Model response: The number missing in the sequence is 14.
-
-Extracted answer: 14
-
-Hint: Please answer the question requiring a floating-point number with one decimal place and provide the final value, e.g., 1.2, 1.3, 1.4, at the end.
-Question: What is the fraction of females facing the camera?
-
-Model response: The fraction of females facing the camera is 0.6, which means that six out of ten females in the group are facing the camera.
-
-Extracted answer: 0.6
-
-Hint: Please answer the question requiring a floating-point number with two decimal places and provide the final value, e.g., 1.23, 1.34, 1.45, at the end.
-Question: How much money does Luca need to buy a sour apple candy and a butterscotch candy? (Unit: $)
-
-Model response: Luca needs $1.45 to buy a sour apple candy and a butterscotch candy.
-
-Extracted answer: 1.45
-
-Hint: Please answer the question requiring a Python list as an answer and provide the final list, e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.
-Question: Between which two years does the line  graph saw its maximum peak?
-
-Model response: The line graph saw its maximum peak between 2007 and 2008.
-
-Extracted answer: [2007, 2008]
-
-Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.
-Question: What fraction of the shape is blue?\nChoices:\n(A) 3/11\n(B) 8/11\n(C) 6/11\n(D) 3/5
-
-Model response: The correct answer is (B) 8/11.
-
-Extracted answer: B"#;
-
-/// `create_test_prompt`: the few-shot demo, then the query and the response.
+/// `create_test_prompt`: the stripped few-shot demo, then the query and the response.
 pub fn mathvista_extraction_prompt(query: &str, response: &str) -> String {
-    format!("{MATHVISTA_EXTRACTION_DEMO}\n\n{query}\n\n{response}\n\nExtracted answer: ")
+    format!(
+        "{}\n\n{query}\n\n{response}\n\nExtracted answer: ",
+        MATHVISTA_DEMO_PROMPT.trim()
+    )
 }
 
 /// A loopback stub of a chat-completions server, shared by the tests of the eval modules.
@@ -751,6 +768,7 @@ mod tests {
             );
         }
         let input = LlavaBenchReviewInput {
+            rule: llava_bench_rule("conv").unwrap(),
             context: "A cat.".to_string(),
             question: "What is it?".to_string(),
             reference_answer: "A cat.".to_string(),
@@ -819,6 +837,61 @@ mod tests {
         assert_ne!(key, cache_key("m", &[ChatMessage::system("q")], 0.0));
     }
 
+    fn sha256_hex(text: &str) -> String {
+        Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
+    /// The shipped texts are the official ones (third_party/*/README.md lists
+    /// the same digests): a changed byte fails here.
+    #[test]
+    fn shipped_prompts_are_the_official_texts() {
+        assert_eq!(
+            LLAVA_BENCH_SYSTEM_PROMPT,
+            "You are a helpful and precise assistant for checking the quality of the answer."
+        );
+        assert_eq!(
+            sha256_hex(include_str!("../../third_party/llava/rule.json")),
+            "dd7345a44ce9f7a24e51a30ee030cdab32346f9d08e3359c80545ff1312b1e07"
+        );
+        assert_eq!(
+            sha256_hex(MM_VET_GRADER_PROMPT),
+            "d1b3e0a5b4e72c888b77164489d705bba4dd149934fff564dfba6443d81afe3f"
+        );
+        assert_eq!(
+            MM_VET_RETRY_SUFFIX,
+            "\nPredict the correctness of the answer (digit): "
+        );
+        assert_eq!(
+            sha256_hex(MATHVISTA_DEMO_PROMPT),
+            "a231722ced09cbd1f3fd16630ab58bf487f12e2f46ea0b26d1f2f6b5c50fb17c"
+        );
+        // The few-shot demo's `\n` escapes are newlines in Python's string, and so in the prompt.
+        assert!(MATHVISTA_DEMO_PROMPT.contains(
+            "Question: What fraction of the shape is blue?\nChoices:\n(A) 3/11\n(B) 8/11\n(C) 6/11\n(D) 3/5\n"
+        ));
+        assert!(!MATHVISTA_DEMO_PROMPT.contains('\\'));
+        assert!(MM_VET_GRADER_PROMPT.ends_with(
+            "between the names of the countries and their actual physical characteristics. | 1.0\n"
+        ));
+    }
+
+    #[test]
+    fn llava_bench_rules_come_from_rule_json() {
+        let conv = llava_bench_rule("conv").unwrap();
+        assert_eq!(conv.role, "Assistant");
+        assert!(conv.prompt.starts_with("We would like to request your feedback on the performance of two AI assistants in response to the user question displayed above. The user asks the question on observing an image. For your reference, the visual content in the image is represented with a few sentences describing the image. \nPlease rate the helpfulness"));
+        assert!(conv.prompt.ends_with("ensuring that the order in which the responses were presented does not affect your judgment."));
+        assert_eq!(llava_bench_rule("detail"), Some(conv));
+        assert_eq!(llava_bench_rule("complex"), Some(conv));
+        // Only the llava_bench_ entries: the unprefixed "conv" rule (COCO boxes) is another text.
+        assert_ne!(LLAVA_REVIEW_RULES["conv"].prompt, conv.prompt);
+        assert_eq!(llava_bench_rule("default"), None);
+        assert_eq!(llava_bench_rule("ocr"), None);
+    }
+
     #[test]
     fn llava_bench_review_sends_the_official_prompt_and_parses_scores() {
         let server = StubServer::start(vec![(
@@ -826,8 +899,10 @@ mod tests {
             completion("7 6\nAssistant 1 is more detailed."),
         )]);
         let judge = test_client(&server.url, None);
+        let rule = llava_bench_rule("complex").unwrap();
         let input = LlavaBenchReviewInput {
-            context: "A red bus.".to_string(),
+            rule,
+            context: "A red bus.\nIt is parked.".to_string(),
             question: "What color is the bus?".to_string(),
             reference_answer: "Red.".to_string(),
             model_answer: "It is red.".to_string(),
@@ -835,10 +910,21 @@ mod tests {
         assert_eq!(judge.review_llava_bench(&input).unwrap(), [7.0, 6.0]);
         let sent: Value = serde_json::from_str(&server.finish()[0]).unwrap();
         assert_eq!(sent["temperature"], 0.2);
-        assert_eq!(sent["messages"][0]["content"], LLAVA_BENCH_SYSTEM_PROMPT);
-        let user = sent["messages"][1]["content"].as_str().unwrap();
-        assert!(user.starts_with("[Context]\nA red bus.\n\n[Question]\nWhat color is the bus?\n\n[Assistant 1]\nRed.\n\n[End of Assistant 1]\n\n[Assistant 2]\nIt is red.\n\n"));
-        assert!(user.ends_with(&format!("[System]\n{LLAVA_BENCH_RULE_PROMPT}\n\n")));
+        assert_eq!(sent["max_tokens"], 1024);
+        assert_eq!(sent["messages"].as_array().unwrap().len(), 2);
+        assert_eq!(sent["messages"][0]["role"], "system");
+        assert_eq!(
+            sent["messages"][0]["content"],
+            "You are a helpful and precise assistant for checking the quality of the answer."
+        );
+        assert_eq!(sent["messages"][1]["role"], "user");
+        assert_eq!(
+            sent["messages"][1]["content"],
+            format!(
+                "[Context]\nA red bus.\nIt is parked.\n\n[Question]\nWhat color is the bus?\n\n[Assistant 1]\nRed.\n\n[End of Assistant 1]\n\n[Assistant 2]\nIt is red.\n\n[End of Assistant 2]\n\n[System]\n{}\n\n",
+                rule.prompt
+            )
+        );
     }
 
     #[test]
@@ -869,8 +955,13 @@ mod tests {
         let first: Value = serde_json::from_str(&bodies[0]).unwrap();
         let second: Value = serde_json::from_str(&bodies[1]).unwrap();
         let first_prompt = first["messages"][0]["content"].as_str().unwrap();
-        assert!(first_prompt.starts_with(MM_VET_GRADER_PROMPT));
-        assert!(first_prompt.ends_with("\nWhat is x? | -1 <AND> -5 | x = -1 | "));
+        // `prompt + "\n" + " | ".join([question, answer with spaced <AND>/<OR>, prediction, ""])`.
+        assert_eq!(
+            first_prompt,
+            format!("{MM_VET_GRADER_PROMPT}\nWhat is x? | -1 <AND> -5 | x = -1 | ")
+        );
+        assert_eq!(first["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(first["messages"][0]["role"], "user");
         assert_eq!(first["max_tokens"], 3);
         assert_eq!(
             second["messages"][0]["content"],
@@ -883,6 +974,18 @@ mod tests {
             ),
             (Some(0.0), Some(0.0))
         );
+    }
+
+    #[test]
+    fn mm_vet_reply_without_content_is_asked_again() {
+        let no_content =
+            json!({ "choices": [{ "message": { "role": "assistant", "content": null } }] }).to_string();
+        let server = StubServer::start(vec![(200, no_content), (200, completion("1.0"))]);
+        let judge = test_client(&server.url, None);
+        assert_eq!(judge.grade_mm_vet("q", "a<OR>b", "b").unwrap(), 1.0);
+        let bodies = server.finish();
+        assert!(bodies[1].contains("Predict the correctness of the answer (digit): "));
+        assert_eq!(judge.stats().malformed_replies, 1);
     }
 
     #[test]
@@ -911,6 +1014,11 @@ mod tests {
     fn mm_vet_score_parsing() {
         assert_eq!(parse_mm_vet_score("0.5"), Some(0.5));
         assert_eq!(parse_mm_vet_score("1.0 totally"), Some(1.0));
+        // `content.split(" ")[0].strip()`: the first field is stripped of other whitespace.
+        assert_eq!(parse_mm_vet_score("0.8\n"), Some(0.8));
+        assert_eq!(parse_mm_vet_score("0"), Some(0.0));
+        assert_eq!(parse_mm_vet_score("0.5."), None);
+        assert_eq!(parse_mm_vet_score("nan"), None);
         assert_eq!(parse_mm_vet_score("1.5"), None);
         assert_eq!(parse_mm_vet_score(" 0.5"), None); // first space-separated field is empty
         assert_eq!(parse_mm_vet_score("wrong"), None);
@@ -919,11 +1027,13 @@ mod tests {
     #[test]
     fn mathvista_extraction_prompt_and_call() {
         let prompt = mathvista_extraction_prompt("Question: How many?", "There are 3.");
-        assert!(prompt.starts_with("Please read the following example."));
+        // `demo_prompt.strip()`, then "\n\n{query}\n\n{response}\n\nExtracted answer: ".
+        assert!(prompt.starts_with("Please read the following example. Then extract the answer from the model response and type it at the end of the prompt.\n\nHint: Please answer the question requiring an integer answer"));
         assert!(prompt.ends_with(
-            "Extracted answer: B\n\nQuestion: How many?\n\nThere are 3.\n\nExtracted answer: "
+            "(D) 3/5\n\nModel response: The correct answer is (B) 8/11.\n\nExtracted answer: B\n\nQuestion: How many?\n\nThere are 3.\n\nExtracted answer: "
         ));
-        let server = StubServer::start(vec![(200, completion(" 3 "))]);
+        assert_eq!(prompt.matches("Extracted answer: ").count(), 6);
+        let server = StubServer::start(vec![(200, completion(" 3 \n"))]);
         let judge = test_client(&server.url, None);
         assert_eq!(
             judge
@@ -933,5 +1043,8 @@ mod tests {
         );
         let sent: Value = serde_json::from_str(&server.finish()[0]).unwrap();
         assert_eq!(sent["messages"][0]["content"], prompt);
+        assert_eq!(sent["messages"][0]["role"], "user");
+        assert_eq!(sent["temperature"], 0.0);
+        assert_eq!(sent["max_tokens"], 1024);
     }
 }

@@ -8,7 +8,7 @@
 //! `repr(float)`) because the official scores compare the strings those
 //! built-ins produce.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::LazyLock;
 
 use regex::Regex;
@@ -25,7 +25,8 @@ pub struct Score {
     pub total: usize,
     /// The headline number as a fraction: `correct / total`, except where a
     /// benchmark's protocol defines it otherwise (LLaVA-Bench: the model's
-    /// judge score relative to GPT-4's; MMBench circular runs: groups).
+    /// judge score relative to GPT-4's; MM-Vet: the official table's total,
+    /// rounded to one decimal in percent; MMBench circular runs: groups).
     pub accuracy: f64,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub extra: Map<String, Value>,
@@ -95,6 +96,13 @@ fn without_digit_underscores(text: &str) -> Option<String> {
 pub fn python_round(x: f64, ndigits: usize) -> f64 {
     // Rust's fixed-precision formatting rounds the exact value half-to-even, as CPython does.
     format!("{x:.ndigits$}").parse().unwrap_or(x)
+}
+
+/// NumPy's `round(np.float64(x), decimals)`: `rint(x * 10**decimals) / 10**decimals`.
+/// Unlike Python's `round` it rounds the scaled product, e.g. 0.35 -> 0.4 where Python gives 0.3.
+pub fn numpy_round(x: f64, decimals: u32) -> f64 {
+    let scale = 10f64.powi(decimals as i32);
+    (x * scale).round_ties_even() / scale
 }
 
 /// Python's `repr(x)` / `str(x)` for a float: shortest round-trip digits,
@@ -493,12 +501,13 @@ static BRACKETED_LIST: LazyLock<Regex> =
 static PARENTHESISED_LETTER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\(([a-zA-Z])\)").expect("valid regex"));
 
-/// MathVista answer extraction. First the official `extract_answer` fast
-/// paths (response is a choice, parses as the integer/float answer type,
-/// `The answer is "..."`), then rules by type that stand in for the official
-/// GPT extraction (multi-choice: the MMBench option inference; integer/float:
-/// the last number; list: the last `[...]`; text: the whole response), then
-/// the optional LLM extractor; `""` when all fail, as the official script.
+/// MathVista answer extraction, `extract_answer.py` with its defaults: an
+/// empty response gives `""`; a response that is one of the choices, or
+/// parses as the integer/float answer type, is taken as it is; everything
+/// else goes to the LLM (`""` when it fails). Without an LLM, rules stand in
+/// for it (not the official protocol): the script's `--quick_extract` rule
+/// (`The answer is "..."`), then by type the MMBench option inference, the
+/// last number, the last `[...]`, or the whole text.
 pub fn extract_mathvista_answer(
     response: &str,
     problem: &MathVistaProblem,
@@ -507,33 +516,30 @@ pub fn extract_mathvista_answer(
     if response.is_empty() {
         return String::new();
     }
-    if let Some(extraction) = official_quick_extraction(response, problem) {
+    if let Some(extraction) = official_direct_extraction(response, problem) {
         return extraction;
     }
-    if let Some(extraction) = rule_based_extraction(response, problem) {
-        return extraction;
+    match llm_extractor {
+        Some(extract) => extract(&problem.query, response),
+        None => MATHVISTA_QUOTED_ANSWER
+            .captures(response)
+            .map(|c| c[1].to_string())
+            .or_else(|| rule_based_extraction(response, problem)),
     }
-    llm_extractor
-        .and_then(|extract| extract(&problem.query, response))
-        .unwrap_or_default()
+    .unwrap_or_default()
 }
 
-fn official_quick_extraction(response: &str, problem: &MathVistaProblem) -> Option<String> {
+fn official_direct_extraction(response: &str, problem: &MathVistaProblem) -> Option<String> {
     if problem.question_type == MathVistaQuestionType::MultiChoice
         && problem.choices().iter().any(|c| c == response)
     {
         return Some(response.to_string());
     }
-    let parsed_number = match problem.answer_type {
+    match problem.answer_type {
         MathVistaAnswerType::Integer => parse_python_int(response),
         MathVistaAnswerType::Float => parse_python_float(response).map(python_float_repr),
         MathVistaAnswerType::Text | MathVistaAnswerType::List => None,
-    };
-    parsed_number.or_else(|| {
-        MATHVISTA_QUOTED_ANSWER
-            .captures(response)
-            .map(|c| c[1].to_string())
-    })
+    }
 }
 
 fn rule_based_extraction(response: &str, problem: &MathVistaProblem) -> Option<String> {
@@ -676,37 +682,44 @@ pub fn llava_bench_summary(reviews: &[(String, [f64; 2])]) -> BTreeMap<String, L
         .collect()
 }
 
-/// MM-Vet totals from `(capabilities, grade in [0, 1])` per sample: the mean
-/// grade overall and per capability, in percent.
+/// MM-Vet's score table for one run of `mm-vet_evaluator.py`: the mean grade
+/// overall and per capability, in percent, rounded to `decimal_places` = 1 as
+/// the script rounds NumPy floats.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MmVetSummary {
     pub total: f64,
     pub by_capability: BTreeMap<String, f64>,
 }
 
+/// From `(capabilities, grade in [0, 1])` per sample, in the file's order (the
+/// sums are accumulated in that order, as there). A capability listed twice
+/// for one sample counts once: the script reads them as a set.
 pub fn mm_vet_summary(grades: &[(Vec<String>, f64)]) -> MmVetSummary {
-    let percent = |scores: &[f64]| {
-        if scores.is_empty() {
+    const DECIMAL_PLACES: u32 = 1;
+    let percent = |(sum, count): (f64, usize)| {
+        if count == 0 {
             0.0
         } else {
-            scores.iter().sum::<f64>() / scores.len() as f64 * 100.0
+            numpy_round(sum / count as f64 * 100.0, DECIMAL_PLACES)
         }
     };
-    let mut by_capability: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut total = (0.0, 0);
+    let mut by_capability: BTreeMap<String, (f64, usize)> = BTreeMap::new();
     for (capabilities, grade) in grades {
-        for capability in capabilities {
-            by_capability
-                .entry(capability.clone())
-                .or_default()
-                .push(*grade);
+        let unique: BTreeSet<&String> = capabilities.iter().collect();
+        for capability in unique {
+            let (sum, count) = by_capability.entry(capability.clone()).or_default();
+            *sum += grade;
+            *count += 1;
         }
+        total.0 += grade;
+        total.1 += 1;
     }
-    let all: Vec<f64> = grades.iter().map(|(_, grade)| *grade).collect();
     MmVetSummary {
-        total: percent(&all),
+        total: percent(total),
         by_capability: by_capability
             .into_iter()
-            .map(|(cap, scores)| (cap, percent(&scores)))
+            .map(|(capability, sums)| (capability, percent(sums)))
             .collect(),
     }
 }
@@ -1079,7 +1092,7 @@ mod tests {
     }
 
     #[test]
-    fn mathvista_list_text_and_llm_fallback() {
+    fn mathvista_rules_stand_in_without_an_llm() {
         let list = mathvista(
             MathVistaQuestionType::FreeForm,
             MathVistaAnswerType::List,
@@ -1103,7 +1116,15 @@ mod tests {
         assert_eq!(extract_mathvista_answer("  Paris ", &text, None), "Paris");
         assert_eq!(extract_mathvista_answer("", &text, None), "");
 
-        // The LLM runs only when the rules fail, and gets the query and the response.
+        // The official --quick_extract rule is one of the stand-ins without an LLM.
+        assert_eq!(
+            extract_mathvista_answer("Capital. The answer is \"Paris\".", &text, None),
+            "Paris"
+        );
+    }
+
+    #[test]
+    fn mathvista_with_an_llm_every_response_past_the_direct_checks_goes_to_it() {
         let integer = mathvista(
             MathVistaQuestionType::FreeForm,
             MathVistaAnswerType::Integer,
@@ -1111,22 +1132,54 @@ mod tests {
             None,
             "3",
         );
-        let calls = std::cell::Cell::new(0);
+        let choice = mathvista(
+            MathVistaQuestionType::MultiChoice,
+            MathVistaAnswerType::Text,
+            Some(&["3/11", "8/11"]),
+            None,
+            "8/11",
+        );
+        let asked = std::cell::RefCell::new(Vec::new());
         let llm = |query: &str, response: &str| {
-            calls.set(calls.get() + 1);
+            asked.borrow_mut().push(response.to_string());
             assert!(query.starts_with("Hint:"));
-            (response == "three apples").then(|| "3".to_string())
+            match response {
+                "three apples" => Some("3".to_string()),
+                "The answer is \"5\"." => Some("4".to_string()),
+                "It is (B) 8/11." => Some("B".to_string()),
+                _ => None,
+            }
         };
+        let llm = Some(&llm as LlmAnswerExtractor);
+        assert_eq!(extract_mathvista_answer("three apples", &integer, llm), "3");
+        // No rule runs before it: not the last number, not the quoted answer (that is --quick_extract, off by default).
+        assert_eq!(extract_mathvista_answer("The answer is \"5\".", &integer, llm), "4");
+        assert_eq!(extract_mathvista_answer("It is (B) 8/11.", &choice, llm), "B");
+        // A failed extraction is "", which then fails normalisation of an integer.
+        assert_eq!(extract_mathvista_answer("no idea", &integer, llm), "");
+        assert!(!mathvista_is_correct("no idea", &integer, llm));
+        // The direct checks never ask: empty, a choice's text, int(response).
+        assert_eq!(extract_mathvista_answer("", &integer, llm), "");
+        assert_eq!(extract_mathvista_answer("8/11", &choice, llm), "8/11");
+        assert_eq!(extract_mathvista_answer(" +3 ", &integer, llm), "3");
         assert_eq!(
-            extract_mathvista_answer("three apples", &integer, Some(&llm)),
-            "3"
+            *asked.borrow(),
+            ["three apples", "The answer is \"5\".", "It is (B) 8/11.", "no idea", "no idea"]
         );
-        assert_eq!(
-            extract_mathvista_answer("no idea", &integer, Some(&llm)),
-            ""
+    }
+
+    #[test]
+    fn mathvista_empty_multi_choice_extraction_picks_the_shortest_choice() {
+        // get_most_similar("", choices): the distance is each choice's length; the first minimum wins.
+        let problem = mathvista(
+            MathVistaQuestionType::MultiChoice,
+            MathVistaAnswerType::Text,
+            Some(&["yes!", "no", "ok"]),
+            None,
+            "no",
         );
-        assert_eq!(extract_mathvista_answer("3", &integer, Some(&llm)), "3");
-        assert_eq!(calls.get(), 2);
+        assert_eq!(normalize_mathvista_answer("", &problem).as_deref(), Some("no"));
+        assert_eq!(normalize_mathvista_answer("  ", &problem).as_deref(), Some("no"));
     }
 
     #[test]
@@ -1166,17 +1219,46 @@ mod tests {
     }
 
     #[test]
+    fn numpy_round_rounds_the_scaled_product() {
+        // 0.35 is stored as 0.34999..., but 0.35 * 10 rounds to 3.5, a tie that rint sends to 4.
+        assert_eq!(numpy_round(0.35, 1), 0.4);
+        assert_eq!(python_round(0.35, 1), 0.3);
+        assert_eq!(numpy_round(0.15, 1), 0.2);
+        // 51.650000000000006 * 10 rounds to 516.5 exactly: to even, 516.
+        assert_eq!(numpy_round(51.650000000000006, 1), 51.6);
+        assert_eq!(python_round(51.650000000000006, 1), 51.7);
+        assert_eq!(numpy_round(66.66666666666667, 1), 66.7);
+        assert_eq!(numpy_round(12.25, 1), 12.2);
+    }
+
+    #[test]
     fn mm_vet_summary_averages_overall_and_per_capability() {
         let grades = vec![
             (strings(&["ocr", "math"]), 1.0),
-            (strings(&["ocr"]), 0.5),
+            (strings(&["ocr", "ocr"]), 0.5), // a repeated capability counts once
             (strings(&["rec"]), 0.0),
         ];
         let summary = mm_vet_summary(&grades);
-        assert!(close(summary.total, 50.0));
-        assert!(close(summary.by_capability["ocr"], 75.0));
-        assert!(close(summary.by_capability["math"], 100.0));
-        assert!(close(summary.by_capability["rec"], 0.0));
+        assert_eq!(summary.total, 50.0);
+        // ocr: (1.0 + 0.5) / 2 samples.
+        assert_eq!(summary.by_capability["ocr"], 75.0);
+        assert_eq!(summary.by_capability["math"], 100.0);
+        assert_eq!(summary.by_capability["rec"], 0.0);
         assert_eq!(mm_vet_summary(&[]).total, 0.0);
+
+        // Two thirds: 66.666... -> 66.7 (one decimal).
+        let thirds = vec![
+            (strings(&["rec"]), 1.0),
+            (strings(&["rec"]), 1.0),
+            (strings(&["rec"]), 0.0),
+        ];
+        assert_eq!(mm_vet_summary(&thirds).total, 66.7);
+
+        // 7 grades of 0.1 among 200 samples: 0.7 / 200 * 100 = 0.35 (stored below 0.35), which the
+        // official NumPy rounding reports as 0.4 (Python's round would say 0.3).
+        let mut sparse = vec![(strings(&["ocr"]), 0.1); 7];
+        sparse.resize(200, (strings(&["ocr"]), 0.0));
+        let summary = mm_vet_summary(&sparse);
+        assert_eq!((summary.total, summary.by_capability["ocr"]), (0.4, 0.4));
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::benchmarks::{Benchmark, EvalItem, ImageSource};
+use super::benchmarks::{Benchmark, EvalItem, ImageSource, TextVqaAnswerIndex};
 use crate::stic::infuse::with_description;
 use crate::stic::job::{GenerationTask, Request};
 
@@ -77,25 +77,36 @@ impl GenerationTask for AnswerItems<'_> {
     }
 }
 
-/// Predictions of a JSONL file: stic's `{id, prediction}` lines, or LLaVA's `{question_id, text}` answer files.
-pub fn read_predictions(path: &Path) -> crate::Result<HashMap<String, String>> {
+/// Predictions of a JSONL file by item id: stic's `{id, prediction}` lines, or
+/// LLaVA's `{question_id, text}` answer files. LLaVA's TextVQA answers carry the
+/// image id as `question_id`; like `eval_textvqa.py`, they are matched on it and
+/// the question in their `prompt`.
+pub fn read_predictions(
+    path: &Path,
+    benchmark: Benchmark,
+    items: &[EvalItem],
+) -> crate::Result<HashMap<String, String>> {
     let rows: Vec<serde_json::Value> = crate::stic::jsonl::read_jsonl(path)?;
+    let textvqa = (benchmark == Benchmark::TextVqa).then(|| TextVqaAnswerIndex::new(items));
     let mut out = HashMap::new();
     for (i, row) in rows.iter().enumerate() {
+        let at = || format!("{} line {}", path.display(), i + 1);
         let id = row.get("id").or_else(|| row.get("question_id")).and_then(crate::stic::jsonl::key_text);
         let text = row.get("prediction").or_else(|| row.get("text")).and_then(|v| v.as_str());
-        match (id, text) {
-            (Some(id), Some(text)) => {
-                out.insert(id, text.to_string());
-            }
-            _ => {
-                return Err(crate::Error::Input(format!(
-                    "{} line {}: expected {{\"id\", \"prediction\"}} or {{\"question_id\", \"text\"}}",
-                    path.display(),
-                    i + 1
-                )))
-            }
-        }
+        let (Some(id), Some(text)) = (id, text) else {
+            return Err(crate::Error::Input(format!(
+                "{}: expected {{\"id\", \"prediction\"}} or {{\"question_id\", \"text\"}}",
+                at()
+            )));
+        };
+        let id = match (&textvqa, row.get("id"), row.get("prompt").and_then(|v| v.as_str())) {
+            (Some(index), None, Some(prompt)) => index
+                .item_id(&id, prompt)
+                .map_err(|message| crate::Error::Input(format!("{}: {message}", at())))?
+                .map_or(id, str::to_string),
+            _ => id,
+        };
+        out.insert(id, text.to_string());
     }
     Ok(out)
 }

@@ -1,6 +1,7 @@
 """`stic eval` and `stic eval-score` end to end: every benchmark format on the tiny model (its answers are noise,
 which is fine: the tests check the protocol, the files and the scores of hand-written predictions), DaR, --limit,
 shards, resume after a kill, the official-grader files, the LLM judge against a loopback stub, and bad input."""
+import hashlib
 import json
 import shutil
 import threading
@@ -183,8 +184,12 @@ def llava_bench_reply(request):
     raise AssertionError(f"unexpected review request: {user_content(request)[:200]}")
 
 
-MM_VET_GRADES = {"What is the animal in the picture?": "0.5", "How many cups are there?": "1.0",
+MM_VET_GRADES = {"What is the animal in the picture?": "0.3", "How many cups are there?": "1.0",
                  "What vehicle is this?": "0.0"}
+# grades 0.3 (rec, know), 1.0 (ocr, math), 0.0 (rec): total 1.3 / 3 = 43.33 % -> 43.3 (one decimal, as the official
+# table); rec (0.3 + 0.0) / 2 = 15.0 %
+MM_VET_ACCURACY = 43.3 / 100
+MM_VET_BY_CAPABILITY = {"know": 30.0, "math": 100.0, "ocr": 100.0, "rec": 15.0}
 
 
 def mm_vet_reply(request):
@@ -194,7 +199,29 @@ def mm_vet_reply(request):
     raise AssertionError(f"unexpected grading request: {user_content(request)[-300:]}")
 
 
-JUDGE = ["--judge-model", "stub-judge", "--judge-key-env", "STIC_TEST_STUB_JUDGE_KEY"]
+JUDGE_KEY = ["--judge-key-env", "STIC_TEST_STUB_JUDGE_KEY"]
+JUDGE = ["--judge-model", "stub-judge", *JUDGE_KEY]
+
+# The official texts, copied by hand from the sources (third_party/*/README.md names them): the system message of
+# LLaVA's eval_gpt_review_bench.py and the "prompt" of rule.json's llava_bench_conv/detail/complex entries.
+LLAVA_BENCH_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+LLAVA_BENCH_RULE = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the user question "
+    "displayed above. The user asks the question on observing an image. For your reference, the visual content in the "
+    "image is represented with a few sentences describing the image. \nPlease rate the helpfulness, relevance, "
+    "accuracy, level of details of their responses. Each assistant receives an overall score on a scale of 1 to 10, "
+    "where a higher score indicates better overall performance.\nPlease first output a single line containing only two "
+    "values indicating the scores for Assistant 1 and 2, respectively. The two scores are separated by a space.\nIn the "
+    "subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any potential bias and "
+    "ensuring that the order in which the responses were presented does not affect your judgment.")
+# sha256 of MM-Vet's few-shot grader table (`prompt` of mm-vet_evaluator.py) and of MathVista's stripped few-shot
+# extraction demo (`demo_prompt.strip()` of evaluation/prompts/ext_ans.py), computed from the official sources.
+MM_VET_PROMPT_SHA256 = "d1b3e0a5b4e72c888b77164489d705bba4dd149934fff564dfba6443d81afe3f"
+MATHVISTA_DEMO_SHA256 = "2c251ab9e219c5d7db855ad5a9ef44d5bdb10639244b8d28e3ee66a5bda3f71c"
+
+
+def sha256(text):
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- stic eval, every benchmark
@@ -360,12 +387,14 @@ def test_llava_bench_judge_retries_scores_and_caches(stub_judge, tmp_path, monke
     sent = [json.loads(r["body"]) for r in stub.requests]
     assert all(s["model"] == "stub-judge" and s["temperature"] == 0.2 for s in sent)
     assert sent[0] == sent[1] == sent[2], "a retry repeats the request"
-    assert sent[0]["messages"][0] == {"role": "system", "content": "You are a helpful and precise assistant for "
-                                                                  "checking the quality of the answer."}
-    review = sent[0]["messages"][1]["content"]
-    assert review.startswith("[Context]\nA rocket launch.\nSmoke billows below it.\n\n[Question]\nWhat is flying in "
-                             "the sky?\n\n[Assistant 1]\nA rocket is flying in the sky.\n\n[End of Assistant 1]\n\n"
-                             "[Assistant 2]\nA rocket.\n\n[End of Assistant 2]\n\n[System]\n")
+    assert all(s["max_tokens"] == 1024 for s in sent)
+    # eval_gpt_review_bench.py's layout: captions joined by newlines, GPT-4's answer first, the rule last
+    assert sent[0]["messages"] == [
+        {"role": "system", "content": LLAVA_BENCH_SYSTEM},
+        {"role": "user", "content": "[Context]\nA rocket launch.\nSmoke billows below it.\n\n[Question]\nWhat is flying in "
+                                    "the sky?\n\n[Assistant 1]\nA rocket is flying in the sky.\n\n[End of Assistant 1]\n\n"
+                                    "[Assistant 2]\nA rocket.\n\n[End of Assistant 2]\n\n[System]\n"
+                                    + LLAVA_BENCH_RULE + "\n\n"}]
 
     # reviews (GPT-4, model): conv (8, 7), detail (9, 6), complex (7, 8): means 8.0 and 7.0 -> 87.5 %
     assert summary["accuracy"] == 0.875
@@ -400,7 +429,9 @@ def test_llava_bench_unparsable_review_counts_as_failed(stub_judge, tmp_path):
         return llava_bench_reply(request)
 
     stub = stub_judge(reply)
-    summary = score_json("llava-bench", preds, bench.path, "--judge-url", stub.url, *JUDGE)
+    summary = score_json("llava-bench", preds, bench.path, "--judge-url", stub.url, *JUDGE_KEY)
+    assert {json.loads(r["body"])["model"] for r in stub.requests} == {"gpt-4-0314"}, \
+        "without --judge-model, the judge eval_gpt_review_bench.py calls"
     # the unparsable review enters as (-1, -1), as in eval_gpt_review_bench.py: means 14/3 and 14/3 -> 100 %
     assert summary["judge"]["unparsable_scores"] == 1
     assert summary["extra"]["categories"]["all"]["relative"] == 100.0
@@ -432,11 +463,14 @@ def test_mm_vet_judge_grades(stub_judge, tmp_path):
     summary = score_json("mm-vet", preds, bench.path, "--judge-url", stub.url + "/chat/completions", *JUDGE)
     assert stub.count() == 4 and summary["judge"]["retries"] == 1
     sent = [json.loads(r["body"]) for r in stub.requests]
-    assert all(s["max_tokens"] == 3 and s["temperature"] == 0.0 for s in sent)
-    assert user_content(sent[1]).endswith("\nWhat is the animal in the picture? | cat <OR> kitten | a kitten | ")
-    # grades 0.5, 1.0, 0.0
-    assert summary["accuracy"] == 0.5
-    assert summary["extra"]["by_capability_percent"] == {"know": 50.0, "math": 100.0, "ocr": 100.0, "rec": 25.0}
+    assert all(s["max_tokens"] == 3 and s["temperature"] == 0.0 and len(s["messages"]) == 1 for s in sent)
+    # the few-shot table, a newline, then the sample's row with <AND>/<OR> spaced out and an empty last cell
+    table, row = user_content(sent[1]).rsplit("\n", 1)
+    assert sha256(table) == MM_VET_PROMPT_SHA256
+    assert row == "What is the animal in the picture? | cat <OR> kitten | a kitten | "
+    assert summary["accuracy"] == MM_VET_ACCURACY
+    assert summary["correct"] == pytest.approx(1.3, abs=1e-12)
+    assert summary["extra"]["by_capability_percent"] == MM_VET_BY_CAPABILITY
 
 
 def test_eval_mm_vet_with_judge(tiny_model, stub_judge, tmp_path):
@@ -444,12 +478,43 @@ def test_eval_mm_vet_with_judge(tiny_model, stub_judge, tmp_path):
     bench = eval_data.mm_vet(tmp_path / "data")
     stub = stub_judge(mm_vet_reply)
     out = tmp_path / "out"
-    stic_eval(tiny_model, bench, out, "--judge-url", stub.url, *JUDGE)
+    stic_eval(tiny_model, bench, out, "--judge-url", stub.url, *JUDGE_KEY)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["accuracy"] == 0.5 and summary["answered"] == summary["items"] == 3
+    assert summary["accuracy"] == MM_VET_ACCURACY and summary["answered"] == summary["items"] == 3
+    assert {json.loads(r["body"])["model"] for r in stub.requests} == {"gpt-4-0613"}, "mm-vet_evaluator.py's default"
     assert summary["judge"]["http_requests"] == stub.count() == 3
     assert not (out / "mm-vet_results.json").exists()
     assert (out / "judge_cache.jsonl").is_file()
+
+
+def test_mathvista_judge_extracts_as_extract_answer(stub_judge, tmp_path):
+    """With a judge, every response past extract_answer.py's direct checks is extracted by it (no rule first)."""
+    bench = eval_data.mathvista(tmp_path / "data")
+    # pid -> (response, the judge's extraction)
+    judged = {"2": ("Luca needs $1.45.", "1.45"),                       # right
+              "10": ("From 1 to 14 there are 13 objects.", " 14\n")}  # right; the last-number rule would read 13
+    preds = write_predictions(tmp_path / "p.jsonl", {"1": "8/11",  # a choice's text: taken directly, not sent
+                                                     **{pid: response for pid, (response, _) in judged.items()}})
+
+    def reply(request):
+        # create_test_prompt: demo_prompt.strip(), the query, the response, "Extracted answer: "
+        demo, query, response, tail = user_content(request).rsplit("\n\n", 3)
+        assert sha256(demo) == MATHVISTA_DEMO_SHA256
+        assert tail == "Extracted answer: "
+        [pid] = [pid for pid, (text, _) in judged.items() if text == response]
+        assert query == eval_data.MATHVISTA[pid]["query"]
+        return judged[pid][1]
+
+    stub = stub_judge(reply)
+    summary = score_json("mathvista", preds, bench.path, "--judge-url", stub.url, *JUDGE_KEY)
+    assert stub.count() == 2
+    for request in stub.requests:
+        body = json.loads(request["body"])
+        assert (body["model"], body["temperature"], body["max_tokens"]) == ("gpt-4-0613", 0, 1024)
+        assert [m["role"] for m in body["messages"]] == ["user"]
+    assert summary["accuracy"] == 1.0 and summary["extra"]["llm_extraction_failures"] == 0
+    # without a judge the rules stand in: the last number, 13, is wrong
+    assert score_json("mathvista", preds, bench.path)["accuracy"] == 2 / 3
 
 
 # ---------------------------------------------------------------- eval-score on hand-written predictions
@@ -485,18 +550,46 @@ def test_score_textvqa(tmp_path):
     assert summary["correct"] == pytest.approx(2.9, abs=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="stic bug: LLaVA's TextVQA answer files key answers by image id "
-                                       "(question_id = image id, joined on the prompt), which eval-score cannot match")
+def llava_textvqa_answers(path, rows):
+    """LLaVA's answer-file lines: question_id is the image id, prompt the question file's text."""
+    path.write_text("".join(json.dumps({"question_id": image_id, "prompt": prompt, "text": text, "answer_id": "x",
+                                        "model_id": "llava", "metadata": {}}) + "\n" for image_id, prompt, text in rows))
+    return path
+
+
 def test_score_textvqa_llava_answer_file(tmp_path):
+    """eval_textvqa.py joins LLaVA's answers on (image id, the prompt's question, lowercased): two questions share an
+    image here, so the image id alone cannot tell them apart."""
     bench = eval_data.textvqa(tmp_path / "data")
-    answers = tmp_path / "llava_answers.jsonl"
     texts = ["Dakota.", "two", "Coca-Cola"]
-    answers.write_text("".join(json.dumps({"question_id": image_id, "prompt": prompt, "text": text,
-                                           "answer_id": "x", "model_id": "llava", "metadata": {}}) + "\n"
-                               for (image_id, _, prompt, *_), text in zip(eval_data.TEXTVQA, texts)))
-    summary = score_json("textvqa", answers, bench.path)
-    assert summary["answered"] == 3
+    rows = [(image_id, prompt, text) for (image_id, _, prompt, *_), text in zip(eval_data.TEXTVQA, texts)]
+    summary = score_json("textvqa", llava_textvqa_answers(tmp_path / "a.jsonl", rows[::-1]), bench.path)
+    assert summary["answered"] == summary["items"] == 3 and summary["unmatched_predictions"] == 0
     assert summary["accuracy"] == pytest.approx((1 + 1 + 0.9) / 3, abs=1e-12)
+    # prompt_processor lowercases the question, and reads the layout without OCR tokens ("question\nAnswer ...")
+    camera, lenses, drink = rows
+    recased = [(camera[0], camera[1].replace("what is the brand", "What Is The Brand"), "dakota"),
+               (lenses[0], lenses[1], "3"),
+               (drink[0], "What drink is advertised?\n" + eval_data.ANSWER_SHORT, "coke")]
+    summary = score_json("textvqa", llava_textvqa_answers(tmp_path / "b.jsonl", recased), bench.path)
+    # dakota: 1; "3" matches no annotator: 0; coke: 7 of 10 -> 1
+    assert summary["answered"] == 3 and summary["accuracy"] == pytest.approx(2 / 3, abs=1e-12)
+
+
+def test_score_textvqa_llava_answer_file_bad_lines(tmp_path):
+    bench = eval_data.textvqa(tmp_path / "data")
+    image_id, _, prompt, *_ = eval_data.TEXTVQA[0]
+    # a question no annotation has on this image: not scored, and said so
+    other = llava_textvqa_answers(tmp_path / "other.jsonl", [(image_id, prompt, "dakota"),
+                                                             (image_id, "Who made it?\n" + eval_data.ANSWER_SHORT, "x")])
+    proc = eval_score("textvqa", other, bench.path)
+    [summary] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert summary["answered"] == 1 and summary["unmatched_predictions"] == 1
+    assert "1 prediction(s) match no textvqa item" in proc.stderr
+    # a prompt layout prompt_processor cannot read (the official script stops on it too)
+    bad = llava_textvqa_answers(tmp_path / "bad.jsonl", [(image_id, prompt, "dakota"), (image_id, "one line", "x")])
+    assert_clean_failure(eval_score("textvqa", bad, bench.path, check=False), "bad.jsonl line 2",
+                         "unrecognised TextVQA prompt layout")
 
 
 def test_score_chartqa(tmp_path):
