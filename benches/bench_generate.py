@@ -90,6 +90,7 @@ def main():
         hf_prefill, _ = hf_generate(model, inputs, 1, device)
         hf_total, _ = hf_generate(model, inputs, n, device)
         hf_decode = (n - 1) / (hf_total - hf_prefill)
+        hf_reserved = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -109,7 +110,8 @@ def main():
         "batch_speedup": stic_batch_decode / stic_decode,
     }
     if device == "cuda":
-        result["stic_gpu_memory_gib"] = one.get("gpu_memory_gib")
+        result["stic_gpu_memory_gib"] = one.get("gpu_memory_gib")  # nvidia-smi: allocator cache + CUDA context
+        result["hf_max_memory_reserved_gib"] = hf_reserved
     out = ROOT / "results" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / ("generate-full.json" if args.full_size else "generate.json")).write_text(json.dumps(result, indent=2))
