@@ -53,7 +53,8 @@ pub struct Args {
     /// scienceqa, textvqa, chartqa, llava-bench, mmbench, mm-vet or mathvista.
     #[arg(long)]
     benchmark: String,
-    /// The benchmark's folder, in LLaVA-1.5's playground/data/eval layout (the README lists the files).
+    /// The benchmark's folder, in LLaVA-1.5's playground/data/eval layout or, for scienceqa, chartqa, mmbench and
+    /// mathvista, holding their parquet release from the Hugging Face hub (the README lists the files).
     #[arg(long)]
     data: PathBuf,
     #[arg(long)]

@@ -1,7 +1,9 @@
 //! Loaders turning each benchmark's published files, laid out as LLaVA-1.5's
-//! `playground/data/eval/<benchmark>/` folders, into one item type with the
-//! prompt the LLaVA-1.5 evaluation scripts build; and `score`, which grades a
-//! run's predictions against those items with the rules in `metrics`.
+//! `playground/data/eval/<benchmark>/` folders or, for ScienceQA, ChartQA,
+//! MMBench and MathVista, as their parquet releases on the Hugging Face hub,
+//! into one item type with the prompt the LLaVA-1.5 evaluation scripts build;
+//! and `score`, which grades a run's predictions against those items with the
+//! rules in `metrics`.
 
 use std::cell::Cell;
 use std::cmp::Ordering;
@@ -17,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::hub_parquet::{ImageColumn, ParquetRelease};
 use super::judge::{
     llava_bench_rule, JudgeClient, JudgeError, LlavaBenchReviewInput, LLAVA_BENCH_JUDGE_MODEL,
     MATHVISTA_JUDGE_MODEL, MM_VET_JUDGE_MODEL,
@@ -35,7 +38,7 @@ const ANSWER_WITH_SINGLE_WORD: &str = "Answer the question using a single word o
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
     Path(PathBuf),
-    /// Encoded image file bytes (PNG/JPEG), as MMBench ships them inside its TSV.
+    /// Encoded image file bytes (PNG/JPEG), as MMBench's TSV and the parquet releases embed them.
     Bytes(Vec<u8>),
     None,
 }
@@ -143,6 +146,11 @@ pub enum EvalDataError {
     },
     #[error("{}: invalid TSV: {source}", path.display())]
     Tsv { path: PathBuf, source: csv::Error },
+    #[error("{}: not a readable parquet file ({error}); download it again", path.display())]
+    Parquet {
+        path: PathBuf,
+        error: parquet::errors::ParquetError,
+    },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
 }
@@ -219,6 +227,20 @@ fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, EvalDataError>
         .collect()
 }
 
+/// The parquet release's shards, when the folder has them and none of
+/// `layout_files` (the LLaVA layout, which is read when present).
+fn parquet_instead(
+    data_dir: &Path,
+    layout_files: &[&str],
+    release: &ParquetRelease,
+) -> Result<Option<Vec<PathBuf>>, EvalDataError> {
+    if layout_files.iter().any(|file| data_dir.join(file).exists()) {
+        return Ok(None);
+    }
+    let files = release.files(data_dir)?;
+    Ok((!files.is_empty()).then_some(files))
+}
+
 fn invalid(path: &Path, message: impl Into<String>) -> EvalDataError {
     EvalDataError::Invalid {
         path: path.to_path_buf(),
@@ -277,12 +299,52 @@ struct ScienceQaProblem {
     answer: usize,
 }
 
+/// A row of the parquet release: a problem as `problems.json` has it, without its id.
+#[derive(Deserialize)]
+struct ScienceQaRow {
+    question: String,
+    hint: Option<String>,
+    #[serde(flatten)]
+    problem: ScienceQaProblem,
+}
+
+const SCIENCEQA_PARQUET: ParquetRelease = ParquetRelease {
+    repo: "derek-thomas/ScienceQA",
+    folders: &["data", ""],
+    split: "test",
+    image: ImageColumn::Optional("image"),
+};
+
+fn scienceqa_item(
+    id: String,
+    image: ImageSource,
+    human_turn: &str,
+    meta: ScienceQaMeta,
+) -> EvalItem {
+    EvalItem {
+        id,
+        image,
+        question: format!(
+            "{}\n{ANSWER_WITH_OPTION_LETTER}",
+            human_turn.replace("<image>", "").trim()
+        ),
+        meta: to_meta(meta),
+    }
+}
+
 fn load_scienceqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     const BENCHMARK: Benchmark = Benchmark::ScienceQa;
+    const LAYOUT_FILE: &str = "llava_test_CQM-A.json";
+    if let Some(files) = parquet_instead(data_dir, &[LAYOUT_FILE], &SCIENCEQA_PARQUET)? {
+        return load_scienceqa_parquet(&files);
+    }
     let questions_path = require(
         BENCHMARK,
-        data_dir.join("llava_test_CQM-A.json"),
-        "it comes with LLaVA's evaluation bundle (eval.zip, playground/data/eval/scienceqa)",
+        data_dir.join(LAYOUT_FILE),
+        &format!(
+            "it comes with LLaVA's evaluation bundle (eval.zip, playground/data/eval/scienceqa); {}",
+            SCIENCEQA_PARQUET.describe()
+        ),
     )?;
     let images_dir = require(
         BENCHMARK,
@@ -321,17 +383,48 @@ fn load_scienceqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
                 )
             })?,
         };
-        items.push(EvalItem {
+        items.push(scienceqa_item(
             id,
-            image: ImageSource::Path(images_dir.join(image)),
-            question: format!(
-                "{}\n{ANSWER_WITH_OPTION_LETTER}",
-                human_turn.value.replace("<image>", "").trim()
-            ),
-            meta: to_meta(meta),
-        });
+            ImageSource::Path(images_dir.join(image)),
+            &human_turn.value,
+            meta,
+        ));
     }
     Ok(items)
+}
+
+/// Text-only problems are skipped as in the LLaVA layout; the release has no
+/// problem ids, so items are named by their row in the split.
+fn load_scienceqa_parquet(files: &[PathBuf]) -> Result<Vec<EvalItem>, EvalDataError> {
+    let items = SCIENCEQA_PARQUET.read_records(files, |row, problem: ScienceQaRow, image| {
+        Ok((!matches!(image, ImageSource::None)).then(|| {
+            let meta = ScienceQaMeta {
+                answer_index: problem.problem.answer,
+                num_choices: problem.problem.choices.len(),
+            };
+            scienceqa_item(
+                row.to_string(),
+                image,
+                &scienceqa_human_turn(&problem),
+                meta,
+            )
+        }))
+    })?;
+    Ok(items.into_iter().flatten().collect())
+}
+
+/// The human turn of LLaVA-1.5's `llava_test_CQM-A.json` for a problem, as
+/// lmms-eval's ScienceQA-IMG task rebuilds it from the same fields: the hint as
+/// context when there is one, the question, then one "X. choice" line per choice.
+fn scienceqa_human_turn(row: &ScienceQaRow) -> String {
+    let mut turn = match row.hint.as_deref().filter(|hint| !hint.is_empty()) {
+        Some(hint) => format!("Context: {hint}\n{}", row.question),
+        None => row.question.clone(),
+    };
+    for (letter, choice) in OPTION_LETTERS.chars().zip(&row.problem.choices) {
+        turn.push_str(&format!("\n{letter}. {choice}"));
+    }
+    turn
 }
 
 /// Without `problems.json` the answer is the letter of the file's gpt turn.
@@ -500,30 +593,89 @@ struct ChartQaRecord {
     label: Value,
 }
 
+/// A row of the parquet release.
+#[derive(Deserialize)]
+struct ChartQaRow {
+    query: String,
+    label: Vec<String>,
+    /// A `datasets` ClassLabel: 0 human, 1 machine (the release's "augmented").
+    human_or_machine: u8,
+}
+
+const CHARTQA_SPLITS: [&str; 2] = ["human", "augmented"];
+const CHARTQA_SPLIT_FILES: [&str; 2] = ["test_human.json", "test_augmented.json"];
+
+const CHARTQA_PARQUET: ParquetRelease = ParquetRelease {
+    repo: "HuggingFaceM4/ChartQA",
+    folders: &["data", ""],
+    split: "test",
+    image: ImageColumn::Required("image"),
+};
+
+/// Items are named by their split and their position in it.
+fn chartqa_item(
+    split: &str,
+    position: usize,
+    query: &str,
+    label: String,
+    image: ImageSource,
+) -> EvalItem {
+    EvalItem {
+        id: format!("{split}_{position}"),
+        image,
+        question: format!("{query}\n{ANSWER_WITH_SINGLE_WORD}"),
+        meta: to_meta(ChartQaMeta {
+            label,
+            split: split.to_string(),
+        }),
+    }
+}
+
 fn load_chartqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     const BENCHMARK: Benchmark = Benchmark::ChartQa;
-    const ORIGIN: &str = "it is in the test/ folder of the ChartQA release (a parquet copy from a dataset hub must be \
-        converted first: pandas.read_parquet(f).to_json('test_human.json', orient='records'), images written to png/)";
-    let images_dir = require(BENCHMARK, data_dir.join("png"), ORIGIN)?;
+    if let Some(files) = parquet_instead(data_dir, &CHARTQA_SPLIT_FILES, &CHARTQA_PARQUET)? {
+        return load_chartqa_parquet(&files);
+    }
+    let origin = format!(
+        "it is in the test/ folder of the ChartQA release; {}",
+        CHARTQA_PARQUET.describe()
+    );
+    let split_paths = CHARTQA_SPLIT_FILES
+        .iter()
+        .map(|file| require(BENCHMARK, data_dir.join(file), &origin))
+        .collect::<Result<Vec<_>, _>>()?;
+    let images_dir = require(BENCHMARK, data_dir.join("png"), &origin)?;
     let mut items = Vec::new();
-    for split in ["human", "augmented"] {
-        let path = require(
-            BENCHMARK,
-            data_dir.join(format!("test_{split}.json")),
-            ORIGIN,
-        )?;
+    for (split, path) in CHARTQA_SPLITS.into_iter().zip(split_paths) {
         let records: Vec<ChartQaRecord> = read_json(&path)?;
-        items.extend(records.into_iter().enumerate().map(|(i, record)| EvalItem {
-            id: format!("{split}_{i}"),
-            image: ImageSource::Path(images_dir.join(&record.imgname)),
-            question: format!("{}\n{ANSWER_WITH_SINGLE_WORD}", record.query),
-            meta: to_meta(ChartQaMeta {
-                label: json_text(&record.label),
-                split: split.to_string(),
-            }),
+        items.extend(records.into_iter().enumerate().map(|(i, record)| {
+            let image = ImageSource::Path(images_dir.join(&record.imgname));
+            chartqa_item(split, i, &record.query, json_text(&record.label), image)
         }));
     }
     Ok(items)
+}
+
+fn load_chartqa_parquet(files: &[PathBuf]) -> Result<Vec<EvalItem>, EvalDataError> {
+    let mut split_sizes = [0; CHARTQA_SPLITS.len()];
+    CHARTQA_PARQUET.read_records(files, |_, row: ChartQaRow, image| {
+        let split = usize::from(row.human_or_machine);
+        if split >= CHARTQA_SPLITS.len() {
+            return Err(format!(
+                "human_or_machine is {split}; expected 0 (human) or 1 (machine)"
+            ));
+        }
+        let [label] = <[String; 1]>::try_from(row.label)
+            .map_err(|labels| format!("{} labels; expected one", labels.len()))?;
+        split_sizes[split] += 1;
+        Ok(chartqa_item(
+            CHARTQA_SPLITS[split],
+            split_sizes[split] - 1,
+            &row.query,
+            label,
+            image,
+        ))
+    })
 }
 
 // ---------------------------------------------------------------- LLaVA-Bench (in-the-wild)
@@ -648,8 +800,43 @@ struct MmBenchRow {
     options: Vec<String>,
     answer: Option<String>,
     category: Option<String>,
-    image: Vec<u8>,
+    image: ImageSource,
 }
+
+impl MmBenchRow {
+    /// A row from its cells by column name (`None` where the column or the value is absent).
+    fn new(cell: impl Fn(&str) -> Option<String>, image: ImageSource) -> Result<Self, String> {
+        let index = cell("index").unwrap_or_default();
+        let present = |name: &str| cell(name).filter(|value| !is_missing_cell(value));
+        Ok(MmBenchRow {
+            index: index
+                .trim()
+                .parse()
+                .map_err(|_| format!("index {index:?} is not a whole number"))?,
+            question: cell("question").ok_or("no question")?,
+            hint: present("hint"),
+            // LLaVA reads options A-D in order and stops at the first missing one.
+            options: ["A", "B", "C", "D"]
+                .into_iter()
+                .map_while(present)
+                .collect(),
+            answer: present("answer"),
+            category: present("category"),
+            image,
+        })
+    }
+}
+
+const MMBENCH_TSV: &str = "mmbench_dev_20230712.tsv";
+
+/// lmms-lab/MMBench's `en` configuration (lmms-lab/MMBench_EN keeps the same
+/// columns under data/); its `index` is a string, MMBench_EN's an integer.
+const MMBENCH_PARQUET: ParquetRelease = ParquetRelease {
+    repo: "lmms-lab/MMBench",
+    folders: &["en", "data", ""],
+    split: "dev",
+    image: ImageColumn::Required("image"),
+};
 
 /// `model_vqa_mmbench.py`: hint, question, then one "X. option" line per option.
 fn mmbench_prompt(hint: Option<&str>, question: &str, options: &[String]) -> String {
@@ -676,54 +863,39 @@ fn read_mmbench_rows(path: &Path) -> Result<Vec<MmBenchRow>, EvalDataError> {
         .map_err(tsv_error)?;
     let headers = reader.headers().map_err(tsv_error)?.clone();
     let column = |name: &str| headers.iter().position(|header| header == name);
-    let required =
-        |name: &str| column(name).ok_or_else(|| invalid(path, format!("no `{name}` column")));
-    let (index_column, question_column, image_column) = (
-        required("index")?,
-        required("question")?,
-        required("image")?,
-    );
-    // LLaVA reads options A-D in order and stops at the first missing one.
-    let option_columns: Vec<usize> = ["A", "B", "C", "D"]
-        .iter()
-        .map_while(|name| column(name))
-        .collect();
-    let optional = |record: &csv::StringRecord, column: Option<usize>| {
-        column
-            .and_then(|c| record.get(c))
-            .filter(|cell| !is_missing_cell(cell))
-            .map(str::to_string)
-    };
+    for name in ["index", "question", "image"] {
+        column(name).ok_or_else(|| invalid(path, format!("no `{name}` column")))?;
+    }
 
     let mut encoded_images: HashMap<u64, String> = HashMap::new();
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = record.map_err(tsv_error)?;
-        let cell = |c: usize| record.get(c).unwrap_or_default();
-        let index: u64 = cell(index_column).parse().map_err(|_| {
-            invalid(
-                path,
-                format!("index {:?} is not a whole number", cell(index_column)),
-            )
-        })?;
-        encoded_images.insert(index, cell(image_column).to_string());
-        rows.push(MmBenchRow {
-            index,
-            question: cell(question_column).to_string(),
-            hint: optional(&record, column("hint")),
-            options: option_columns
-                .iter()
-                .map_while(|&c| optional(&record, Some(c)))
-                .collect(),
-            answer: optional(&record, column("answer")),
-            category: optional(&record, column("category")),
-            image: Vec::new(),
-        });
+        let cell = |name: &str| column(name).and_then(|c| record.get(c)).map(str::to_string);
+        let line = record.position().map_or(0, csv::Position::line);
+        let row = MmBenchRow::new(cell, ImageSource::None)
+            .map_err(|message| invalid(path, format!("line {line}: {message}")))?;
+        encoded_images.insert(row.index, cell("image").unwrap_or_default());
+        rows.push(row);
     }
     for row in &mut rows {
-        row.image = decode_mmbench_image(path, row.index, &encoded_images)?;
+        row.image = ImageSource::Bytes(decode_mmbench_image(path, row.index, &encoded_images)?);
     }
     Ok(rows)
+}
+
+fn read_mmbench_parquet(files: &[PathBuf]) -> Result<Vec<MmBenchRow>, EvalDataError> {
+    MMBENCH_PARQUET.read_records(files, |_, cells: serde_json::Map<String, Value>, image| {
+        MmBenchRow::new(
+            |name| {
+                cells
+                    .get(name)
+                    .filter(|value| !value.is_null())
+                    .map(json_text)
+            },
+            image,
+        )
+    })
 }
 
 /// MMBench TSVs store a repeated image once; other rows hold (at most 64
@@ -755,13 +927,24 @@ fn decode_mmbench_image(
 }
 
 fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDataError> {
-    let path = require(
-        Benchmark::MmBench,
-        data_dir.join("mmbench_dev_20230712.tsv"),
-        "download the MMBench dev TSV (LLaVA's evaluation guide puts it in playground/data/eval/mmbench)",
-    )?;
+    // Where the rows come from, for errors about one of them.
+    let (path, rows) = match parquet_instead(data_dir, &[MMBENCH_TSV], &MMBENCH_PARQUET)? {
+        Some(files) => (data_dir.to_path_buf(), read_mmbench_parquet(&files)?),
+        None => {
+            let path = require(
+                Benchmark::MmBench,
+                data_dir.join(MMBENCH_TSV),
+                &format!(
+                    "download the MMBench dev TSV (LLaVA's evaluation guide puts it in playground/data/eval/mmbench); {}",
+                    MMBENCH_PARQUET.describe()
+                ),
+            )?;
+            let rows = read_mmbench_rows(&path)?;
+            (path, rows)
+        }
+    };
     let mut items = Vec::new();
-    for row in read_mmbench_rows(&path)? {
+    for row in rows {
         if !circular {
             items.push(mmbench_item(
                 &row,
@@ -815,7 +998,7 @@ fn mmbench_item(
 ) -> EvalItem {
     EvalItem {
         id: index.to_string(),
-        image: ImageSource::Bytes(row.image.clone()),
+        image: row.image.clone(),
         question: mmbench_prompt(row.hint.as_deref(), &row.question, &options),
         meta: to_meta(MmBenchMeta {
             index,
@@ -894,9 +1077,48 @@ struct MathVistaRecord {
     answer: Value,
 }
 
+const MATHVISTA_JSON: [&str; 2] = ["testmini.json", "testmini.jsonl"];
+
+const MATHVISTA_PARQUET: ParquetRelease = ParquetRelease {
+    repo: "AI4Math/MathVista",
+    folders: &["data", ""],
+    split: "testmini",
+    // `image` is the file's path inside images.zip; `decoded_image` embeds it.
+    image: ImageColumn::Required("decoded_image"),
+};
+
+fn mathvista_item(record: MathVistaRecord, image: ImageSource) -> EvalItem {
+    let pid = json_text(&record.pid);
+    let problem = MathVistaProblem {
+        query: record.query,
+        question_type: record.question_type,
+        answer_type: record.answer_type,
+        choices: record
+            .choices
+            .map(|choices| choices.iter().map(json_text).collect()),
+        precision: record.precision,
+        answer: json_text(&record.answer),
+    };
+    EvalItem {
+        id: pid.clone(),
+        image,
+        question: problem.query.clone(),
+        meta: to_meta(MathVistaMeta { pid, problem }),
+    }
+}
+
 fn load_mathvista(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
-    let json_path = data_dir.join("testmini.json");
-    let jsonl_path = data_dir.join("testmini.jsonl");
+    let mut items = match parquet_instead(data_dir, &MATHVISTA_JSON, &MATHVISTA_PARQUET)? {
+        Some(files) => MATHVISTA_PARQUET
+            .read_records(&files, |_, record, image| Ok(mathvista_item(record, image)))?,
+        None => load_mathvista_json(data_dir)?,
+    };
+    items.sort_by(|a, b| natural_order(&a.id, &b.id));
+    Ok(items)
+}
+
+fn load_mathvista_json(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
+    let [json_path, jsonl_path] = MATHVISTA_JSON.map(|file| data_dir.join(file));
     let records: Vec<MathVistaRecord> = if json_path.exists() {
         // The release's testmini.json maps pid -> problem; a pandas export is a list.
         match read_json::<Value>(&json_path)? {
@@ -928,10 +1150,9 @@ fn load_mathvista(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
             benchmark: Benchmark::MathVista,
             path: json_path,
             origin: format!(
-                "or {} instead; MathVista's testmini is published as parquet, convert it with \
-                 pandas.read_parquet(f).drop(columns=['decoded_image']).to_json('testmini.json', orient='records') \
-                 and unpack images.zip beside it",
-                jsonl_path.display()
+                "or {} instead, with MathVista's images.zip unpacked beside it; {}",
+                jsonl_path.display(),
+                MATHVISTA_PARQUET.describe()
             ),
         });
     };
@@ -940,34 +1161,17 @@ fn load_mathvista(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
         data_dir.join("images"),
         "unpack MathVista's images.zip there",
     )?;
-    let mut items: Vec<EvalItem> = records
+    Ok(records
         .into_iter()
         .map(|record| {
-            let pid = json_text(&record.pid);
             let image = record
                 .image
                 .strip_prefix("images/")
                 .unwrap_or(&record.image);
-            let problem = MathVistaProblem {
-                query: record.query,
-                question_type: record.question_type,
-                answer_type: record.answer_type,
-                choices: record
-                    .choices
-                    .map(|choices| choices.iter().map(json_text).collect()),
-                precision: record.precision,
-                answer: json_text(&record.answer),
-            };
-            EvalItem {
-                id: pid.clone(),
-                image: ImageSource::Path(images_dir.join(image)),
-                question: problem.query.clone(),
-                meta: to_meta(MathVistaMeta { pid, problem }),
-            }
+            let image = ImageSource::Path(images_dir.join(image));
+            mathvista_item(record, image)
         })
-        .collect();
-    items.sort_by(|a, b| natural_order(&a.id, &b.id));
-    Ok(items)
+        .collect())
 }
 
 // ---------------------------------------------------------------- scoring
@@ -1327,7 +1531,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let message = missing_file_message(Benchmark::ScienceQa, dir.path());
         assert!(
-            message.contains("llava_test_CQM-A.json") && message.contains("eval.zip"),
+            message.contains("llava_test_CQM-A.json")
+                && message.contains("eval.zip")
+                && message.contains("derek-thomas/ScienceQA's parquet release")
+                && message.contains("data/test-*.parquet or test-*.parquet"),
             "{message}"
         );
         write(dir.path(), "llava_test_CQM-A.json", "[]");
@@ -1336,6 +1543,25 @@ mod tests {
             message.contains("images/test") && message.contains("test.zip"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn scienceqa_parquet_rows_rebuild_the_llava_human_turn() {
+        let row = |hint: Option<&str>| ScienceQaRow {
+            question: "Which animal is shown?".to_string(),
+            hint: hint.map(str::to_string),
+            problem: ScienceQaProblem {
+                choices: vec!["dog".to_string(), "cat".to_string()],
+                answer: 1,
+            },
+        };
+        assert_eq!(
+            scienceqa_human_turn(&row(Some("Look at the picture."))),
+            "Context: Look at the picture.\nWhich animal is shown?\nA. dog\nB. cat"
+        );
+        let no_context = "Which animal is shown?\nA. dog\nB. cat";
+        assert_eq!(scienceqa_human_turn(&row(Some(""))), no_context);
+        assert_eq!(scienceqa_human_turn(&row(None)), no_context);
     }
 
     #[test]
@@ -1505,14 +1731,64 @@ mod tests {
     }
 
     #[test]
-    fn chartqa_missing_split_names_its_file_and_the_parquet_conversion() {
+    fn chartqa_missing_split_names_its_file_and_the_parquet_release() {
         let dir = chartqa_dir();
         std::fs::remove_file(dir.path().join("test_augmented.json")).unwrap();
         let message = missing_file_message(Benchmark::ChartQa, dir.path());
         assert!(
-            message.contains("test_augmented.json") && message.contains("read_parquet"),
+            message.contains("test_augmented.json")
+                && message.contains("HuggingFaceM4/ChartQA's parquet release")
+                && message.contains("data/test-*.parquet"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn parquet_shards_are_found_in_the_hub_layout_or_flat() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(MMBENCH_PARQUET.files(dir.path()).unwrap().is_empty());
+        for file in [
+            "dev-00000-of-00001.parquet",
+            "en/dev-00001-of-00002-b.parquet",
+            "en/dev-00000-of-00002-a.parquet",
+            "en/test-00000-of-00001.parquet",
+            "en/dev.json",
+        ] {
+            write(dir.path(), file, "");
+        }
+        // The first folder that has shards wins; in it, name order is the split's row order.
+        assert_eq!(
+            MMBENCH_PARQUET.files(dir.path()).unwrap(),
+            [
+                dir.path().join("en/dev-00000-of-00002-a.parquet"),
+                dir.path().join("en/dev-00001-of-00002-b.parquet")
+            ]
+        );
+        std::fs::remove_dir_all(dir.path().join("en")).unwrap();
+        assert_eq!(
+            MMBENCH_PARQUET.files(dir.path()).unwrap(),
+            [dir.path().join("dev-00000-of-00001.parquet")]
+        );
+    }
+
+    #[test]
+    fn unreadable_parquet_is_named_unless_the_llava_layout_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "data/test-00000-of-00001.parquet",
+            "<html>not found</html>",
+        );
+        let error = load(Benchmark::ChartQa, dir.path()).unwrap_err();
+        assert!(matches!(error, EvalDataError::Parquet { .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("data/test-00000-of-00001.parquet: not a readable parquet file"),
+            "{message}"
+        );
+        let dir = chartqa_dir();
+        write(dir.path(), "data/test-00000-of-00001.parquet", "not read");
+        assert_eq!(load(Benchmark::ChartQa, dir.path()).unwrap().len(), 3);
     }
 
     fn mmbench_dir() -> tempfile::TempDir {
@@ -1600,7 +1876,12 @@ mod tests {
     fn mmbench_bad_image_reference_and_missing_tsv_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let message = missing_file_message(Benchmark::MmBench, dir.path());
-        assert!(message.contains("mmbench_dev_20230712.tsv"), "{message}");
+        assert!(
+            message.contains("mmbench_dev_20230712.tsv")
+                && message.contains("lmms-lab/MMBench's parquet release")
+                && message.contains("en/dev-*.parquet"),
+            "{message}"
+        );
         write(
             dir.path(),
             "mmbench_dev_20230712.tsv",
@@ -1610,6 +1891,100 @@ mod tests {
         assert!(
             error.to_string().contains("neither base64 nor a row index"),
             "{error}"
+        );
+    }
+
+    enum Column {
+        Int64(Vec<i64>),
+        /// An optional UTF8 column.
+        Text(Vec<Option<&'static str>>),
+        Binary(Vec<Vec<u8>>),
+    }
+
+    /// A flat parquet file, written with the parquet crate's own writer.
+    fn write_parquet(path: &Path, schema: &str, columns: Vec<Column>) {
+        use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+        let schema = parquet::schema::parser::parse_message_type(schema).unwrap();
+        let file = std::fs::File::create(path).unwrap();
+        let mut writer = parquet::file::writer::SerializedFileWriter::new(
+            file,
+            std::sync::Arc::new(schema),
+            Default::default(),
+        )
+        .unwrap();
+        let mut row_group = writer.next_row_group().unwrap();
+        for values in columns {
+            let mut column = row_group.next_column().unwrap().unwrap();
+            match values {
+                Column::Int64(values) => {
+                    column.typed::<Int64Type>().write_batch(&values, None, None)
+                }
+                Column::Text(values) => {
+                    let levels: Vec<i16> = values.iter().map(|v| i16::from(v.is_some())).collect();
+                    let present: Vec<ByteArray> = values
+                        .iter()
+                        .flatten()
+                        .map(|v| ByteArray::from(*v))
+                        .collect();
+                    column
+                        .typed::<ByteArrayType>()
+                        .write_batch(&present, Some(&levels), None)
+                }
+                Column::Binary(values) => {
+                    let values: Vec<ByteArray> = values.into_iter().map(ByteArray::from).collect();
+                    column
+                        .typed::<ByteArrayType>()
+                        .write_batch(&values, None, None)
+                }
+            }
+            .unwrap();
+            column.close().unwrap();
+        }
+        row_group.close().unwrap();
+        writer.close().unwrap();
+    }
+
+    #[test]
+    fn mmbench_parquet_rows_read_like_tsv_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(TINY_PNG_BASE64)
+            .unwrap();
+        // lmms-lab/MMBench_EN's layout: data/, an int64 index; nulls and "nan" are missing cells.
+        write_parquet(
+            &dir.path().join("data/dev-00000-of-00001.parquet"),
+            "message schema { required int64 index; optional binary question (UTF8); optional binary hint (UTF8);
+                optional binary A (UTF8); optional binary B (UTF8); optional binary C (UTF8);
+                optional binary answer (UTF8); required binary image; }",
+            vec![
+                Column::Int64(vec![0, 1]),
+                Column::Text(vec![Some("What color is the sky?"), Some("Which one is a fruit?")]),
+                Column::Text(vec![None, Some("Look at the table.")]),
+                Column::Text(vec![Some("red"), Some("apple")]),
+                Column::Text(vec![Some("blue"), Some("stone")]),
+                Column::Text(vec![Some("green"), Some("nan")]),
+                Column::Text(vec![Some("B"), Some("A")]),
+                Column::Binary(vec![png.clone(), png.clone()]),
+            ],
+        );
+        let items = load(Benchmark::MmBench, dir.path()).unwrap();
+        assert_eq!(
+            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+            ["0", "1"]
+        );
+        assert_eq!(
+            items[0].question,
+            "What color is the sky?\nA. red\nB. blue\nC. green\nAnswer with the option's letter from the given choices directly."
+        );
+        assert_eq!(
+            items[1].question,
+            "Look at the table.\nWhich one is a fruit?\nA. apple\nB. stone\nAnswer with the option's letter from the given choices directly."
+        );
+        assert_eq!(items[1].image, ImageSource::Bytes(png));
+        assert_eq!(
+            items[0].meta_as::<MmBenchMeta>().unwrap().answer.as_deref(),
+            Some("B")
         );
     }
 
@@ -1714,14 +2089,18 @@ mod tests {
     }
 
     #[test]
-    fn mathvista_missing_data_mentions_both_forms_and_parquet() {
+    fn mathvista_missing_data_mentions_both_forms_and_the_parquet_release() {
         let dir = tempfile::tempdir().unwrap();
         let message = missing_file_message(Benchmark::MathVista, dir.path());
         assert!(
             message.contains("testmini.json") && message.contains("testmini.jsonl"),
             "{message}"
         );
-        assert!(message.contains("parquet"), "{message}");
+        assert!(
+            message.contains("AI4Math/MathVista's parquet release")
+                && message.contains("data/testmini-*.parquet"),
+            "{message}"
+        );
     }
 
     fn llava_bench_dir() -> tempfile::TempDir {

@@ -7,6 +7,7 @@ import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pyarrow.parquet as pq
 import pytest
 
 import eval_data
@@ -647,6 +648,111 @@ def test_score_without_judge_writes_grader_files(tmp_path):
     assert summary["score"] is None and "official grader" in summary["note"]
     assert json.loads((tmp_path / "mm-vet_results.json").read_text()) == {"v1_0": "cat", "v1_2": "1",
                                                                          "v1_10": "rocket"}
+
+
+# ---------------------------------------------------------------- the parquet releases on the hub
+
+PARQUET = list(eval_data.PARQUET_BUILDERS)
+
+
+@pytest.mark.parametrize("name", PARQUET)
+def test_eval_parquet_release_matches_llava_layout(tiny_model, straight_runs, tmp_path, name):
+    """The same questions from the hub's parquet release and from the LLaVA layout: the same prompts and images, so
+    the same greedy answers, and the same scores from `stic eval` and `stic eval-score`."""
+    llava, llava_out, _ = straight_runs(name)
+    bench = eval_data.PARQUET_BUILDERS[name](tmp_path / "data")
+    out = tmp_path / "out"
+    stic_eval(tiny_model, bench, out)
+    rows = check_predictions_file(out / "predictions.jsonl", bench)
+    llava_rows = read_jsonl(llava_out / "predictions.jsonl")
+    assert [(r["prompt"], r["prediction"]) for r in rows] == [(r["prompt"], r["prediction"]) for r in llava_rows]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads((llava_out / "summary.json").read_text())
+    assert score_json(name, out / "predictions.jsonl", bench.path) == summary
+
+
+# Hand-written answers, in item order, with known verdicts (see the test_score_* tests above).
+PARQUET_SCORE_CASES = {
+    "scienceqa": ["A", "The answer is B.", "coffee"],
+    "chartqa": ["14.5", "25", "japan"],
+    "mmbench": ["B", "a launch", "C"],
+    "mathvista": ["The answer is (B) 8/11.", "Luca needs $1.45.", "There are 13 objects."],
+}
+
+
+@pytest.mark.parametrize("name", PARQUET)
+def test_score_parquet_release_matches_llava_layout(tmp_path, name):
+    llava = eval_data.build(name, tmp_path / "llava")
+    bench = eval_data.PARQUET_BUILDERS[name](tmp_path / "parquet")
+    answers = PARQUET_SCORE_CASES[name]
+    expected = score_json(name, write_predictions(tmp_path / "llava.jsonl", dict(zip(llava.ids, answers))), llava.path)
+    preds = write_predictions(tmp_path / "parquet.jsonl", dict(zip(bench.ids, answers)))
+    assert score_json(name, preds, bench.path) == expected
+    assert expected["answered"] == 3 and 0 < expected["accuracy"] < 1
+
+
+def test_score_mmbench_parquet_circular_and_integer_index(tmp_path):
+    """--circular rotates the parquet rows as it rotates the TSV's; lmms-lab/MMBench_EN's layout (data/, an int64
+    index) reads like lmms-lab/MMBench's."""
+    llava = eval_data.mmbench(tmp_path / "llava")
+    releases = [eval_data.mmbench_parquet(tmp_path / "en"),
+                eval_data.mmbench_parquet(tmp_path / "mmbench_en", integer_index=True)]
+    circular = write_predictions(tmp_path / "c.jsonl", {
+        "0": "cat", "1000000": "cat", "2000000": "dog",
+        "1": "a launch", "1000001": "a launch", "2000001": "a launch", "3000001": "a launch",
+    })
+    expected = score_json("mmbench", circular, llava.path, "--circular")
+    assert expected["accuracy"] == 0.5 and expected["answered"] == 7
+    plain = write_predictions(tmp_path / "p.jsonl", dict(zip(llava.ids, PARQUET_SCORE_CASES["mmbench"])))
+    for bench in releases:
+        assert score_json("mmbench", circular, bench.path, "--circular") == expected
+        assert score_json("mmbench", plain, bench.path) == score_json("mmbench", plain, llava.path)
+
+
+def test_llava_layout_is_read_before_the_parquet_release(tmp_path):
+    bench = eval_data.chartqa(tmp_path / "data")
+    (bench.path / "data").mkdir()
+    (bench.path / "data" / "test-00000-of-00001.parquet").write_bytes(b"not read")
+    preds = write_predictions(tmp_path / "p.jsonl", dict(zip(bench.ids, PARQUET_SCORE_CASES["chartqa"])))
+    assert score_json("chartqa", preds, bench.path)["accuracy"] == 2 / 3
+
+
+# The LLaVA layout's main file and the release's shards, which the missing-data error names.
+LAYOUTS = {
+    "scienceqa": ("llava_test_CQM-A.json", "derek-thomas/ScienceQA", "data/test-*.parquet"),
+    "chartqa": ("test_human.json", "HuggingFaceM4/ChartQA", "data/test-*.parquet"),
+    "mmbench": ("mmbench_dev_20230712.tsv", "lmms-lab/MMBench", "en/dev-*.parquet"),
+    "mathvista": ("testmini.json", "AI4Math/MathVista", "data/testmini-*.parquet"),
+}
+
+
+@pytest.mark.parametrize("name", PARQUET)
+def test_missing_data_names_both_layouts(tmp_path, name):
+    (tmp_path / "data").mkdir()
+    preds = write_predictions(tmp_path / "p.jsonl", {"x": "y"})
+    assert_clean_failure(eval_score(name, preds, tmp_path / "data", check=False), *LAYOUTS[name])
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _without_query(path):
+    pq.write_table(pq.read_table(path).drop(["query"]), path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate, "not a readable parquet file"),
+    (lambda path: path.write_bytes(b"<html>rate limited</html>"), "not a readable parquet file"),
+    (_without_query, "row 0: missing field `query`"),
+])
+def test_bad_parquet_is_a_clean_error(tiny_model, tmp_path, damage, message):
+    bench = eval_data.chartqa_parquet(tmp_path / "data")
+    shard = bench.path / bench.removable
+    damage(shard)
+    assert_clean_failure(stic_eval(tiny_model, bench, tmp_path / "out", check=False, timeout=60), str(shard), message)
+    preds = write_predictions(tmp_path / "p.jsonl", {i: "x" for i in bench.ids})
+    assert_clean_failure(eval_score("chartqa", preds, bench.path, check=False), str(shard), message)
 
 
 # ---------------------------------------------------------------- bad input
