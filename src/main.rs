@@ -70,9 +70,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", describe(&err));
             let internal = err.downcast_ref::<stic::Error>().is_some_and(|e| !e.is_user_error());
             ExitCode::from(if internal { 1 } else { 2 })
         }
     }
+}
+
+/// The error and its causes, each cause once: most of stic's messages already quote their cause.
+fn describe(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    message
 }
