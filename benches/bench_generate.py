@@ -8,6 +8,7 @@ down (head_dim 128, 4:1 grouped-query attention, SwiGLU ratio 3.5, CLIP 336/14 a
 """
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,7 @@ def main():
     parser.add_argument("--full-size", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per side, alternating; medians reported")
     parser.add_argument("--image", default=str(ROOT / "data" / "images" / "chelsea.png"))
     parser.add_argument("--model-dir", default=None,
                         help="save the random model here, or reuse the one already there (bench-train shares it)")
@@ -87,39 +89,49 @@ def main():
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         prompt_tokens = inputs["input_ids"].shape[1]
         hf_generate(model, inputs, 2, device)  # warm-up
-        hf_prefill, _ = hf_generate(model, inputs, 1, device)
-        hf_total, _ = hf_generate(model, inputs, n, device)
-        hf_decode = (n - 1) / (hf_total - hf_prefill)
-        hf_reserved = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
         stic_dtype = "bf16" if args.full_size else "f32"
-        one = stic_generate(folder, args.image, n, 1, device, stic_dtype)
-        many = stic_generate(folder, args.image, n, args.batch, device, stic_dtype)
-    stic_decode = (n - 1) / one["decode_seconds"]
-    stic_batch_decode = args.batch * (n - 1) / many["decode_seconds"]
+        # the sides alternate, so that a machine whose speed drifts (shared cores) affects both alike
+        hf_prefills, hf_decodes, ones, manys = [], [], [], []
+        for _ in range(args.repeats):
+            hf_prefill, _ = hf_generate(model, inputs, 1, device)
+            hf_total, _ = hf_generate(model, inputs, n, device)
+            hf_prefills.append(hf_prefill)
+            hf_decodes.append((n - 1) / (hf_total - hf_prefill))
+            ones.append(stic_generate(folder, args.image, n, 1, device, stic_dtype))
+            manys.append(stic_generate(folder, args.image, n, args.batch, device, stic_dtype))
+        hf_reserved = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
+    hf_prefill, hf_decode = statistics.median(hf_prefills), statistics.median(hf_decodes)
+    stic_prefill = statistics.median(o["prefill_seconds"] for o in ones)
+    stic_batch_prefill = statistics.median(m["prefill_seconds"] for m in manys)
+    stic_decode = statistics.median((n - 1) / o["decode_seconds"] for o in ones)
+    stic_batch_decode = statistics.median(args.batch * (n - 1) / m["decode_seconds"] for m in manys)
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "parameters": params, "prompt_tokens": prompt_tokens, "new_tokens": n,
         "hf_prefill_s": hf_prefill, "hf_decode_tok_s": hf_decode,
-        "stic_prefill_s": one["prefill_seconds"], "stic_decode_tok_s": stic_decode,
+        "repeats": args.repeats, "statistic": "median over the repeats",
+        "stic_prefill_s": stic_prefill, "stic_decode_tok_s": stic_decode,
         "stic_batch": args.batch, "stic_batch_decode_tok_s": stic_batch_decode,
         "decode_ratio_stic_over_hf": stic_decode / hf_decode,
-        "prefill_ratio_hf_over_stic": hf_prefill / one["prefill_seconds"],
+        "prefill_ratio_hf_over_stic": hf_prefill / stic_prefill,
         "batch_speedup": stic_batch_decode / stic_decode,
+        "runs": {"hf_decode_tok_s": hf_decodes, "hf_prefill_s": hf_prefills,
+                 "stic_decode_tok_s": [(n - 1) / o["decode_seconds"] for o in ones],
+                 "stic_prefill_s": [o["prefill_seconds"] for o in ones],
+                 "stic_batch_decode_tok_s": [args.batch * (n - 1) / m["decode_seconds"] for m in manys]},
     }
     if device == "cuda":
-        result["stic_gpu_memory_gib"] = one.get("gpu_memory_gib")  # nvidia-smi: allocator cache + CUDA context
+        result["stic_gpu_memory_gib"] = ones[0].get("gpu_memory_gib")  # nvidia-smi: allocator cache + CUDA context
         result["hf_max_memory_reserved_gib"] = hf_reserved
     out = ROOT / "results" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / ("generate-full.json" if args.full_size else "generate.json")).write_text(json.dumps(result, indent=2))
-    print(f"model: {params / 1e6:.0f}M parameters, {prompt_tokens} prompt tokens, {n} new tokens, {result['device']}")
+    print(f"model: {params / 1e6:.0f}M parameters, {prompt_tokens} prompt tokens, {n} new tokens, {result['device']}; "
+          f"medians of {args.repeats} alternating runs")
     print(f"{'':24}{'prefill s':>12}{'decode tok/s':>14}")
     print(f"{'transformers (batch 1)':24}{hf_prefill:12.3f}{hf_decode:14.1f}")
-    print(f"{'stic (batch 1)':24}{one['prefill_seconds']:12.3f}{stic_decode:14.1f}")
-    print(f"{f'stic (batch {args.batch})':24}{many['prefill_seconds']:12.3f}{stic_batch_decode:14.1f}")
+    print(f"{'stic (batch 1)':24}{stic_prefill:12.3f}{stic_decode:14.1f}")
+    print(f"{f'stic (batch {args.batch})':24}{stic_batch_prefill:12.3f}{stic_batch_decode:14.1f}")
     print(f"decode: stic/transformers = {result['decode_ratio_stic_over_hf']:.2f}x; "
           f"prefill: transformers/stic = {result['prefill_ratio_hf_over_stic']:.2f}x; "
           f"batch {args.batch} vs 1 = {result['batch_speedup']:.2f}x")
