@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 sys.path.insert(0, str(ROOT / "benches"))
 
+import tiny_models  # noqa: E402
 from bench_train import STIC, copy_binary, write_pair  # noqa: E402
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
@@ -51,31 +52,20 @@ SHAPES = {
     "cpu": (dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=1, head_dim=128),
             dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=4), 16),
-    "cuda": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8),
-             dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16), 128),
+    "cuda": (*tiny_models.FULL_SIZE, 128),
 }
 
 
 def build_model(device, folder):
-    """Random weights in the llava-hf layout; returns the parameter count."""
+    """Random weights in the llava-hf layout (or the model already in `folder`); returns the parameter count."""
     import torch
-    import tiny_models
-    from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
     text, vision, _ = SHAPES[device]
-    config = LlavaNextConfig(
-        text_config=MistralConfig(vocab_size=32064, max_position_embeddings=32768, sliding_window=None,
-                                  rope_theta=1e6, **text),
-        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
-        image_token_index=32000, image_grid_pinpoints=tiny_models.PINPOINTS, vision_feature_layer=-2,
-        vision_feature_select_strategy="default")
+    config = tiny_models.benchmark_config(text, vision)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = tiny_models.random_model_folder(config, folder, device, dtype)
-    params = sum(p.numel() for p in model.parameters())
-    del model
+    tiny_models.random_model_folder(config, folder, device, dtype, load=False)
     if device == "cuda":
         torch.cuda.empty_cache()
-    return params
+    return sum(p.numel() for p in tiny_models.shapes_only(config).parameters())
 
 
 def free_port():

@@ -20,7 +20,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
 import tiny_models  # noqa: E402
-from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig  # noqa: E402
 
 ROOT = tiny_models.ROOT
 STIC = ROOT / "target" / "release" / "stic"
@@ -29,18 +28,11 @@ PROMPT = "[INST] <image>\nDescribe the image in detail. [/INST]"
 
 def model_config(full_size):
     if full_size:
-        text = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=32064, rope_theta=1e6)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
-    else:
-        text = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=2, vocab_size=32064, rope_theta=1e6)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16)
-    return LlavaNextConfig(
-        text_config=MistralConfig(max_position_embeddings=32768, sliding_window=None, **text),
-        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
-        image_token_index=32000, image_grid_pinpoints=tiny_models.PINPOINTS, vision_feature_layer=-2,
-        vision_feature_select_strategy="default")
+        return tiny_models.benchmark_config(*tiny_models.FULL_SIZE)
+    return tiny_models.benchmark_config(
+        dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=2),
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16))
 
 
 def hf_generate(model, inputs, new_tokens, device):

@@ -74,20 +74,12 @@ PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 98
 
 def model_config(full_size, text_layers, vision_layers):
     import tiny_models
-    from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
     if full_size:
-        text = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=32064, rope_theta=1e6)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
-    else:
-        text = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=text_layers, num_attention_heads=8,
-                    num_key_value_heads=2, vocab_size=32064, rope_theta=1e6)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers, num_attention_heads=16)
-    return LlavaNextConfig(
-        text_config=MistralConfig(max_position_embeddings=32768, sliding_window=None, **text),
-        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
-        image_token_index=32000, image_grid_pinpoints=tiny_models.PINPOINTS, vision_feature_layer=-2,
-        vision_feature_select_strategy="default")
+        return tiny_models.benchmark_config(*tiny_models.FULL_SIZE)
+    return tiny_models.benchmark_config(
+        dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=text_layers, num_attention_heads=8,
+             num_key_value_heads=2),
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers, num_attention_heads=16))
 
 
 def build_model_folder(args, folder):
@@ -95,10 +87,8 @@ def build_model_folder(args, folder):
     MFU)."""
     import torch
     import tiny_models
-    from transformers import LlavaNextForConditionalGeneration
     config = model_config(args.full_size, args.text_layers, args.vision_layers)
-    with torch.device("meta"):
-        shapes = LlavaNextForConditionalGeneration(config)
+    shapes = tiny_models.shapes_only(config)
     params = sum(p.numel() for p in shapes.parameters())
     lm = [(n, p) for n, p in shapes.named_parameters() if "language_model" in n or n.startswith("lm_head")]
     n_flops = sum(p.numel() for n, p in lm if "embed_tokens" not in n)

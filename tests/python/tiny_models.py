@@ -29,6 +29,29 @@ VARIANTS = {
 }
 
 
+# LLaVA-v1.6-Mistral-7B's shapes (text, vision); the benchmarks scale them down on the CPU
+FULL_SIZE = (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8),
+             dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16))
+
+
+def benchmark_config(text, vision):
+    """A LLaVA-NeXT-Mistral config as the 7B model has it (vocabulary, RoPE theta, 336/14 CLIP with anyres tiles,
+    feature layer -2), with the given decoder and vision-tower shapes."""
+    return LlavaNextConfig(
+        text_config=MistralConfig(vocab_size=32064, rope_theta=1e6, max_position_embeddings=32768,
+                                  sliding_window=None, **text),
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
+        image_token_index=32000, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+
+
+def shapes_only(config):
+    """The model on the meta device: parameter names and shapes, no memory."""
+    with torch.device("meta"):
+        return LlavaNextForConditionalGeneration(config)
+
+
 def tokenizer():
     tok = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
     tok.model_input_names = ["input_ids", "attention_mask"]  # LLaVA takes no token_type_ids
