@@ -29,20 +29,17 @@ impl Sharding {
     /// `spec` is the `--shard` flag, if given. Under torchrun (`WORLD_SIZE` > 1) this joins the process group
     /// and takes shard RANK/WORLD_SIZE; a `--shard` flag there is an error.
     pub fn new(spec: Option<&str>) -> Result<Sharding> {
-        if let (Some(env), Some(spec)) = (DistEnv::from_env()?, spec) {
-            return Err(Error::Input(format!(
+        match (DistEnv::from_env()?, spec) {
+            (Some(env), Some(spec)) => Err(Error::Input(format!(
                 "--shard {spec} under torchrun (WORLD_SIZE={}): each rank takes its shard RANK/WORLD_SIZE by itself and \
                  rank 0 joins them; drop --shard, or run without torchrun to process one shard",
                 env.world_size
-            )));
-        }
-        let shard = match spec {
-            Some(spec) => spec.parse::<Shard>()?,
-            None => Shard::default(),
-        };
-        match ProcessGroup::from_env()? {
-            Some(group) => Ok(Sharding { shard: Shard::new(group.rank(), group.world_size())?, group: Some(group) }),
-            None => Ok(Sharding { shard, group: None }),
+            ))),
+            (Some(env), None) => {
+                let group = ProcessGroup::init(&env)?;
+                Ok(Sharding { shard: Shard::new(group.rank(), group.world_size())?, group: Some(group) })
+            }
+            (None, spec) => Ok(Sharding { shard: spec.map_or(Ok(Shard::default()), str::parse)?, group: None }),
         }
     }
 
