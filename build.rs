@@ -1,6 +1,7 @@
 //! Links the `stic` binary against the libtorch that torch-sys found, so that it runs without LD_LIBRARY_PATH
 //! and sees CUDA when the libtorch build has it, and compiles the c10d shim behind `stic::dist`
-//! (src/dist/shim.cpp: gloo; src/dist/shim_nccl.cpp: NCCL, when the CUDA and NCCL headers are there).
+//! (src/dist/shim.cpp: gloo; src/dist/shim_nccl.cpp: NCCL, when the CUDA and NCCL headers are there), and the
+//! JPEG decoder's C side (src/image/jpeg.c) against the libjpeg-turbo that turbojpeg-sys builds.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -15,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/dist/gloo_decls");
     // Set when the shim is compiled: without it `stic::dist` reports that distributed runs are unavailable.
     println!("cargo::rustc-check-cfg=cfg(stic_dist_shim)");
+    build_jpeg_decoder();
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set: run `make setup` or point LIBTORCH at a libtorch 2.11 folder");
         return;
@@ -34,6 +36,19 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     build_dist_shim(&libtorch, has_cuda);
+}
+
+/// Compiles src/image/jpeg.c with the headers of the libjpeg-turbo built by turbojpeg-sys (whose static library
+/// holds the libjpeg API as well).
+fn build_jpeg_decoder() {
+    println!("cargo:rerun-if-changed=src/image/jpeg.c");
+    println!("cargo:rerun-if-changed=src/image/jpeg.h");
+    let include = std::env::var("DEP_TURBOJPEG_INCLUDE").expect("turbojpeg-sys reports its include folder");
+    let mut build = cc::Build::new();
+    for dir in include.split(',') {
+        build.include(dir);
+    }
+    build.file("src/image/jpeg.c").warnings(true).compile("stic_jpeg");
 }
 
 /// Compiles the c10d shim into a static library linked into the `stic` library.

@@ -42,6 +42,8 @@ enum Command {
     DistCheck(cli::dist_check::Args),
     /// Write a small random LLaVA-NeXT-Mistral checkpoint (llava-hf layout) with the shipped tokenizer.
     InitTiny(cli::init_tiny::Args),
+    #[command(hide = true)]
+    DecodeImage(cli::decode_image::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cli::eval::run(args),
         Command::EvalScore(args) => cli::eval::run_score(args),
         Command::DistCheck(args) => cli::dist_check::run(args),
+        Command::DecodeImage(args) => cli::decode_image::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,5 @@
 pub mod corrupt;
+pub mod decode_image;
 pub mod describe;
 pub mod dist_check;
 pub mod eval;

@@ -1,6 +1,7 @@
 //! Decoding to 8-bit RGB the way `PIL.Image.open(path).convert("RGB")` does, which is what
 //! transformers' `convert_to_rgb` calls: alpha is dropped (not composited), grey is
 //! replicated, and 16-bit samples are reduced as Pillow's PNG/TIFF modes reduce them.
+//! JPEGs go to libjpeg-turbo as in Pillow ([`super::jpeg`]); the other formats to the `image` crate.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -76,6 +77,9 @@ pub fn load_image_bytes(bytes: &[u8], what: &str, max_pixels: u64) -> Result<Rgb
     let format = reader.format().ok_or_else(|| ImageError::UnknownFormat {
         what: what.to_owned(),
     })?;
+    if format == ImageFormat::Jpeg {
+        return super::jpeg::decode(bytes, what, max_pixels);
+    }
     let format_name = format_name(format);
     let decode_error = |error| classify_decode_error(error, what, format_name);
 
@@ -94,13 +98,6 @@ pub fn load_image_bytes(bytes: &[u8], what: &str, max_pixels: u64) -> Result<Rgb
             height,
             pixels,
             limit: max_pixels,
-        });
-    }
-    if format == ImageFormat::Jpeg && jpeg_lacks_end_marker(bytes) {
-        return Err(ImageError::Corrupt {
-            what: what.to_owned(),
-            format: format_name,
-            detail: "data ends before the end-of-image marker (truncated file)".to_owned(),
         });
     }
     let decoded = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
@@ -155,27 +152,6 @@ fn classify_decode_error(
 fn png_is_grey16(bytes: &[u8]) -> bool {
     const GREYSCALE: u8 = 0;
     bytes.len() > 25 && &bytes[12..16] == b"IHDR" && bytes[24] == 16 && bytes[25] == GREYSCALE
-}
-
-/// Whether a JPEG has no end-of-image marker after its first scan. Pillow rejects such files
-/// as truncated, whereas the `image` crate's decoder fills the missing rows silently.
-/// Segments before the first scan are skipped by their length, so an EXIF thumbnail's own
-/// markers are not mistaken for the main image's.
-fn jpeg_lacks_end_marker(bytes: &[u8]) -> bool {
-    const START_OF_SCAN: u8 = 0xDA;
-    const END_OF_IMAGE: [u8; 2] = [0xFF, 0xD9];
-    let mut pos = 2; // after the start-of-image marker
-    while pos + 4 <= bytes.len() && bytes[pos] == 0xFF {
-        match bytes[pos + 1] {
-            0xFF => pos += 1, // fill byte
-            START_OF_SCAN => return !bytes[pos..].windows(2).any(|pair| pair == END_OF_IMAGE),
-            // Markers without a length field.
-            0x01 | 0xD0..=0xD7 => pos += 2,
-            _ => pos += 2 + usize::from(u16::from_be_bytes([bytes[pos + 2], bytes[pos + 3]])),
-        }
-    }
-    // Malformed or missing scan: the decoder reports it.
-    false
 }
 
 /// Pillow's `convert("RGB")` applied to the mode Pillow would have opened the file in.
@@ -310,27 +286,6 @@ mod tests {
         let err = load_image_bytes(truncated, "cut.png", 100).unwrap_err();
         assert!(
             matches!(err, ImageError::Corrupt { format: "PNG", .. }),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn truncated_jpeg_is_rejected_like_pillow() {
-        use ::image::ImageEncoder;
-        let pixels: Vec<u8> = (0..16 * 16 * 3).map(|i| (i * 7 % 256) as u8).collect();
-        let mut jpeg = Vec::new();
-        ::image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
-            .write_image(&pixels, 16, 16, ::image::ExtendedColorType::Rgb8)
-            .unwrap();
-        assert!(load_image_bytes(&jpeg, "whole.jpg", 1000).is_ok());
-
-        let mut with_trailer = jpeg.clone();
-        with_trailer.extend_from_slice(b"trailing \xff\xda bytes");
-        assert!(load_image_bytes(&with_trailer, "trailer.jpg", 1000).is_ok());
-
-        let err = load_image_bytes(&jpeg[..jpeg.len() - 2], "cut.jpg", 1000).unwrap_err();
-        assert!(
-            matches!(err, ImageError::Corrupt { format: "JPEG", .. }),
             "{err}"
         );
     }

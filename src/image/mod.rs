@@ -5,6 +5,7 @@
 //! Decoding follows `PIL.Image.open(..).convert("RGB")`.
 
 pub mod anyres;
+mod jpeg;
 mod load;
 mod pil;
 mod preprocess;
