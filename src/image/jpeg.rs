@@ -101,7 +101,7 @@ mod tests {
             let (mut out, mut len) = (std::ptr::null_mut(), 0);
             let status = tj3Compress8(handle, pixels.as_ptr(), 16, 0, 16, TJPF_TJPF_RGB as c_int, &mut out, &mut len);
             assert_eq!(status, 0);
-            let jpeg = std::slice::from_raw_parts(out, len).to_vec();
+            let jpeg = std::slice::from_raw_parts(out, len as usize).to_vec();
             tj3Free(out.cast());
             tj3Destroy(handle);
             jpeg

@@ -11,6 +11,7 @@ from conftest import DEVICE, IMAGES, run_stic, run_stic_json
 
 PROMPT = "[INST] <image>\nDescribe the image in detail. [/INST]"
 PNG_IMAGES = ["astronaut.png", "camera.png", "logo.png", "chelsea.png", "coffee.png"]
+JPEG_IMAGES = sorted(p.name for p in IMAGES.glob("*.jpg"))
 PROCESSOR = tiny_models.processor()
 
 
@@ -62,15 +63,12 @@ def test_every_weight_layout_gives_the_same_logits(hf_models, tmp_path, layout, 
     assert_matches(stic_logits(converted, IMAGES / image, tmp_path), inputs, ref)
 
 
-def test_jpeg_decoding_is_close_to_pillow(hf_models, tmp_path):
-    """JPEG decoders differ by a grey level here and there (zune-jpeg vs libjpeg); the logits stay close."""
+@pytest.mark.parametrize("image", JPEG_IMAGES)
+def test_jpeg_inputs_match_transformers_exactly(hf_models, tmp_path, image):
+    """JPEGs decode as Pillow's libjpeg-turbo decodes them (tests/python/test_jpeg.py): same pixels, same logits."""
     model, folder = hf_models["gqa"]
-    inputs, ref = reference(model, IMAGES / "extreme_ironing.jpg")
-    got = stic_logits(folder, IMAGES / "extreme_ironing.jpg", tmp_path)
-    assert torch.equal(got["input_ids"], inputs["input_ids"][0])
-    pixel_diff = (got["pixel_values"] - inputs["pixel_values"][0]).abs()
-    assert pixel_diff.max().item() <= 6 / 255 / 0.26, "more than a few grey levels apart"
-    assert (got["logits"] - ref).abs().max().item() <= 5e-2
+    inputs, ref = reference(model, IMAGES / image)
+    assert_matches(stic_logits(folder, IMAGES / image, tmp_path), inputs, ref, pixel_tol=0)
 
 
 @pytest.mark.parametrize("variant", list(tiny_models.VARIANTS))
