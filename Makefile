@@ -8,9 +8,23 @@ SETUP_STAMP := $(VENV)/.setup-done
 STIC := target/release/stic
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build test test-rust test-python demo reproduce bench-generate bench-train bench-ddp check-cuda clean
+.PHONY: setup build-tools build test test-rust test-python demo reproduce bench-generate bench-train bench-ddp check-cuda clean
 
-setup: $(SETUP_STAMP)
+setup: build-tools $(SETUP_STAMP)
+
+# The JPEG decoder is libjpeg-turbo built from source (turbojpeg-sys): cmake, and nasm for its SIMD code (without
+# nasm it builds plain C, which decodes the same pixels, more slowly). Installed from Debian when missing and root.
+build-tools:
+	@missing=""; for tool in cmake nasm; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (Debian packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	  else \
+	    echo "building stic needs$$missing: install them (Debian/Ubuntu: sudo apt-get install$$missing)" >&2; \
+	    command -v cmake >/dev/null || exit 1; \
+	  fi; \
+	fi
 
 $(SETUP_STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
