@@ -72,10 +72,7 @@ static int read_header(struct decoder *d, const unsigned char *data, size_t len,
   do {
     status = jpeg_read_header(&d->cinfo, FALSE);
   } while (status == JPEG_HEADER_TABLES_ONLY);
-  if (status == JPEG_SUSPENDED) {
-    strcpy(message, "data ends before the first scan");
-    return STIC_JPEG_TRUNCATED;
-  }
+  if (status == JPEG_SUSPENDED) return STIC_JPEG_TRUNCATED;
   header->width = d->cinfo.image_width;
   header->height = d->cinfo.image_height;
   header->components = d->cinfo.num_components;
@@ -94,26 +91,10 @@ static int read_header(struct decoder *d, const unsigned char *data, size_t len,
   return STIC_JPEG_OK;
 }
 
-int stic_jpeg_read_header(const unsigned char *data, size_t len, struct stic_jpeg_header *header, char *message) {
+/* Reads the header and, given somewhere to write them, the samples. */
+static int run(const unsigned char *data, size_t len, struct stic_jpeg_header *header, unsigned char *out,
+               size_t out_len, char *message) {
   struct decoder d;
-  int status;
-  d.cinfo.err = jpeg_std_error(&d.err.pub);
-  d.err.pub.error_exit = error_exit;
-  d.err.pub.output_message = ignore_message;
-  jpeg_create_decompress(&d.cinfo);
-  if (setjmp(d.err.jump)) {
-    set_message(&d, message);
-    jpeg_destroy_decompress(&d.cinfo);
-    return STIC_JPEG_CORRUPT;
-  }
-  status = read_header(&d, data, len, header, message);
-  jpeg_destroy_decompress(&d.cinfo);
-  return status;
-}
-
-int stic_jpeg_decode(const unsigned char *data, size_t len, unsigned char *out, size_t out_len, char *message) {
-  struct decoder d;
-  struct stic_jpeg_header header;
   int status;
   size_t row_len;
   d.cinfo.err = jpeg_std_error(&d.err.pub);
@@ -125,24 +106,21 @@ int stic_jpeg_decode(const unsigned char *data, size_t len, unsigned char *out, 
     jpeg_destroy_decompress(&d.cinfo);
     return STIC_JPEG_CORRUPT;
   }
-  status = read_header(&d, data, len, &header, message);
-  if (status != STIC_JPEG_OK) goto done;
-  row_len = (size_t)header.width * (size_t)header.components;
-  if (out_len != row_len * header.height) {
+  status = read_header(&d, data, len, header, message);
+  if (status != STIC_JPEG_OK || out == NULL) goto done;
+  row_len = (size_t)header->width * (size_t)header->components;
+  if (out_len != row_len * header->height) {
     strcpy(message, "output buffer of the wrong size");
     status = STIC_JPEG_CORRUPT;
     goto done;
   }
   if (!jpeg_start_decompress(&d.cinfo)) {
-    strcpy(message, "data ends before the last scan");
     status = STIC_JPEG_TRUNCATED;
     goto done;
   }
   while (d.cinfo.output_scanline < d.cinfo.output_height) {
     JSAMPROW row = out + (size_t)d.cinfo.output_scanline * row_len;
     if (jpeg_read_scanlines(&d.cinfo, &row, 1) != 1) {
-      snprintf(message, JMSG_LENGTH_MAX, "data ends at row %u of %u", d.cinfo.output_scanline,
-               d.cinfo.output_height);
       status = STIC_JPEG_TRUNCATED;
       goto done;
     }
@@ -151,4 +129,13 @@ int stic_jpeg_decode(const unsigned char *data, size_t len, unsigned char *out, 
 done:
   jpeg_destroy_decompress(&d.cinfo);
   return status;
+}
+
+int stic_jpeg_read_header(const unsigned char *data, size_t len, struct stic_jpeg_header *header, char *message) {
+  return run(data, len, header, NULL, 0, message);
+}
+
+int stic_jpeg_decode(const unsigned char *data, size_t len, unsigned char *out, size_t out_len, char *message) {
+  struct stic_jpeg_header header;
+  return run(data, len, &header, out, out_len, message);
 }

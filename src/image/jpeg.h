@@ -16,7 +16,8 @@ struct stic_jpeg_header {
 };
 
 /* Reads the markers up to the first scan. On success the header says the size and the number of components
- * (1, 3 or 4) that stic_jpeg_decode writes per pixel; otherwise `message` says what is wrong. */
+ * (1, 3 or 4) that stic_jpeg_decode writes per pixel. STIC_JPEG_TRUNCATED: the data end too soon (see jpeg.c);
+ * STIC_JPEG_CORRUPT and STIC_JPEG_UNSUPPORTED: `message` says what is wrong. */
 int stic_jpeg_read_header(const unsigned char *data, size_t len, struct stic_jpeg_header *header, char *message);
 
 /* Decodes into `out`, width * height * components bytes, rows top to bottom. */

@@ -56,7 +56,7 @@ pub(super) fn decode(bytes: &[u8], what: &str, max_pixels: u64) -> Result<RgbIma
 }
 
 fn check(status: c_int, message: &[c_char; MESSAGE_LEN], what: &str) -> Result<(), ImageError> {
-    // SAFETY: jpeg.c writes a NUL-terminated message whenever it returns an error status.
+    // SAFETY: jpeg.c writes a NUL-terminated message with the statuses that read it.
     let detail = || unsafe { CStr::from_ptr(message.as_ptr()) }.to_string_lossy().into_owned();
     let (what, format) = (what.to_owned(), "JPEG");
     match status {
@@ -136,6 +136,17 @@ mod tests {
     fn garbage_after_the_signature_is_corrupt() {
         let err = decode(b"\xff\xd8\xff\xe0garbage", "bad.jpg", 1000).unwrap_err();
         assert!(matches!(err, ImageError::Corrupt { .. } ), "{err}");
+    }
+
+    #[test]
+    fn other_precisions_are_unsupported_like_pillow() {
+        // Pillow: "cannot handle 12-bit layers". The frame header's first byte is the sample precision.
+        let mut jpeg = encode();
+        let frame = jpeg.windows(2).position(|pair| pair == [0xFF, 0xC0]).unwrap();
+        jpeg[frame + 4] = 12;
+        let err = decode(&jpeg, "deep.jpg", 1000).unwrap_err();
+        assert!(matches!(err, ImageError::Unsupported { format: "JPEG", .. }), "{err}");
+        assert!(err.to_string().contains("12-bit samples"), "{err}");
     }
 
     #[test]
