@@ -56,7 +56,7 @@ pub(super) fn decode(bytes: &[u8], what: &str, max_pixels: u64) -> Result<RgbIma
 }
 
 fn check(status: c_int, message: &[c_char; MESSAGE_LEN], what: &str) -> Result<(), ImageError> {
-    // SAFETY: jpeg.c writes a NUL-terminated message with the statuses that read it.
+    // SAFETY: the buffer starts zeroed, and jpeg.c writes only NUL-terminated messages of at most its length.
     let detail = || unsafe { CStr::from_ptr(message.as_ptr()) }.to_string_lossy().into_owned();
     let (what, format) = (what.to_owned(), "JPEG");
     match status {
