@@ -634,9 +634,17 @@ fn rope_theta(section: &Section, place: &str) -> std::result::Result<Option<f64>
     }
 }
 
+/// Sizes that count something (heads, channels, pixels) must not be 0.
+fn none_zero(place: &str, sizes: &[(&str, usize)]) -> std::result::Result<(), String> {
+    match sizes.iter().find(|(_, size)| *size == 0) {
+        Some((name, _)) => Err(format!("{place}{name} is 0; it must be at least 1")),
+        None => Ok(()),
+    }
+}
+
 impl TextConfig {
     fn validate(&self, place: &str) -> std::result::Result<(), String> {
-        let at_least_one = [
+        none_zero(place, &[
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_attention_heads", self.num_attention_heads),
@@ -644,10 +652,7 @@ impl TextConfig {
             ("vocab_size", self.vocab_size),
             ("max_position_embeddings", self.max_position_embeddings),
             ("sliding_window", self.sliding_window.unwrap_or(1)),
-        ];
-        if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{place}{name} is 0; it must be at least 1"));
-        }
+        ])?;
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(format!(
                 "{place}num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -670,15 +675,12 @@ impl TextConfig {
 
 impl VisionConfig {
     fn validate(&self) -> std::result::Result<(), String> {
-        let at_least_one = [
+        none_zero("vision_config.", &[
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_attention_heads", self.num_attention_heads),
             ("patch_size", self.patch_size),
-        ];
-        if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("vision_config.{name} is 0; it must be at least 1"));
-        }
+        ])?;
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(format!(
                 "vision_config.hidden_size {} is not a multiple of num_attention_heads {}",
@@ -730,5 +732,28 @@ impl LlavaConfig {
             let file = if matches!(e, ImageConfigError::Pinpoints(_)) { pinpoints_file } else { processor_file };
             Error::Config(format!("{}: {e}", file.display()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rope_theta;
+    use serde_json::json;
+
+    fn theta(section: serde_json::Value) -> Result<Option<f64>, String> {
+        rope_theta(section.as_object().expect("an object"), "text_config.")
+    }
+
+    #[test]
+    fn rope_theta_of_both_transformers_versions() {
+        assert_eq!(theta(json!({})), Ok(None));
+        assert_eq!(theta(json!({"rope_theta": 1e6, "rope_scaling": null})), Ok(Some(1e6)));
+        assert_eq!(theta(json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})), Ok(Some(1e6)));
+        assert_eq!(theta(json!({"rope_theta": 1e6, "rope_parameters": {"rope_theta": 1e6}})), Ok(Some(1e6)));
+        assert_eq!(theta(json!({"rope_theta": 5e5, "rope_parameters": {"rope_type": "default"}})), Ok(Some(5e5)));
+        assert!(theta(json!({"rope_theta": 1e6, "rope_parameters": {"rope_theta": 1e4}})).unwrap_err().contains("make them equal"));
+        assert!(theta(json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}})).unwrap_err().contains("llama3"));
+        assert!(theta(json!({"rope_scaling": {"type": "linear", "factor": 2.0}})).unwrap_err().contains("linear"));
+        assert!(theta(json!({"rope_parameters": "default"})).unwrap_err().contains("must be an object"));
     }
 }

@@ -59,7 +59,12 @@ def stic_logits(folder, image, out, adapter=None):
     return load_file(out)
 
 
-def assert_matches(got, ref, logits_tol):
+# stic and transformers 5 run the same libtorch kernels on the CPU (measured max diff 0.0); RoPE at the default
+# theta 1e4 instead of the config's 1e6 moves these logits by 1.2e-3, so the tolerance must be well below that
+LOGITS_TOL = 1e-5 if DEVICE == "cpu" else 1e-3
+
+
+def assert_matches(got, ref, logits_tol=LOGITS_TOL):
     assert torch.equal(got["input_ids"], ref["input_ids"]), "input ids differ"
     assert got["pixel_values"].shape == ref["pixel_values"].shape
     assert (got["pixel_values"] - ref["pixel_values"]).abs().max().item() <= 1e-5
@@ -90,7 +95,7 @@ def test_the_files_are_as_transformers5_writes_them(tf5):
 def test_logits_match_transformers5(tf5, tmp_path, image, with_adapter):
     got = stic_logits(tf5["model"], IMAGES / image, tmp_path / "logits.safetensors",
                       adapter=tf5["adapter"] if with_adapter else None)
-    assert_matches(got, tf5["refs"][image, with_adapter], 1e-3 if not with_adapter else 1e-4)
+    assert_matches(got, tf5["refs"][image, with_adapter])
     if with_adapter:
         base = tf5["refs"][image, False]["logits"]
         assert (got["logits"] - base).abs().max().item() > 1e-3, "the adapter changed nothing"
@@ -98,7 +103,7 @@ def test_logits_match_transformers5(tf5, tmp_path, image, with_adapter):
 
 def test_transformers4_checkpoint_gives_transformers5_logits(tf5, tmp_path):
     got = stic_logits(tf5["tf4_folder"], IMAGES / "chelsea.png", tmp_path / "logits.safetensors")
-    assert_matches(got, tf5["tf4_ref"], 1e-3)
+    assert_matches(got, tf5["tf4_ref"])
 
 
 def test_stic_adapter_and_merge_load_in_transformers5(tf5, tmp_path):
@@ -118,5 +123,6 @@ def test_stic_adapter_and_merge_load_in_transformers5(tf5, tmp_path):
               "input_ids": ids, "out": tmp_path / "peft.safetensors"},
              {"reference": merged, "image": IMAGES / "chelsea.png", "text": PROMPT, "input_ids": ids,
               "out": tmp_path / "merged.safetensors"}], tmp_path)
-    assert_matches(got, load_file(tmp_path / "peft.safetensors"), 1e-4)
-    assert_matches(got, load_file(tmp_path / "merged.safetensors"), 1e-4)
+    assert_matches(got, load_file(tmp_path / "peft.safetensors"))
+    # merging rounds W + scaling·B·A once in f32, where the adapter adds the product at run time
+    assert_matches(got, load_file(tmp_path / "merged.safetensors"), logits_tol=1e-4)

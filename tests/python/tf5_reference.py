@@ -3,7 +3,8 @@
 
 - {"build": VARIANT, "seed": S, "out": DIR, "image_mean": [...], "image_std": [...], "adapter": DIR}: a tiny
   LLaVA-NeXT-Mistral built from its config and saved by transformers 5 with its processor, as a user of
-  transformers 5 makes one today; with "adapter", a PEFT adapter on it (non-zero B, trained projector) saved by PEFT.
+  transformers 5 makes one today; with "adapter", test_dpo's PEFT adapter on it (non-zero B, trained projector),
+  saved by PEFT 0.21.
 - {"reference": DIR, "image": PATH, "text": TEXT, "adapter": DIR or null, "input_ids": FILE or null, "out": FILE}:
   the processor's input_ids, pixel_values and image_sizes (PIL backend: the one whose pixels match transformers 4 and
   stic) and the logits of the saved model, with PEFT's adapter on it when given; with "input_ids" (a safetensors file
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration, LlavaNextProcessor
@@ -23,9 +24,9 @@ from transformers.models.llava_next.image_processing_llava_next import LlavaNext
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
+from test_dpo import peft_adapter  # noqa: E402
 
 assert transformers.__version__.startswith("5."), transformers.__version__
-TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def build(job):
@@ -38,17 +39,7 @@ def build(job):
     LlavaNextProcessor(image_processor=image_processor, tokenizer=tiny_models.tokenizer(), patch_size=14,
                        vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(out)
     if job.get("adapter"):
-        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                            modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
-        peft = get_peft_model(model, config)
-        torch.manual_seed(job["seed"] + 1)
-        with torch.no_grad():
-            for name, p in peft.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.05 * torch.randn_like(p))
-                elif "modules_to_save" in name:
-                    p.add_(0.01 * torch.randn_like(p))
-        peft.save_pretrained(job["adapter"])
+        peft_adapter(model, job["adapter"], seed=job["seed"] + 1)
 
 
 def reference(job):
