@@ -5,12 +5,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
+# transformers 5.x and its PEFT for the tests of checkpoints saved by transformers 5; torch and the rest from .venv
+VENV_TF5 := .venv-tf5
+TF5_STAMP := $(VENV_TF5)/.setup-done
 STIC := target/release/stic
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: setup build-tools build test test-rust test-python demo reproduce bench-generate bench-train bench-ddp check-cuda clean
 
-setup: build-tools $(SETUP_STAMP)
+setup: build-tools $(SETUP_STAMP) $(TF5_STAMP)
 
 # The JPEG decoder is libjpeg-turbo built from source (turbojpeg-sys): cmake, and nasm for its SIMD code (without
 # nasm it builds plain C, which decodes the same pixels, more slowly). Installed from Debian when missing and root.
@@ -30,6 +33,15 @@ $(SETUP_STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
+	touch $@
+
+$(TF5_STAMP): requirements-tf5.txt | $(SETUP_STAMP)
+	rm -rf $(VENV_TF5)
+	$(PY) -m venv $(VENV_TF5)
+	main_site="$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
+	own_site="$$($(VENV_TF5)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
+	echo "import site; site.addsitedir('$$main_site')" > "$$own_site/shared-main-venv.pth"
+	$(VENV_TF5)/bin/pip install --quiet --disable-pip-version-check --no-deps --ignore-installed -r requirements-tf5.txt
 	touch $@
 
 build: setup
@@ -64,4 +76,4 @@ check-cuda: build
 	benches/cuda_checks.sh
 
 clean:
-	rm -rf target $(VENV) results
+	rm -rf target $(VENV) $(VENV_TF5) results

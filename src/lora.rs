@@ -81,6 +81,20 @@ pub struct LoraSettings {
 }
 
 impl LoraSettings {
+    /// Refuses settings LoRA cannot run with: r ≥ 1, dropout in [0, 1), alpha a positive number.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.r == 0 {
+            return Err("lora r is 0: the rank must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("lora dropout is {}: it must be at least 0 and below 1", self.dropout));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(format!("lora alpha is {}: it must be a positive number", self.alpha));
+        }
+        Ok(())
+    }
+
     pub fn scaling(&self) -> f64 {
         if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
     }
@@ -116,16 +130,83 @@ fn lora_key(module: &str, which: &str) -> String {
     format!("{PEFT_PREFIX}{module}.lora_{which}.weight")
 }
 
+/// `modules_to_save` go under the projector's module path in transformers ≥ 4.52 (`model.multi_modal_projector`):
+/// PEFT remaps the older llava-hf paths of LoRA weights on load, but PEFT 0.21 on transformers 5 does not remap
+/// those of `modules_to_save`.
+fn projector_key(name: &str) -> String {
+    format!("{PEFT_PREFIX}model.{name}")
+}
+
+/// PEFT `LoraConfig` entries that never change what a loaded adapter computes (the tensors say which layers are
+/// adapted, and initialisation schemes only matter before training).
+const INERT_PEFT_KEYS: &[&str] = &[
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "corda_config", "ensure_weight_tying", "eva_config",
+    "exclude_modules", "inference_mode", "init_lora_weights", "layers_pattern", "layers_to_transform", "loftq_config",
+    "lora_alpha", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core", "modules_to_save", "peft_type",
+    "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "target_modules", "task_type", "use_rslora",
+];
+
+/// The LoRA settings of a PEFT `adapter_config.json`, checked as PEFT would apply them: every other option must be
+/// off (absent, null, false or empty), since stic computes plain LoRA only.
+fn read_peft_settings(config: &serde_json::Value) -> std::result::Result<LoraSettings, String> {
+    let entries = config.as_object().ok_or("it must be a JSON object")?;
+    if let Some(kind) = entries.get("peft_type").filter(|t| t.as_str() != Some("LORA")) {
+        return Err(format!("peft_type is {kind}: only LORA adapters are supported"));
+    }
+    for pattern in ["rank_pattern", "alpha_pattern"] {
+        if entries.get(pattern).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
+            return Err(format!("{pattern} is not supported (one r and one lora_alpha for every layer)"));
+        }
+    }
+    let off = |v: &serde_json::Value| {
+        v.is_null() || v == &false || v.as_object().is_some_and(|m| m.is_empty()) || v.as_array().is_some_and(|a| a.is_empty())
+    };
+    for (key, value) in entries {
+        let plain = match key.as_str() {
+            "bias" => value.is_null() || value == "none",
+            _ => INERT_PEFT_KEYS.contains(&key.as_str()) || off(value),
+        };
+        if !plain {
+            return Err(format!(
+                "{key} is {value}: stic applies plain LoRA and does not implement this PEFT option, which changes what \
+                 the adapter computes; merge the adapter with PEFT (merge_and_unload) or train it without {key}"
+            ));
+        }
+    }
+    let given = |key: &str| entries.get(key).filter(|v| !v.is_null());
+    let number = |key: &str, default: f64| match given(key) {
+        None => Ok(default),
+        Some(v) => v.as_f64().ok_or_else(|| format!("{key} is {v}: it must be a number")),
+    };
+    let settings = LoraSettings {
+        // PEFT's LoraConfig defaults
+        r: match given("r") {
+            None => 8,
+            Some(v) => v.as_u64().ok_or_else(|| format!("r is {v}: it must be a whole number"))? as usize,
+        },
+        alpha: number("lora_alpha", 8.0)?,
+        dropout: number("lora_dropout", 0.0)?,
+        use_rslora: match given("use_rslora") {
+            None => false,
+            Some(v) => v.as_bool().ok_or_else(|| format!("use_rslora is {v}: it must be true or false"))?,
+        },
+        target_modules: Vec::new(),
+        train_projector: false,
+    };
+    settings.validate()?;
+    Ok(settings)
+}
+
 /// The trained projector's master weights are f32 even on a bf16 model (see `Linear::forward`).
 fn projector_params(model: &mut LlavaNext) -> Vec<(String, Tensor)> {
     model.original_projector = Some(model.multi_modal_projector.frozen_copy());
     let mut params = Vec::new();
     for (path, linear) in model.multi_modal_projector.linears_mut() {
         linear.weight = linear.weight.to_kind(Kind::Float).detach().set_requires_grad(true);
-        params.push((format!("{PEFT_PREFIX}{path}.weight"), linear.weight.shallow_clone()));
+        params.push((projector_key(&format!("{path}.weight")), linear.weight.shallow_clone()));
         if let Some(bias) = linear.bias.as_mut() {
             *bias = bias.to_kind(Kind::Float).detach().set_requires_grad(true);
-            params.push((format!("{PEFT_PREFIX}{path}.bias"), bias.shallow_clone()));
+            params.push((projector_key(&format!("{path}.bias")), bias.shallow_clone()));
         }
     }
     params
@@ -165,15 +246,7 @@ impl Adapter {
             return Err(Error::Input(format!("{} not found: --adapter must be a PEFT adapter folder", config_path.display())));
         }
         let config: serde_json::Value = read_json(&config_path)?;
-        if config.get("peft_type").and_then(|v| v.as_str()).is_some_and(|t| t != "LORA") {
-            return Err(Error::Input(format!("{}: only LORA adapters are supported", config_path.display())));
-        }
-        for pattern in ["rank_pattern", "alpha_pattern"] {
-            if config.get(pattern).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
-                return Err(Error::Input(format!("{}: {pattern} is not supported", config_path.display())));
-            }
-        }
-        let number = |k: &str| config.get(k).and_then(|v| v.as_f64());
+        let peft = read_peft_settings(&config).map_err(|why| Error::Input(format!("{}: {why}", config_path.display())))?;
         let weights_path = dir.join("adapter_model.safetensors");
         if !weights_path.is_file() {
             return Err(Error::Input(format!(
@@ -200,14 +273,10 @@ impl Adapter {
                 projector.insert(canonical_name(&path), t);
             }
         }
-        let r = number("r").unwrap_or(8.0);
         let settings = LoraSettings {
-            r: r as usize,
-            alpha: number("lora_alpha").unwrap_or(8.0),
-            dropout: number("lora_dropout").unwrap_or(0.0),
-            use_rslora: config.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
             target_modules: pairs.keys().filter_map(|m| m.rsplit('.').next().map(String::from)).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
             train_projector: !projector.is_empty(),
+            ..peft
         };
         let switch = Rc::new(LoraSwitch::default());
         let mut lora_params = Vec::new();
@@ -220,6 +289,12 @@ impl Adapter {
                 return Err(Error::Input(format!("{}: adapter targets {module}, which is not a language-model linear layer", weights_path.display())));
             };
             let rank = a.size()[0];
+            if rank != settings.r as i64 {
+                return Err(Error::Input(format!(
+                    "{}: {module} has rank {rank} but {} says r {} (PEFT refuses such an adapter): correct r",
+                    weights_path.display(), config_path.display(), settings.r
+                )));
+            }
             if a.size() != [rank, linear.in_features()] || b.size() != [linear.out_features(), rank] {
                 return Err(Error::Input(format!(
                     "{}: {module} has lora_A {:?} and lora_B {:?}, the layer is [{}, {}]",
@@ -229,8 +304,7 @@ impl Adapter {
             let (a, b) = if trainable { (a.set_requires_grad(true), b.set_requires_grad(true)) } else { (a, b) };
             lora_params.push((lora_key(&module, "A"), a.shallow_clone()));
             lora_params.push((lora_key(&module, "B"), b.shallow_clone()));
-            let scaling = if settings.use_rslora { settings.alpha / (rank as f64).sqrt() } else { settings.alpha / rank as f64 };
-            linear.lora = Some(LoraLayer { a, b, scaling, dropout: settings.dropout, switch: switch.clone() });
+            linear.lora = Some(LoraLayer { a, b, scaling: settings.scaling(), dropout: settings.dropout, switch: switch.clone() });
         }
         let mut projector_params = Vec::new();
         if !projector.is_empty() {
@@ -246,7 +320,7 @@ impl Adapter {
                         return Err(Error::Input(format!("{}: {name} has shape {:?}, expected {:?}", weights_path.display(), t.size(), slot.size())));
                     }
                     *slot = if trainable { t.set_requires_grad(true) } else { t.to_kind(slot.kind()) };
-                    projector_params.push((format!("{PEFT_PREFIX}{name}"), slot.shallow_clone()));
+                    projector_params.push((projector_key(&name), slot.shallow_clone()));
                 }
             }
             if let Some(extra) = projector.keys().next() {

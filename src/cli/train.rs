@@ -138,6 +138,7 @@ impl TrainArgs {
         if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.lora.r == 0 {
             return Err(Error::Input("batch_size, grad_accum and lora r must be at least 1".into()));
         }
+        cfg.lora.validate().map_err(|why| Error::Input(format!("{why} (set by --lora-r, --lora-alpha, --lora-dropout or the lora section of --config)")))?;
         Ok(cfg)
     }
 

@@ -55,3 +55,91 @@ impl Default for ImageConfig {
         }
     }
 }
+
+/// The most grid tiles one pinpoint may ask for (LLaVA-NeXT uses up to 4, LLaVA-OneVision 36): it bounds the memory
+/// a config can make one image take, checked before anything is allocated.
+pub const MAX_GRID_TILES: u64 = 64;
+/// The largest `shortest_edge` as a multiple of the tile side (the same bound, for the resize before cropping).
+pub const MAX_EDGE_PER_TILE: u32 = 4;
+
+/// An image setting that cannot work, found when the config is read.
+#[derive(thiserror::Error, Debug, PartialEq)]
+pub enum ImageConfigError {
+    /// `image_grid_pinpoints` (read from the model config or from the image processor's).
+    #[error("image_grid_pinpoints {0}")]
+    Pinpoints(String),
+    /// Any other setting of the image processor.
+    #[error("{0}")]
+    Processor(String),
+}
+
+impl ImageConfig {
+    /// Checks every value that sizes an allocation or divides a pixel.
+    pub fn validate(&self) -> Result<(), ImageConfigError> {
+        use ImageConfigError::{Pinpoints, Processor};
+        let tile = self.crop_size;
+        if tile == 0 {
+            return Err(Processor("crop_size is 0: the tiles must be the vision tower's image_size (336 for LLaVA-v1.6)".into()));
+        }
+        if self.shortest_edge == 0 || self.shortest_edge > MAX_EDGE_PER_TILE * tile {
+            return Err(Processor(format!(
+                "size.shortest_edge is {}: it must be between 1 and {} ({MAX_EDGE_PER_TILE} × crop_size {tile}); LLaVA-v1.6 uses crop_size",
+                self.shortest_edge,
+                MAX_EDGE_PER_TILE * tile
+            )));
+        }
+        if let Some(c) = (0..3).find(|&c| !self.image_mean[c].is_finite()) {
+            return Err(Processor(format!("image_mean has {} for channel {c}: it must be a finite number", self.image_mean[c])));
+        }
+        if let Some(c) = (0..3).find(|&c| !(self.image_std[c].is_finite() && self.image_std[c] > 0.0)) {
+            return Err(Processor(format!(
+                "image_std has {} for channel {c}: pixels are divided by it, so it must be a positive number \
+                 (CLIP's is [0.26862954, 0.26130258, 0.27577711])",
+                self.image_std[c]
+            )));
+        }
+        if self.aspect_mode == AspectMode::Pad {
+            return Ok(());
+        }
+        if self.grid_pinpoints.is_empty() {
+            return Err(Pinpoints("is empty: anyres needs at least one [height, width], e.g. [[336, 672], [672, 336], [672, 672]]".into()));
+        }
+        for &(height, width) in &self.grid_pinpoints {
+            if height == 0 || width == 0 || height % tile != 0 || width % tile != 0 {
+                return Err(Pinpoints(format!("has [{height}, {width}]: each side must be a positive multiple of the tile side {tile}")));
+            }
+            let tiles = u64::from(height / tile) * u64::from(width / tile);
+            if tiles > MAX_GRID_TILES {
+                return Err(Pinpoints(format!(
+                    "has [{height}, {width}], a grid of {tiles} tiles of {tile} px: at most {MAX_GRID_TILES} are supported"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_settings_are_valid_and_nonsense_is_named() {
+        assert_eq!(ImageConfig::default().validate(), Ok(()));
+        let bad = |change: fn(&mut ImageConfig)| {
+            let mut cfg = ImageConfig::default();
+            change(&mut cfg);
+            cfg.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.crop_size = 0).contains("crop_size is 0"));
+        assert!(bad(|c| c.shortest_edge = 0).contains("shortest_edge is 0"));
+        assert!(bad(|c| c.image_std = [0.0; 3]).contains("image_std"));
+        assert!(bad(|c| c.image_mean[1] = f32::NAN).contains("image_mean"));
+        assert!(bad(|c| c.grid_pinpoints.clear()).contains("image_grid_pinpoints is empty"));
+        assert!(bad(|c| c.grid_pinpoints = vec![(0, 0)]).contains("[0, 0]"));
+        assert!(bad(|c| c.grid_pinpoints = vec![(500, 672)]).contains("multiple of the tile side 336"));
+        assert!(bad(|c| c.grid_pinpoints = vec![(67200, 67200)]).contains("40000 tiles"));
+        let pad = ImageConfig { aspect_mode: AspectMode::Pad, grid_pinpoints: Vec::new(), ..ImageConfig::default() };
+        assert_eq!(pad.validate(), Ok(()));
+    }
+}

@@ -1,9 +1,9 @@
 //! Typed model configuration, read from `config.json` of either the llava-hf or the original LLaVA layout.
 use serde::Deserialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{read_json, Error, Result};
-use crate::image::{AspectMode, ImageConfig};
+use crate::image::{AspectMode, ImageConfig, ImageConfigError};
 
 /// Mistral decoder settings; defaults are those of transformers' `MistralConfig`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
@@ -171,7 +171,7 @@ struct OriginalConfig {
 }
 
 /// The subset of `preprocessor_config.json` that changes preprocessing.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, PartialEq)]
 struct PreprocessorConfig {
     image_grid_pinpoints: Option<Vec<[u32; 2]>>,
     image_mean: Option<[f32; 3]>,
@@ -179,6 +179,8 @@ struct PreprocessorConfig {
     crop_size: Option<serde_json::Value>,
     size: Option<serde_json::Value>,
     image_aspect_ratio: Option<String>,
+    #[serde(flatten)]
+    steps: ProcessorSteps,
 }
 
 fn edge_from(value: &serde_json::Value, keys: &[&str]) -> Option<u32> {
@@ -214,6 +216,7 @@ impl LlavaConfig {
         let parse_err = |e: serde_json::Error| Error::Config(format!("{}: {e}", path.display()));
         let mut cfg = match model_type {
             "llava_next" => {
+                check_llava_next_sections(&raw).map_err(|why| Error::Config(format!("{}: {why}", path.display())))?;
                 let hf: HfConfig = serde_json::from_value(raw.clone()).map_err(parse_err)?;
                 let mut text = hf.text_config;
                 text.tie_word_embeddings |= hf.tie_word_embeddings;
@@ -271,6 +274,17 @@ impl LlavaConfig {
                 )))
             }
         };
+        let (text_section, text_where) = match cfg.layout {
+            Layout::LlavaHf => (&raw["text_config"], "text_config."),
+            Layout::OriginalLlava => (&raw, ""),
+        };
+        let text_section = text_section.as_object().expect("checked to be an object");
+        let refuse = |why: String| Error::Config(format!("{}: {why}", path.display()));
+        refuse_unsupported(text_section, text_where, TEXT_SETTINGS).map_err(refuse)?;
+        if let Some(theta) = rope_theta(text_section, text_where).map_err(refuse)? {
+            cfg.text.rope_theta = theta;
+        }
+        cfg.validate(text_where).map_err(refuse)?;
         if cfg.text.hidden_act != "silu" {
             return Err(Error::Config(format!("{}: text hidden_act '{}' is not supported (silu)", path.display(), cfg.text.hidden_act)));
         }
@@ -282,13 +296,15 @@ impl LlavaConfig {
     }
 
     fn apply_preprocessor_config(&mut self, dir: &Path) -> Result<()> {
-        let path = dir.join("preprocessor_config.json");
-        if !path.is_file() {
+        let config_path = dir.join("config.json");
+        let Some((path, pre)) = read_image_processor(dir)? else {
             self.image.crop_size = self.vision.image_size as u32;
             self.image.shortest_edge = self.vision.image_size as u32;
-            return Ok(());
-        }
-        let pre: PreprocessorConfig = read_json(&path)?;
+            return self.check_image_settings(&config_path, &config_path);
+        };
+        pre.check(&path)?;
+        let pinpoints_path = if pre.image_grid_pinpoints.is_some() { path.clone() } else { config_path.clone() };
+        let model_pinpoints = self.image.grid_pinpoints.clone();
         if let Some(p) = pre.image_grid_pinpoints {
             self.image.grid_pinpoints = pairs(&p);
         }
@@ -302,6 +318,15 @@ impl LlavaConfig {
         self.image.shortest_edge = pre.size.as_ref().and_then(|v| edge_from(v, &["shortest_edge", "height"])).unwrap_or(self.image.crop_size);
         if pre.image_aspect_ratio.as_deref() == Some("pad") {
             self.image.aspect_mode = AspectMode::Pad;
+        }
+        self.check_image_settings(&pinpoints_path, &path)?;
+        if self.image.grid_pinpoints != model_pinpoints {
+            return Err(Error::Config(format!(
+                "the image_grid_pinpoints of {} differ from those of {} (transformers tiles images with the first and \
+                 unpads their features with the second): make them equal",
+                path.display(),
+                config_path.display()
+            )));
         }
         Ok(())
     }
@@ -381,5 +406,354 @@ impl LlavaConfig {
                 }),
             ),
         ]
+    }
+}
+
+/// The switches of transformers' image processors that turn a step of the pipeline off or change it. stic runs the
+/// steps as `LlavaNextImageProcessor` does by default, so each is accepted only absent or at that default.
+#[derive(Deserialize, Default, PartialEq)]
+struct ProcessorSteps {
+    do_resize: Option<bool>,
+    do_center_crop: Option<bool>,
+    do_rescale: Option<bool>,
+    do_normalize: Option<bool>,
+    do_convert_rgb: Option<bool>,
+    resample: Option<serde_json::Value>,
+    rescale_factor: Option<f64>,
+}
+
+/// PIL's `Image.BICUBIC`.
+const BICUBIC: u64 = 3;
+
+impl PreprocessorConfig {
+    /// Refuses processor settings that stic does not compute (so that they are never silently ignored).
+    fn check(&self, path: &Path) -> Result<()> {
+        let refuse = |why: String| Err(Error::Config(format!("{}: {why}", path.display())));
+        let steps = &self.steps;
+        for (name, value) in [
+            ("do_resize", steps.do_resize),
+            ("do_center_crop", steps.do_center_crop),
+            ("do_rescale", steps.do_rescale),
+            ("do_normalize", steps.do_normalize),
+            ("do_convert_rgb", steps.do_convert_rgb),
+        ] {
+            if value == Some(false) {
+                return refuse(format!("{name} is false: stic always runs that step, as the LLaVA-NeXT processor does by default"));
+            }
+        }
+        if let Some(resample) = steps.resample.as_ref().filter(|r| r.as_u64() != Some(BICUBIC)) {
+            return refuse(format!("resample is {resample}: stic resizes with bicubic resampling only (resample 3)"));
+        }
+        if let Some(factor) = steps.rescale_factor.filter(|f| (f - 1.0 / 255.0).abs() > 1e-12) {
+            return refuse(format!("rescale_factor is {factor}: stic scales pixels by 1/255 only"));
+        }
+        for (name, value) in [("crop_size", &self.crop_size), ("size", &self.size)] {
+            if let Some(value) = value {
+                check_square_edge(value).or_else(|why| refuse(format!("{name} {value}: {why}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tile edge as processors write it (`336`, `{"height": 336, "width": 336}` or `{"shortest_edge": 336}`): whole
+/// numbers that fit in 32 bits, height equal to width (stic's tiles are square).
+fn check_square_edge(value: &serde_json::Value) -> std::result::Result<(), String> {
+    let whole = |v: &serde_json::Value| v.as_u64().is_some_and(|n| n <= u64::from(u32::MAX));
+    let entries: Vec<&serde_json::Value> = match value.as_object() {
+        Some(map) => ["height", "width", "shortest_edge"].iter().filter_map(|k| map.get(*k)).collect(),
+        None => vec![value],
+    };
+    if entries.is_empty() || !entries.iter().all(|v| whole(v)) {
+        return Err("the sizes must be whole numbers of pixels (height/width or shortest_edge)".into());
+    }
+    match (value.get("height"), value.get("width")) {
+        (Some(h), Some(w)) if h != w => Err("height and width differ; stic supports square tiles only".into()),
+        _ => Ok(()),
+    }
+}
+
+/// The image processor settings: `preprocessor_config.json` (what transformers 4 reads) or the `image_processor`
+/// entry of `processor_config.json` (what transformers 5 writes, and reads first). When both are there they must
+/// agree, since the two transformers versions would otherwise preprocess differently.
+fn read_image_processor(dir: &Path) -> Result<Option<(PathBuf, PreprocessorConfig)>> {
+    let legacy_path = dir.join("preprocessor_config.json");
+    let legacy: Option<PreprocessorConfig> = if legacy_path.is_file() { Some(read_json(&legacy_path)?) } else { None };
+    let nested_path = dir.join("processor_config.json");
+    let nested = if nested_path.is_file() {
+        let processor: serde_json::Value = read_json(&nested_path)?;
+        match processor.get("image_processor") {
+            Some(settings) => Some(
+                PreprocessorConfig::deserialize(settings)
+                    .map_err(|e| Error::Config(format!("{}: image_processor: {e}", nested_path.display())))?,
+            ),
+            None => None,
+        }
+    } else {
+        None
+    };
+    match (legacy, nested) {
+        (Some(legacy), Some(nested)) if legacy != nested => Err(Error::Config(format!(
+            "{} and the image_processor entry of {} give different image settings (transformers 4 reads the first, \
+             transformers 5 the second): remove one of them or make them equal",
+            legacy_path.display(),
+            nested_path.display()
+        ))),
+        (Some(legacy), _) => Ok(Some((legacy_path, legacy))),
+        (None, Some(nested)) => Ok(Some((nested_path, nested))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Values of a setting that leave the computation as stic does it.
+#[derive(Clone, Copy)]
+enum Inert {
+    Null,
+    False,
+    True,
+    Number(f64),
+    Empty,
+}
+
+impl Inert {
+    fn holds(self, value: &serde_json::Value) -> bool {
+        value.is_null()
+            || match self {
+                Inert::Null => false,
+                Inert::False => value.as_bool() == Some(false),
+                Inert::True => value.as_bool() == Some(true),
+                Inert::Number(n) => value.as_f64() == Some(n),
+                Inert::Empty => value.as_object().is_some_and(|m| m.is_empty()) || value.as_array().is_some_and(|a| a.is_empty()),
+            }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Inert::Null => "null (absent)".into(),
+            Inert::False => "false".into(),
+            Inert::True => "true".into(),
+            Inert::Number(n) => n.to_string(),
+            Inert::Empty => "empty".into(),
+        }
+    }
+}
+
+type Section = serde_json::Map<String, serde_json::Value>;
+
+/// Settings transformers honours that change the computation and that stic does not implement.
+const TEXT_SETTINGS: &[(&str, Inert)] = &[
+    ("attention_bias", Inert::False),
+    ("mlp_bias", Inert::False),
+    ("attention_dropout", Inert::Number(0.0)),
+    ("pretraining_tp", Inert::Number(1.0)),
+    ("partial_rotary_factor", Inert::Number(1.0)),
+    ("layer_types", Inert::Null),
+    ("pruned_heads", Inert::Empty),
+    ("quantization_config", Inert::Null),
+];
+const VISION_SETTINGS: &[(&str, Inert)] = &[
+    ("num_channels", Inert::Number(3.0)),
+    ("attention_dropout", Inert::Number(0.0)),
+    ("pruned_heads", Inert::Empty),
+    ("quantization_config", Inert::Null),
+];
+const LLAVA_NEXT_SETTINGS: &[(&str, Inert)] = &[("quantization_config", Inert::Null), ("multimodal_projector_bias", Inert::True)];
+
+fn refuse_unsupported(section: &Section, place: &str, settings: &[(&str, Inert)]) -> std::result::Result<(), String> {
+    for &(key, inert) in settings {
+        if let Some(value) = section.get(key).filter(|v| !inert.holds(v)) {
+            let hint = if key == "quantization_config" { " (save the checkpoint dequantized, e.g. in bf16)" } else { "" };
+            return Err(format!("{place}{key} is {value}, which changes what the model computes; stic implements only {}{hint}", inert.describe()));
+        }
+    }
+    Ok(())
+}
+
+/// `text_config` and `vision_config` of a llava-hf config, checked before serde fills in defaults: a section that is
+/// not an object, or of another architecture, would otherwise become the 7B defaults.
+fn check_llava_next_sections(raw: &serde_json::Value) -> std::result::Result<(), String> {
+    let section = |key: &str, what: &str| match raw.get(key) {
+        Some(serde_json::Value::Object(map)) => Ok(map),
+        Some(other) => Err(format!("{key} is {other}; it must be an object with the {what} settings")),
+        None => Err(format!("there is no {key} (the {what} settings)")),
+    };
+    let text = section("text_config", "Mistral decoder")?;
+    match text.get("model_type").and_then(|v| v.as_str()) {
+        Some("mistral") => {}
+        Some(other) => return Err(format!("text_config.model_type is '{other}': stic runs Mistral decoders only")),
+        None => {
+            return Err("text_config has no model_type: transformers reads such a section as a llama config; add \
+                        \"model_type\": \"mistral\" if the decoder is Mistral"
+                .into())
+        }
+    }
+    let vision = section("vision_config", "CLIP vision tower")?;
+    if let Some(kind) = vision.get("model_type").and_then(|v| v.as_str()).filter(|k| *k != "clip_vision_model") {
+        return Err(format!("vision_config.model_type is '{kind}': stic runs CLIP vision towers only (clip_vision_model)"));
+    }
+    refuse_unsupported(vision, "vision_config.", VISION_SETTINGS)?;
+    refuse_unsupported(raw.as_object().expect("an object with sections"), "", LLAVA_NEXT_SETTINGS)
+}
+
+/// The RoPE base of a text section, when the section sets one. transformers 4 reads `rope_theta` and applies
+/// `rope_scaling`; transformers 5 writes `rope_parameters: {rope_type, rope_theta}` instead (and prefers it). Only
+/// the unscaled rotation (`rope_type` default) is implemented.
+fn rope_theta(section: &Section, place: &str) -> std::result::Result<Option<f64>, String> {
+    let number = |key: &str, value: &serde_json::Value| {
+        value.as_f64().ok_or_else(|| format!("{place}{key} is {value}; it must be a number"))
+    };
+    let flat = section.get("rope_theta").filter(|v| !v.is_null()).map(|v| number("rope_theta", v)).transpose()?;
+    let mut nested = None;
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(value) = section.get(key).filter(|v| !v.is_null()) else { continue };
+        let Some(params) = value.as_object() else {
+            return Err(format!("{place}{key} is {value}; it must be an object such as {{\"rope_type\": \"default\", \"rope_theta\": 1000000.0}}"));
+        };
+        let kind = params.get("rope_type").or_else(|| params.get("type")).unwrap_or(&serde_json::Value::Null);
+        if !(kind.is_null() || kind == "default") {
+            return Err(format!(
+                "{place}{key} has rope_type {kind}: stic implements only the default (unscaled) RoPE, so this \
+                 checkpoint cannot run here"
+            ));
+        }
+        for (name, value) in params {
+            match name.as_str() {
+                "rope_type" | "type" => {}
+                "rope_theta" => nested = Some(number(&format!("{key}.rope_theta"), value)?),
+                "partial_rotary_factor" if Inert::Number(1.0).holds(value) => {}
+                other => return Err(format!("{place}{key}.{other} is {value}: stic knows only rope_type and rope_theta there")),
+            }
+        }
+    }
+    match (flat, nested) {
+        (Some(flat), Some(nested)) if flat != nested => Err(format!(
+            "{place}rope_theta is {flat} but {place}rope_parameters.rope_theta is {nested} (transformers 4 reads the \
+             first, transformers 5 the second): make them equal"
+        )),
+        (flat, nested) => Ok(nested.or(flat)),
+    }
+}
+
+/// Sizes that count something (heads, channels, pixels) must not be 0.
+fn none_zero(place: &str, sizes: &[(&str, usize)]) -> std::result::Result<(), String> {
+    match sizes.iter().find(|(_, size)| *size == 0) {
+        Some((name, _)) => Err(format!("{place}{name} is 0; it must be at least 1")),
+        None => Ok(()),
+    }
+}
+
+impl TextConfig {
+    fn validate(&self, place: &str) -> std::result::Result<(), String> {
+        none_zero(place, &[
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("sliding_window", self.sliding_window.unwrap_or(1)),
+        ])?;
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(format!(
+                "{place}num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        let head_dim = self.head_dim();
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(format!("{place}head_dim is {head_dim} (hidden_size / num_attention_heads when absent); RoPE needs an even number ≥ 2"));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("{place}rope_theta is {}; it must be a positive number", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!("{place}rms_norm_eps is {}; it must be a number ≥ 0", self.rms_norm_eps));
+        }
+        Ok(())
+    }
+}
+
+impl VisionConfig {
+    fn validate(&self) -> std::result::Result<(), String> {
+        none_zero("vision_config.", &[
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("patch_size", self.patch_size),
+        ])?;
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "vision_config.hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.image_size < self.patch_size {
+            return Err(format!("vision_config.image_size {} is smaller than its patch_size {}", self.image_size, self.patch_size));
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
+            return Err(format!("vision_config.layer_norm_eps is {}; it must be a number ≥ 0", self.layer_norm_eps));
+        }
+        Ok(())
+    }
+}
+
+impl LlavaConfig {
+    /// Checks the values of config.json that size tensors or divide, so that no command panics on them later.
+    fn validate(&self, text_place: &str) -> std::result::Result<(), String> {
+        self.text.validate(text_place)?;
+        if self.vision_config_known {
+            self.vision.validate()?;
+        }
+        if self.projector_hidden_act != "gelu" {
+            return Err(format!("projector_hidden_act '{}' is not supported (gelu)", self.projector_hidden_act));
+        }
+        let vocab = self.text.vocab_size as i64;
+        if self.layout == Layout::LlavaHf && !(0..vocab).contains(&self.image_token_id) {
+            return Err(format!(
+                "image_token_index {} is not a token of the vocabulary (text_config.vocab_size {vocab}): it must be \
+                 the id of <image> in tokenizer.json (32000 in llava-hf's LLaVA-NeXT checkpoints)",
+                self.image_token_id
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses image settings that cannot work, naming the file each came from.
+    fn check_image_settings(&self, pinpoints_file: &Path, processor_file: &Path) -> Result<()> {
+        if self.vision_config_known && self.image.crop_size as usize != self.vision.image_size {
+            return Err(Error::Config(format!(
+                "{}: crop_size {} differs from vision_config.image_size {}: the tiles must have the vision tower's input size",
+                processor_file.display(),
+                self.image.crop_size,
+                self.vision.image_size
+            )));
+        }
+        self.image.validate().map_err(|e| {
+            let file = if matches!(e, ImageConfigError::Pinpoints(_)) { pinpoints_file } else { processor_file };
+            Error::Config(format!("{}: {e}", file.display()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rope_theta;
+    use serde_json::json;
+
+    fn theta(section: serde_json::Value) -> Result<Option<f64>, String> {
+        rope_theta(section.as_object().expect("an object"), "text_config.")
+    }
+
+    #[test]
+    fn rope_theta_of_both_transformers_versions() {
+        assert_eq!(theta(json!({})), Ok(None));
+        assert_eq!(theta(json!({"rope_theta": 1e6, "rope_scaling": null})), Ok(Some(1e6)));
+        assert_eq!(theta(json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})), Ok(Some(1e6)));
+        assert_eq!(theta(json!({"rope_theta": 1e6, "rope_parameters": {"rope_theta": 1e6}})), Ok(Some(1e6)));
+        assert_eq!(theta(json!({"rope_theta": 5e5, "rope_parameters": {"rope_type": "default"}})), Ok(Some(5e5)));
+        assert!(theta(json!({"rope_theta": 1e6, "rope_parameters": {"rope_theta": 1e4}})).unwrap_err().contains("make them equal"));
+        assert!(theta(json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}})).unwrap_err().contains("llama3"));
+        assert!(theta(json!({"rope_scaling": {"type": "linear", "factor": 2.0}})).unwrap_err().contains("linear"));
+        assert!(theta(json!({"rope_parameters": "default"})).unwrap_err().contains("must be an object"));
     }
 }

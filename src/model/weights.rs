@@ -25,10 +25,20 @@ pub fn canonical_name(key: &str) -> String {
     ];
     for (from, to) in RULES {
         if let Some(rest) = key.strip_prefix(from) {
-            return format!("{to}{rest}");
+            return with_clip_vision_model(format!("{to}{rest}"));
         }
     }
-    key.to_string()
+    with_clip_vision_model(key.to_string())
+}
+
+/// transformers 5 builds CLIP's vision tower without the `vision_model.` level (and saves a model built from a
+/// config that way): `vision_tower.embeddings…` is `vision_tower.vision_model.embeddings…`.
+fn with_clip_vision_model(name: String) -> String {
+    const CLIP_MODULES: [&str; 4] = ["embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."];
+    match name.strip_prefix("vision_tower.") {
+        Some(rest) if CLIP_MODULES.iter().any(|m| rest.starts_with(m)) => format!("vision_tower.vision_model.{rest}"),
+        _ => name,
+    }
 }
 
 struct MappedFile {
@@ -338,5 +348,34 @@ impl<'s, 'a> Vb<'s, 'a> {
 
     pub fn device(&self) -> Device {
         self.source.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    #[test]
+    fn every_layout_maps_to_the_older_llava_hf_names() {
+        let clip = "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight";
+        for key in [
+            clip,
+            "vision_tower.encoder.layers.0.self_attn.q_proj.weight",
+            "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight",
+            "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+            "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+        ] {
+            assert_eq!(canonical_name(key), clip, "{key}");
+        }
+        for (key, canonical) in [
+            ("vision_tower.embeddings.patch_embedding.weight", "vision_tower.vision_model.embeddings.patch_embedding.weight"),
+            ("vision_tower.pre_layrnorm.bias", "vision_tower.vision_model.pre_layrnorm.bias"),
+            ("vision_tower.post_layernorm.weight", "vision_tower.vision_model.post_layernorm.weight"),
+            ("model.language_model.layers.1.mlp.up_proj.weight", "language_model.model.layers.1.mlp.up_proj.weight"),
+            ("lm_head.weight", "language_model.lm_head.weight"),
+            ("model.image_newline", "image_newline"),
+        ] {
+            assert_eq!(canonical_name(key), canonical, "{key}");
+        }
     }
 }
