@@ -3,9 +3,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::model_args::ModelArgs;
-use stic::eval::benchmarks::{load_with_options, score, Benchmark, EvalItem, LoadOptions};
+use stic::eval::benchmarks::{self, score, Answer, Benchmark, EvalItem, Judge, LoadOptions};
 use stic::eval::judge::{JudgeClient, JudgeConfig};
-use stic::eval::run::{answer_tokens, read_predictions, AnswerItems, DescribeItems};
+use stic::eval::run::{read_predictions, AnswerItems, DescribeItems};
 use stic::generate::SamplingConfig;
 use stic::stic::job::{run_job, JobOptions};
 use stic::stic::jsonl::shard_path;
@@ -30,10 +30,10 @@ pub struct JudgeArgs {
 }
 
 impl JudgeArgs {
-    fn client(&self, bench: Benchmark, cache_dir: &Path) -> Result<Option<JudgeClient>> {
+    fn client(&self, bench: &dyn Benchmark, cache_dir: &Path) -> Result<Option<JudgeClient>> {
         let Some(url) = &self.judge_url else { return Ok(None) };
         let default = JudgeConfig::default();
-        let model = self.judge_model.as_deref().or(bench.official_judge_model()).unwrap_or(&default.model).to_string();
+        let model = self.judge_model.as_deref().or(bench.protocol().judge.official_model()).unwrap_or(&default.model).to_string();
         let cfg = JudgeConfig {
             url: url.clone(),
             model,
@@ -83,18 +83,14 @@ pub struct Args {
     judge: JudgeArgs,
 }
 
-fn benchmark(name: &str) -> Result<Benchmark> {
-    name.parse::<Benchmark>().map_err(|_| {
-        Error::Input(format!(
-            "unknown benchmark '{name}' (use {})",
-            Benchmark::ALL.iter().map(|b| b.name()).collect::<Vec<_>>().join(", ")
-        ))
-    })
+fn benchmark(name: &str) -> Result<&'static dyn Benchmark> {
+    benchmarks::find(name)
+        .map_err(|_| Error::Input(format!("unknown benchmark '{name}' (use {})", benchmarks::names().join(", "))))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let bench = benchmark(&args.benchmark)?;
-    let items = load_with_options(bench, &args.data, &LoadOptions { mmbench_circular: args.circular })?;
+    let items = bench.load(&args.data, &LoadOptions { mmbench_circular: args.circular })?;
     let sharding = Sharding::new(args.shard.as_deref())?;
     let shard = sharding.shard();
     stic::fsutil::create_dir(&args.output)?;
@@ -124,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None
     };
     let answer = AnswerItems { descriptions: descriptions.as_ref(), max_pixels };
-    let opts = options(&predictions_path, args.max_new_tokens.unwrap_or(answer_tokens(bench)));
+    let opts = options(&predictions_path, args.max_new_tokens.unwrap_or(bench.protocol().answer_tokens));
     let summary = run_job(&session, &answer, &items, &opts)?;
     super::prefs::report(&summary, &opts.output);
     let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
@@ -147,7 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Scores what can be scored and writes `summary.json`; LLaVA-Bench and MM-Vet without a judge get the files
 /// their official graders read instead.
-fn write_summary(bench: Benchmark, items: &[EvalItem], predictions_path: &Path, out_dir: &Path, judge: &JudgeArgs) -> Result<serde_json::Value> {
+fn write_summary(bench: &dyn Benchmark, items: &[EvalItem], predictions_path: &Path, out_dir: &Path, judge: &JudgeArgs) -> Result<serde_json::Value> {
     let predictions = read_predictions(predictions_path, bench, items)?;
     let answered: Vec<EvalItem> = items.iter().filter(|i| predictions.contains_key(&i.id)).cloned().collect();
     let known: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
@@ -161,8 +157,14 @@ fn write_summary(bench: Benchmark, items: &[EvalItem], predictions_path: &Path, 
         );
     }
     let client = judge.client(bench, out_dir)?;
-    let summary = if matches!(bench, Benchmark::LlavaBench | Benchmark::MmVet) && client.is_none() {
-        let file = write_official_grader_files(bench, &answered, &predictions, out_dir)?;
+    let grader_answers: Vec<Answer> = answered.iter().map(|item| Answer { item, prediction: &predictions[&item.id] }).collect();
+    let grader_file = match bench.protocol().judge {
+        Judge::Required(_) if client.is_none() => bench.grader_file(&grader_answers),
+        _ => None,
+    };
+    let summary = if let Some(grader_file) = grader_file {
+        let file = out_dir.join(grader_file.name);
+        stic::fsutil::write_atomic(&file, grader_file.contents.as_bytes())?;
         serde_json::json!({
             "benchmark": bench.name(),
             "answered": answered.len(),
@@ -186,26 +188,6 @@ fn write_summary(bench: Benchmark, items: &[EvalItem], predictions_path: &Path, 
     Ok(summary)
 }
 
-fn write_official_grader_files(bench: Benchmark, items: &[EvalItem], predictions: &HashMap<String, String>, out_dir: &Path) -> Result<PathBuf> {
-    let (path, text) = match bench {
-        Benchmark::LlavaBench => {
-            let lines: Vec<String> = items
-                .iter()
-                .map(|i| {
-                    serde_json::json!({"question_id": i.id.parse::<i64>().map(serde_json::Value::from).unwrap_or_else(|_| i.id.clone().into()), "prompt": i.question, "text": predictions[&i.id], "answer_id": i.id, "model_id": "stic", "metadata": {}}).to_string()
-                })
-                .collect();
-            (out_dir.join("llava_bench_answers.jsonl"), lines.join("\n") + "\n")
-        }
-        _ => {
-            let map: serde_json::Map<String, serde_json::Value> = items.iter().map(|i| (i.id.clone(), predictions[&i.id].clone().into())).collect();
-            (out_dir.join("mm-vet_results.json"), serde_json::to_string_pretty(&map).expect("json"))
-        }
-    };
-    stic::fsutil::write_atomic(&path, text.as_bytes())?;
-    Ok(path)
-}
-
 #[derive(clap::Args)]
 pub struct ScoreArgs {
     #[arg(long)]
@@ -223,7 +205,7 @@ pub struct ScoreArgs {
 
 pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     let bench = benchmark(&args.benchmark)?;
-    let items = load_with_options(bench, &args.data, &LoadOptions { mmbench_circular: args.circular })?;
+    let items = bench.load(&args.data, &LoadOptions { mmbench_circular: args.circular })?;
     let out_dir = args.predictions.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let summary = write_summary(bench, &items, &args.predictions, &out_dir, &args.judge)?;
     println!("{summary}");

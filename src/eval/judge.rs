@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::metrics::parse_python_float;
+use super::python::parse_python_float;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JudgeConfig {

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::benchmarks::{Benchmark, EvalItem, ImageSource, TextVqaAnswerIndex};
+use super::benchmarks::Benchmark;
+use super::item::{EvalItem, ImageSource};
 use crate::stic::infuse::with_description;
 use crate::stic::job::{GenerationTask, Request};
 
@@ -13,14 +14,6 @@ pub fn item_image(item: &EvalItem, max_pixels: u64) -> Result<Option<::image::Rg
         ImageSource::Path(path) => crate::image::load_image(path, max_pixels).map(Some).map_err(|e| e.to_string()),
         ImageSource::Bytes(bytes) => crate::image::load_image_bytes(bytes, &format!("item {}", item.id), max_pixels).map(Some).map_err(|e| e.to_string()),
         ImageSource::None => Ok(None),
-    }
-}
-
-/// New tokens per answer, as the LLaVA-1.5 evaluation scripts allow them.
-pub fn answer_tokens(benchmark: Benchmark) -> usize {
-    match benchmark {
-        Benchmark::LlavaBench | Benchmark::MmVet | Benchmark::MathVista => 1024,
-        _ => 128,
     }
 }
 
@@ -78,16 +71,15 @@ impl GenerationTask for AnswerItems<'_> {
 }
 
 /// Predictions of a JSONL file by item id: stic's `{id, prediction}` lines, or
-/// LLaVA's `{question_id, text}` answer files. LLaVA's TextVQA answers carry the
-/// image id as `question_id`; like `eval_textvqa.py`, they are matched on it and
-/// the question in their `prompt`.
+/// LLaVA's `{question_id, text}` answer files (matched to items by the benchmark's
+/// [`LlavaAnswerIndex`](super::benchmarks::LlavaAnswerIndex) where it has one).
 pub fn read_predictions(
     path: &Path,
-    benchmark: Benchmark,
+    benchmark: &dyn Benchmark,
     items: &[EvalItem],
 ) -> crate::Result<HashMap<String, String>> {
     let rows: Vec<serde_json::Value> = crate::stic::jsonl::read_jsonl(path)?;
-    let textvqa = (benchmark == Benchmark::TextVqa).then(|| TextVqaAnswerIndex::new(items));
+    let mut llava_index = benchmark.llava_answer_index(items);
     let mut out = HashMap::new();
     for (i, row) in rows.iter().enumerate() {
         let at = || format!("{} line {}", path.display(), i + 1);
@@ -99,11 +91,11 @@ pub fn read_predictions(
                 at()
             )));
         };
-        let id = match (&textvqa, row.get("id"), row.get("prompt").and_then(|v| v.as_str())) {
+        let id = match (&mut llava_index, row.get("id"), row.get("prompt").and_then(|v| v.as_str())) {
             (Some(index), None, Some(prompt)) => index
                 .item_id(&id, prompt)
                 .map_err(|message| crate::Error::Input(format!("{}: {message}", at())))?
-                .map_or(id, str::to_string),
+                .unwrap_or(id),
             _ => id,
         };
         out.insert(id, text.to_string());
