@@ -1,10 +1,11 @@
-//! `stic eval`: greedy answers to a benchmark's questions with the `mistral_instruct` template, optionally
-//! describe-and-respond (DaR): describe the image first, then answer with the description in the prompt.
+//! `stic eval`'s answer pass: greedy answers to a benchmark's questions, with the DaR descriptions
+//! ([`dar`](super::dar)) in the prompt when given; and the prediction files `stic eval-score` reads.
 use std::collections::HashMap;
 use std::path::Path;
 
 use super::benchmarks::Benchmark;
 use super::item::{EvalItem, ImageSource};
+use super::python;
 use crate::stic::infuse::with_description;
 use crate::stic::job::{GenerationTask, Request};
 
@@ -14,30 +15,6 @@ pub fn item_image(item: &EvalItem, max_pixels: u64) -> Result<Option<::image::Rg
         ImageSource::Path(path) => crate::image::load_image(path, max_pixels).map(Some).map_err(|e| e.to_string()),
         ImageSource::Bytes(bytes) => crate::image::load_image_bytes(bytes, &format!("item {}", item.id), max_pixels).map(Some).map_err(|e| e.to_string()),
         ImageSource::None => Ok(None),
-    }
-}
-
-/// DaR's first pass: a description of each item's image.
-pub struct DescribeItems {
-    pub prompt: String,
-    pub max_pixels: u64,
-}
-
-impl GenerationTask for DescribeItems {
-    type Item = EvalItem;
-    type Plan = ();
-
-    fn key(&self, item: &EvalItem) -> String {
-        item.id.clone()
-    }
-
-    fn plan(&self, _position: usize, item: &EvalItem) -> Result<((), Vec<Request>), String> {
-        let image = item_image(item, self.max_pixels)?.ok_or("the item has no image to describe")?;
-        Ok(((), vec![Request { user_text: self.prompt.clone(), image: Some(image) }]))
-    }
-
-    fn record(&self, _position: usize, item: &EvalItem, _plan: (), outputs: Vec<String>) -> serde_json::Value {
-        serde_json::json!({"id": item.id, "description": outputs[0]})
     }
 }
 
@@ -66,7 +43,8 @@ impl GenerationTask for AnswerItems<'_> {
     }
 
     fn record(&self, _position: usize, item: &EvalItem, prompt: String, outputs: Vec<String>) -> serde_json::Value {
-        serde_json::json!({"id": item.id, "prompt": prompt, "prediction": outputs[0]})
+        // LLaVA's scripts `.strip()` their outputs, which also drops U+001C..U+001F (the job trims the rest).
+        serde_json::json!({"id": item.id, "prompt": prompt, "prediction": python::strip(&outputs[0])})
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::LazyLock;
 
@@ -11,13 +12,13 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::mmbench::infer_option_letter;
+use super::mmbench::{infer_option_letter, lettered};
 use super::{count_correct, Answer, Benchmark, Judge, LoadOptions, Protocol, Score, ScoreError, OPTION_LETTERS};
 use crate::eval::files::{invalid, json_text, read_json, read_jsonl, require, to_meta, EvalDataError};
 use crate::eval::hub_parquet::{ImageColumn, ParquetRelease};
 use crate::eval::item::{EvalItem, ImageSource};
 use crate::eval::judge::{JudgeClient, MATHVISTA_JUDGE_MODEL};
-use crate::eval::python::{parse_python_float, parse_python_int, python_float_repr, python_round};
+use crate::eval::python::{self, parse_python_float, parse_python_int, python_float_repr, python_round};
 
 const NAME: &str = "mathvista";
 
@@ -82,7 +83,9 @@ pub struct MathVistaMeta {
 struct MathVistaRecord {
     pid: Value,
     image: String,
-    query: String,
+    /// The prompt; the GitHub repository's `data/testmini.json` has none, its queries are in `data/query.json`.
+    #[serde(default)]
+    query: Option<String>,
     question_type: MathVistaQuestionType,
     answer_type: MathVistaAnswerType,
     #[serde(default)]
@@ -102,10 +105,10 @@ const MATHVISTA_PARQUET: ParquetRelease = ParquetRelease {
     image: ImageColumn::Required("decoded_image"),
 };
 
-fn mathvista_item(record: MathVistaRecord, image: ImageSource) -> EvalItem {
+fn mathvista_item(record: MathVistaRecord, query: String, image: ImageSource) -> EvalItem {
     let pid = json_text(&record.pid);
     let problem = MathVistaProblem {
-        query: record.query,
+        query,
         question_type: record.question_type,
         answer_type: record.answer_type,
         choices: record
@@ -124,8 +127,10 @@ fn mathvista_item(record: MathVistaRecord, image: ImageSource) -> EvalItem {
 
 fn load_mathvista(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     let mut items = match MATHVISTA_PARQUET.instead_of(data_dir, &MATHVISTA_JSON)? {
-        Some(files) => MATHVISTA_PARQUET
-            .read_records(&files, |_, record, image| Ok(mathvista_item(record, image)))?,
+        Some(files) => MATHVISTA_PARQUET.read_records(&files, |_, record: MathVistaRecord, image| {
+            let query = record.query.clone().ok_or("missing field `query`")?;
+            Ok(mathvista_item(record, query, image))
+        })?,
         None => load_mathvista_json(data_dir)?,
     };
     items.sort_by(|a, b| natural_order(&a.id, &b.id));
@@ -171,22 +176,50 @@ fn load_mathvista_json(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> 
             ),
         });
     };
+    let source = if json_path.exists() { json_path } else { jsonl_path };
+    let queries = if records.iter().any(|record| record.query.is_none()) {
+        Some(read_queries(data_dir, &source)?)
+    } else {
+        None
+    };
     let images_dir = require(
         NAME,
         data_dir.join("images"),
         "unpack MathVista's images.zip there",
     )?;
-    Ok(records
+    records
         .into_iter()
         .map(|record| {
+            let pid = json_text(&record.pid);
+            let query = record
+                .query
+                .clone()
+                .or_else(|| queries.as_ref()?.get(&pid).cloned())
+                .ok_or_else(|| invalid(&data_dir.join(QUERY_JSON), format!("no query for pid {pid}")))?;
             let image = record
                 .image
                 .strip_prefix("images/")
                 .unwrap_or(&record.image);
             let image = ImageSource::Path(images_dir.join(image));
-            mathvista_item(record, image)
+            Ok(mathvista_item(record, query, image))
         })
-        .collect())
+        .collect()
+}
+
+/// The queries of the GitHub repository's `data/` folder, whose `testmini.json` has none: pid -> query.
+const QUERY_JSON: &str = "query.json";
+
+fn read_queries(data_dir: &Path, problems: &Path) -> Result<HashMap<String, String>, EvalDataError> {
+    let path = require(
+        NAME,
+        data_dir.join(QUERY_JSON),
+        &format!(
+            "{} has problems without a `query` (the layout of MathVista's GitHub data/ folder), whose prompts are \
+             in data/query.json: put that file beside it",
+            problems.display()
+        ),
+    )?;
+    read_json(&path)
 }
 
 /// Orders ids like "v1_2" before "v1_10": by the text before the trailing
@@ -292,7 +325,7 @@ fn official_direct_extraction(response: &str, problem: &MathVistaProblem) -> Opt
 
 fn rule_based_extraction(response: &str, problem: &MathVistaProblem) -> Option<String> {
     if problem.question_type == MathVistaQuestionType::MultiChoice {
-        return infer_option_letter(response, problem.choices()).map(String::from);
+        return infer_option_letter(response, &lettered(problem.choices())).map(String::from);
     }
     match problem.answer_type {
         MathVistaAnswerType::Integer | MathVistaAnswerType::Float => NUMBER
@@ -303,7 +336,7 @@ fn rule_based_extraction(response: &str, problem: &MathVistaProblem) -> Option<S
             .find_iter(response)
             .last()
             .map(|m| m.as_str().to_string()),
-        MathVistaAnswerType::Text => Some(response.trim().to_string()).filter(|t| !t.is_empty()),
+        MathVistaAnswerType::Text => Some(python::strip(response).to_string()).filter(|t| !t.is_empty()),
     }
 }
 
@@ -314,7 +347,7 @@ fn rule_based_extraction(response: &str, problem: &MathVistaProblem) -> Option<S
 pub fn normalize_mathvista_answer(extraction: &str, problem: &MathVistaProblem) -> Option<String> {
     if problem.question_type == MathVistaQuestionType::MultiChoice {
         let choices = problem.choices();
-        let extraction = extraction.trim();
+        let extraction = python::strip(extraction);
         let letter = match PARENTHESISED_LETTER.captures(extraction) {
             Some(captures) => captures[1].to_uppercase(),
             None => extraction.to_string(),
@@ -384,7 +417,7 @@ pub fn mathvista_is_correct(
 #[cfg(test)]
 mod tests {
     use super::super::score;
-    use super::super::test_support::{jsonl, load, missing_file_message, predictions, write};
+    use super::super::test_support::{jsonl, load, missing_file_message, predictions, strings, write};
     use super::*;
     use crate::eval::judge::test_support::{completion, test_client, StubServer};
     use serde_json::json;
@@ -487,6 +520,34 @@ mod tests {
     }
 
     #[test]
+    fn mathvista_github_layout_reads_the_queries_from_query_json() {
+        // lupantech/MathVista's data/: testmini.json without `query` (and an integer precision), query.json beside it.
+        let dir = tempfile::tempdir().unwrap();
+        let Value::Object(mut problems) = mathvista_problems() else { unreachable!() };
+        let mut queries = serde_json::Map::new();
+        for (pid, problem) in &mut problems {
+            queries.insert(pid.clone(), problem.as_object_mut().unwrap().remove("query").unwrap());
+        }
+        problems["2"]["precision"] = json!(2);
+        write(dir.path(), "testmini.json", &Value::Object(problems).to_string());
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        let message = missing_file_message(&MathVista, dir.path());
+        assert!(message.contains("query.json") && message.contains("GitHub data/ folder"), "{message}");
+
+        write(dir.path(), "query.json", &Value::Object(queries.clone()).to_string());
+        let items = load(&MathVista, dir.path()).unwrap();
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["2", "10"]);
+        assert_eq!(items[1].question, queries["10"].as_str().unwrap());
+        let preds = predictions(&[("2", "1.45"), ("10", "B")]);
+        assert_eq!(score(&MathVista, &items, &preds, None).unwrap().correct, 2.0);
+
+        queries.remove("10");
+        write(dir.path(), "query.json", &Value::Object(queries).to_string());
+        let error = load(&MathVista, dir.path()).unwrap_err().to_string();
+        assert!(error.contains("query.json: no query for pid 10"), "{error}");
+    }
+
+    #[test]
     fn mathvista_missing_data_mentions_both_forms_and_the_parquet_release() {
         let dir = tempfile::tempdir().unwrap();
         let message = missing_file_message(&MathVista, dir.path());
@@ -499,10 +560,6 @@ mod tests {
                 && message.contains("data/testmini-*.parquet"),
             "{message}"
         );
-    }
-
-    fn strings(items: &[&str]) -> Vec<String> {
-        items.iter().map(|s| s.to_string()).collect()
     }
 
     fn mathvista(

@@ -150,7 +150,7 @@ pub fn mm_vet_summary(grades: &[(Vec<String>, f64)]) -> MmVetSummary {
 #[cfg(test)]
 mod tests {
     use super::super::score;
-    use super::super::test_support::{missing_file_message, load, predictions, write};
+    use super::super::test_support::{load, missing_file_message, predictions, strings, write};
     use super::*;
     use crate::eval::judge::test_support::{completion, test_client, StubServer};
     use serde_json::json;
@@ -202,10 +202,6 @@ mod tests {
         assert_eq!((score.correct, score.accuracy), (1.5, 0.75));
         assert_eq!(score.extra["by_capability_percent"]["ocr"], 75.0);
         assert_eq!(score.extra["by_capability_percent"]["math"], 100.0);
-    }
-
-    fn strings(items: &[&str]) -> Vec<String> {
-        items.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::eval::files::{invalid, json_text, require, to_meta, EvalDataError};
 use crate::eval::hub_parquet::{ImageColumn, ParquetRelease};
 use crate::eval::item::{EvalItem, ImageSource};
 use crate::eval::judge::JudgeClient;
+use crate::eval::python;
 
 const NAME: &str = "mmbench";
 
@@ -37,7 +38,7 @@ impl Benchmark for MmBench {
             let answer = meta
                 .answer
                 .ok_or_else(|| ScoreError::MissingAnswer(entry.item.id.clone()))?;
-            let chosen = infer_option_letter(entry.prediction, &meta.options);
+            let chosen = infer_option_letter(entry.prediction, &meta.choices);
             results.push((
                 meta.index,
                 chosen.is_some_and(|letter| answer == letter.to_string()),
@@ -62,27 +63,38 @@ pub struct MmBenchMeta {
     pub index: u64,
     /// The correct letter in this variant's option order; absent in test splits.
     pub answer: Option<String>,
-    /// Option texts in the order they were shown, lettered from A.
-    pub options: Vec<String>,
+    /// The options as they were shown: (letter, text).
+    pub choices: Vec<Choice>,
     pub category: Option<String>,
 }
 
-/// What pandas reads as NaN by default, plus the spellings LLaVA's `is_none` rejects.
-fn is_missing_cell(cell: &str) -> bool {
+/// An option's letter and text.
+pub type Choice = (char, String);
+
+/// Options lettered from A, as MathVista and LLaVA's prompts list them.
+pub fn lettered(options: &[String]) -> Vec<Choice> {
+    OPTION_LETTERS.chars().zip(options.iter().cloned()).collect()
+}
+
+/// What pandas 2 reads as NaN by default (`read_csv`'s `na_values`), the test of VLMEvalKit's `pd.isna`.
+fn is_pandas_na(cell: &str) -> bool {
     const PANDAS_NA_VALUES: [&str; 19] = [
         "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
         "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
     ];
     PANDAS_NA_VALUES.contains(&cell)
-        || cell.eq_ignore_ascii_case("nan")
-        || cell.eq_ignore_ascii_case("none")
+}
+
+/// LLaVA's `is_none` on a cell pandas read: NaN, or the text "nan" or "none" in any case.
+fn is_llava_none(cell: &str) -> bool {
+    is_pandas_na(cell) || cell.eq_ignore_ascii_case("nan") || cell.eq_ignore_ascii_case("none")
 }
 
 struct MmBenchRow {
     index: u64,
     question: String,
     hint: Option<String>,
-    options: Vec<String>,
+    choices: Vec<Choice>,
     answer: Option<String>,
     category: Option<String>,
     image: ImageSource,
@@ -92,18 +104,20 @@ impl MmBenchRow {
     /// A row from its cells by column name (`None` where the column or the value is absent).
     fn new(cell: impl Fn(&str) -> Option<String>, image: ImageSource) -> Result<Self, String> {
         let index = cell("index").unwrap_or_default();
-        let present = |name: &str| cell(name).filter(|value| !is_missing_cell(value));
+        let present = |name: &str| cell(name).filter(|value| !is_pandas_na(value));
         Ok(MmBenchRow {
             index: index
                 .trim()
                 .parse()
                 .map_err(|_| format!("index {index:?} is not a whole number"))?,
             question: cell("question").ok_or("no question")?,
-            hint: present("hint"),
-            // LLaVA reads options A-D in order and stops at the first missing one.
-            options: ["A", "B", "C", "D"]
-                .into_iter()
-                .map_while(present)
+            // `model_vqa_mmbench.py` drops a hint `is_none` rejects.
+            hint: cell("hint").filter(|hint| !is_llava_none(hint)),
+            // VLMEvalKit's `build_choices`: every letter column whose cell is not NaN, with its letter. (LLaVA's
+            // `get_options` stops at the first cell `is_none` rejects, such as an option that reads "none".)
+            choices: OPTION_LETTERS
+                .chars()
+                .filter_map(|letter| present(&letter.to_string()).map(|text| (letter, text)))
                 .collect(),
             answer: present("answer"),
             category: present("category"),
@@ -124,12 +138,12 @@ const MMBENCH_PARQUET: ParquetRelease = ParquetRelease {
 };
 
 /// `model_vqa_mmbench.py`: hint, question, then one "X. option" line per option.
-fn mmbench_prompt(hint: Option<&str>, question: &str, options: &[String]) -> String {
+fn mmbench_prompt(hint: Option<&str>, question: &str, choices: &[Choice]) -> String {
     let mut prompt = match hint {
         Some(hint) => format!("{hint}\n{question}"),
         None => question.to_string(),
     };
-    for (letter, option) in OPTION_LETTERS.chars().zip(options) {
+    for (letter, option) in choices {
         prompt.push_str(&format!("\n{letter}. {option}"));
     }
     format!("{prompt}\n{ANSWER_WITH_OPTION_LETTER}")
@@ -234,7 +248,7 @@ fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDa
             items.push(mmbench_item(
                 &row,
                 row.index,
-                row.options.clone(),
+                row.choices.clone(),
                 row.answer.clone(),
             ));
             continue;
@@ -244,8 +258,9 @@ fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDa
         }
         let answer_position = match &row.answer {
             Some(answer) => Some(
-                (0..row.options.len())
-                    .position(|p| answer == &option_letter(p))
+                row.choices
+                    .iter()
+                    .position(|(letter, _)| answer == &letter.to_string())
                     .ok_or_else(|| {
                         invalid(
                             &path,
@@ -255,11 +270,13 @@ fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDa
             ),
             None => None,
         };
-        let count = row.options.len();
+        // The texts turn over the letters; the answer's letter moves with its text.
+        let count = row.choices.len();
         for shift in 0..count {
-            let mut rotated = row.options.clone();
-            rotated.rotate_left(shift);
-            let answer = answer_position.map(|p| option_letter((p + count - shift) % count));
+            let mut texts: Vec<String> = row.choices.iter().map(|(_, text)| text.clone()).collect();
+            texts.rotate_left(shift);
+            let rotated: Vec<Choice> = row.choices.iter().map(|(letter, _)| *letter).zip(texts).collect();
+            let answer = answer_position.map(|p| row.choices[(p + count - shift) % count].0.to_string());
             items.push(mmbench_item(
                 &row,
                 row.index + shift as u64 * MMBENCH_CIRCULAR_STRIDE,
@@ -271,24 +288,20 @@ fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDa
     Ok(items)
 }
 
-fn option_letter(position: usize) -> String {
-    OPTION_LETTERS[position..=position].to_string()
-}
-
 fn mmbench_item(
     row: &MmBenchRow,
     index: u64,
-    options: Vec<String>,
+    choices: Vec<Choice>,
     answer: Option<String>,
 ) -> EvalItem {
     EvalItem {
         id: index.to_string(),
         image: row.image.clone(),
-        question: mmbench_prompt(row.hint.as_deref(), &row.question, &options),
+        question: mmbench_prompt(row.hint.as_deref(), &row.question, &choices),
         meta: to_meta(MmBenchMeta {
             index,
             answer,
-            options,
+            choices,
             category: row.category.clone(),
         }),
     }
@@ -312,12 +325,12 @@ enum LetterInference {
 /// exactly one option letter standing alone as a word, else exactly one
 /// option text contained in the answer (case-insensitive). Refusals and
 /// ambiguous answers give `None`.
-pub fn infer_option_letter(answer: &str, options: &[String]) -> Option<char> {
-    let letters: Vec<char> = OPTION_LETTERS.chars().take(options.len()).collect();
+pub fn infer_option_letter(answer: &str, choices: &[Choice]) -> Option<char> {
+    let letters: Vec<char> = choices.iter().map(|(letter, _)| *letter).collect();
     match infer_letter_from_words(answer, &letters) {
         LetterInference::Letter(letter) => Some(letter),
         LetterInference::Refusal => None,
-        LetterInference::Undecided => infer_letter_from_option_text(answer, options),
+        LetterInference::Undecided => infer_letter_from_option_text(answer, choices),
     }
 }
 
@@ -334,7 +347,7 @@ fn infer_letter_from_words(answer: &str, letters: &[char]) -> LetterInference {
         ],
         " ",
     );
-    let words: Vec<&str> = spaced.split_whitespace().collect();
+    let words: Vec<&str> = python::split(&spaced).collect();
     let is_word = |letter: char| words.iter().any(|w| w.len() == 1 && w.starts_with(letter));
     let found: Vec<char> = letters.iter().copied().filter(|&l| is_word(l)).collect();
     match found[..] {
@@ -344,13 +357,12 @@ fn infer_letter_from_words(answer: &str, letters: &[char]) -> LetterInference {
     }
 }
 
-fn infer_letter_from_option_text(answer: &str, options: &[String]) -> Option<char> {
+fn infer_letter_from_option_text(answer: &str, choices: &[Choice]) -> Option<char> {
     let answer = answer.to_lowercase();
-    let mut contained = OPTION_LETTERS
-        .chars()
-        .zip(options)
+    let mut contained = choices
+        .iter()
         .filter(|(_, option)| answer.contains(&option.to_lowercase()))
-        .map(|(letter, _)| letter);
+        .map(|(letter, _)| *letter);
     match (contained.next(), contained.next()) {
         (Some(letter), None) => Some(letter),
         _ => None,
@@ -392,7 +404,7 @@ pub fn mmbench_accuracy(results: &[(u64, bool)]) -> MmBenchAccuracy {
 #[cfg(test)]
 mod tests {
     use super::super::score;
-    use super::super::test_support::{load, missing_file_message, predictions, write, TINY_PNG_BASE64};
+    use super::super::test_support::{load, missing_file_message, predictions, strings, write, TINY_PNG_BASE64};
     use super::*;
 
     #[test]
@@ -428,7 +440,7 @@ mod tests {
         let header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\tsource\tl2-category\tcomment\tsplit";
         let rows = [
             format!("0\tWhat color is the sky?\tnan\tred\tblue\tgreen\t\tB\tattribute\t{TINY_PNG_BASE64}\tsrc\tl2\tnan\tdev"),
-            "1\tWhich one is a fruit?\tLook at the table.\tapple\tstone\tNone\tsand\tA\tobject\t0\tsrc\tl2\tnan\tdev".to_string(),
+            "1\tWhich one is a fruit?\tLook at the table.\tapple\tstone\tnone\tsand\tC\tobject\t0\tsrc\tl2\tnan\tdev".to_string(),
             "1000000\tWhat color is the sky?\tnan\tblue\tgreen\tred\t\tA\tattribute\t0\tsrc\tl2\tnan\tdev".to_string(),
         ];
         write(
@@ -451,10 +463,11 @@ mod tests {
             items[0].question,
             "What color is the sky?\nA. red\nB. blue\nC. green\nAnswer with the option's letter from the given choices directly."
         );
-        // A hint goes first; options stop at the first missing one ("None"), as in LLaVA's get_options.
+        // A hint goes first; an option that reads "none" is an option (VLMEvalKit's build_choices; LLaVA's
+        // get_options would stop there and lose D).
         assert_eq!(
             items[1].question,
-            "Look at the table.\nWhich one is a fruit?\nA. apple\nB. stone\nAnswer with the option's letter from the given choices directly."
+            "Look at the table.\nWhich one is a fruit?\nA. apple\nB. stone\nC. none\nD. sand\nAnswer with the option's letter from the given choices directly."
         );
         let png = base64::engine::general_purpose::STANDARD
             .decode(TINY_PNG_BASE64)
@@ -473,35 +486,58 @@ mod tests {
     #[test]
     fn mmbench_circular_load_rotates_options_and_answers() {
         let dir = mmbench_dir();
-        let options = LoadOptions {
-            mmbench_circular: true,
-        };
+        let options = LoadOptions { mmbench_circular: true, ..LoadOptions::default() };
         let items = MmBench.load(dir.path(), &options).unwrap();
-        // Row 0 has 3 options -> 3 rotations; row 1 has 2 -> 2; the file's own copy 1000000 is skipped.
+        // Row 0 has 3 options -> 3 rotations; row 1 has 4 -> 4; the file's own copy 1000000 is skipped.
         let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
-        assert_eq!(ids, ["0", "1000000", "2000000", "1", "1000001"]);
+        assert_eq!(ids, ["0", "1000000", "2000000", "1", "1000001", "2000001", "3000001"]);
         let answers: Vec<String> = items
             .iter()
             .map(|i| i.meta_as::<MmBenchMeta>().unwrap().answer.unwrap())
             .collect();
-        // "blue" is B; shifted once it is first (A); shifted twice it is last (C).
-        assert_eq!(answers, ["B", "A", "C", "A", "B"]);
+        // "blue" is B; shifted once it is first (A); shifted twice it is last (C). Row 1's answer is the option
+        // "none" (C): with LLaVA's options it would not be an option at all, and --circular would refuse the row.
+        assert_eq!(answers, ["B", "A", "C", "C", "B", "A", "D"]);
         assert_eq!(
             items[2].question,
             "What color is the sky?\nA. green\nB. red\nC. blue\nAnswer with the option's letter from the given choices directly."
         );
 
-        // Group 0 has one wrong rotation, group 1 is all right: circular 1/2, plain 4/5.
+        // Group 0 has one wrong rotation, group 1 is all right: circular 1/2, plain 6/7.
         let preds = predictions(&[
             ("0", "B"),
             ("1000000", "A"),
             ("2000000", "A"),
-            ("1", "A. apple"),
+            ("1", "C. none"),
             ("1000001", "B"),
+            ("2000001", "none"),
+            ("3000001", "D"),
         ]);
         let score = score(&MmBench, &items, &preds, None).unwrap();
         assert_eq!((score.correct, score.total, score.accuracy), (1.0, 2, 0.5));
-        assert_eq!(score.extra["plain_accuracy"], 0.8);
+        assert_eq!(score.extra["plain_accuracy"], 6.0 / 7.0);
+    }
+
+    #[test]
+    fn mmbench_options_are_the_letter_columns_pandas_reads_as_text() {
+        // pandas reads "None" as NaN: VLMEvalKit drops that column and keeps the letters of the others.
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "mmbench_dev_20230712.tsv",
+            &format!("index\tquestion\tA\tB\tC\tanswer\timage\n3\tIs it?\tyes\tNone\tno\tC\t{TINY_PNG_BASE64}\n"),
+        );
+        let circular = LoadOptions { mmbench_circular: true, ..LoadOptions::default() };
+        let items = MmBench.load(dir.path(), &circular).unwrap();
+        assert_eq!(
+            items[0].question,
+            "Is it?\nA. yes\nC. no\nAnswer with the option's letter from the given choices directly."
+        );
+        let meta: MmBenchMeta = items[1].meta_as().unwrap();
+        assert_eq!(meta.choices, [('A', "no".to_string()), ('C', "yes".to_string())]);
+        assert_eq!(meta.answer.as_deref(), Some("A"));
+        // "B" is no option here, so it is not read as one.
+        assert_eq!(infer_option_letter("B", &meta.choices), None);
     }
 
     #[test]
@@ -622,21 +658,21 @@ mod tests {
 
     #[test]
     fn missing_cells_follow_pandas_and_llava() {
-        for cell in ["", "nan", "NaN", "None", "NONE", "NA", "null"] {
-            assert!(is_missing_cell(cell), "{cell:?}");
+        for cell in ["", "nan", "NaN", "None", "NA", "null"] {
+            assert!(is_pandas_na(cell) && is_llava_none(cell), "{cell:?}");
+        }
+        // Text to pandas, None to LLaVA's is_none.
+        for cell in ["none", "NONE", "NAN"] {
+            assert!(!is_pandas_na(cell) && is_llava_none(cell), "{cell:?}");
         }
         for cell in ["0", "none of these", "N", "apple"] {
-            assert!(!is_missing_cell(cell), "{cell:?}");
+            assert!(!is_pandas_na(cell) && !is_llava_none(cell), "{cell:?}");
         }
-    }
-
-    fn strings(items: &[&str]) -> Vec<String> {
-        items.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
     fn option_inference_follows_can_infer() {
-        let options = strings(&["red apple", "green pear", "yellow banana"]);
+        let options = lettered(&strings(&["red apple", "green pear", "yellow banana"]));
         assert_eq!(infer_option_letter("B", &options), Some('B'));
         assert_eq!(
             infer_option_letter("(C) yellow banana.", &options),

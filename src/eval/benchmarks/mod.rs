@@ -51,7 +51,7 @@ pub trait Benchmark: Sync {
     fn score(&self, answers: &[Answer], judge: Option<&JudgeClient>) -> Result<Score, ScoreError>;
 
     /// For a benchmark graded by an LLM judge, the file its official grader reads (written when there is no
-    /// judge here).
+    /// judge here), from the answers to every item in order.
     fn grader_file(&self, _answers: &[Answer]) -> Option<GraderFile> {
         None
     }
@@ -135,6 +135,9 @@ pub struct LoadOptions {
     /// (LLaVA's `--all-rounds`), for circular evaluation. Rows whose index is
     /// already >= 1e6 are the TSV's own circular copies and are then skipped.
     pub mmbench_circular: bool,
+    /// ScienceQA: also the questions without an image, as the official run answers them (LLaVA reports
+    /// ScienceQA-IMG, the questions with one).
+    pub with_text_only: bool,
 }
 
 /// The instruction LLaVA-1.5's multiple-choice scripts append (`--single-pred-prompt`).
@@ -220,9 +223,10 @@ impl Answer<'_> {
 }
 
 /// Grades `predictions` (item id -> generated text) for `items` loaded for
-/// `benchmark`. Predictions are trimmed, as LLaVA's generation scripts strip
-/// their outputs. LLaVA-Bench and MM-Vet need `judge`; MathVista, given one,
-/// extracts answers with it as `extract_answer.py` does (rules stand in without).
+/// `benchmark`. Predictions are graded as they are, as the official scorers read
+/// the answer files (LLaVA's generation scripts strip their outputs when they
+/// write them; so does `stic eval`). LLaVA-Bench and MM-Vet need `judge`; MathVista,
+/// given one, extracts answers with it as `extract_answer.py` does (rules stand in without).
 pub fn score(
     benchmark: &dyn Benchmark,
     items: &[EvalItem],
@@ -232,10 +236,7 @@ pub fn score(
     let answers = items
         .iter()
         .map(|item| match predictions.get(&item.id) {
-            Some(prediction) => Ok(Answer {
-                item,
-                prediction: prediction.trim(),
-            }),
+            Some(prediction) => Ok(Answer { item, prediction }),
             None => Err(ScoreError::MissingPrediction(item.id.clone())),
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -288,6 +289,10 @@ mod test_support {
             .iter()
             .map(|(id, text)| (id.to_string(), text.to_string()))
             .collect()
+    }
+
+    pub fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
     }
 
     pub fn load(benchmark: &dyn Benchmark, dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {

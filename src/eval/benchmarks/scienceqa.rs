@@ -14,6 +14,7 @@ use crate::eval::files::{invalid, json_text, read_json, require, to_meta, EvalDa
 use crate::eval::hub_parquet::{ImageColumn, ParquetRelease};
 use crate::eval::item::{EvalItem, ImageSource};
 use crate::eval::judge::JudgeClient;
+use crate::eval::python;
 
 const NAME: &str = "scienceqa";
 
@@ -24,18 +25,31 @@ impl Benchmark for ScienceQa {
         NAME
     }
 
-    fn load(&self, data_dir: &Path, _options: &LoadOptions) -> Result<Vec<EvalItem>, EvalDataError> {
-        load_scienceqa(data_dir)
+    fn load(&self, data_dir: &Path, options: &LoadOptions) -> Result<Vec<EvalItem>, EvalDataError> {
+        load_scienceqa(data_dir, options.with_text_only)
     }
 
+    /// `eval_science_qa.py`'s Accuracy (over the items) and IMG-Accuracy (over those with an image): the same
+    /// unless the text-only questions are answered too.
     fn score(&self, answers: &[Answer], _judge: Option<&JudgeClient>) -> Result<Score, ScoreError> {
-        count_correct(NAME, answers, |meta: ScienceQaMeta, prediction| {
+        let with_image: Vec<&Answer> = answers.iter().filter(|a| a.item.image != ImageSource::None).collect();
+        let score = count_correct(NAME, answers, |meta: ScienceQaMeta, prediction| {
             Ok(f64::from(u8::from(scienceqa_is_correct(
                 prediction,
                 meta.answer_index,
                 meta.num_choices,
             ))))
-        })
+        })?;
+        let mut img_correct = 0usize;
+        for answer in &with_image {
+            let meta: ScienceQaMeta = answer.meta(NAME)?;
+            img_correct += usize::from(scienceqa_is_correct(answer.prediction, meta.answer_index, meta.num_choices));
+        }
+        let img = Score::new("img", img_correct as f64, with_image.len());
+        Ok(score
+            .with_extra("img_accuracy", img.accuracy)
+            .with_extra("img_correct", img_correct)
+            .with_extra("img_total", with_image.len()))
     }
 }
 
@@ -92,16 +106,18 @@ fn scienceqa_item(
         image,
         question: format!(
             "{}\n{ANSWER_WITH_OPTION_LETTER}",
-            human_turn.replace("<image>", "").trim()
+            python::strip(&human_turn.replace("<image>", ""))
         ),
         meta: to_meta(meta),
     }
 }
 
-fn load_scienceqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
+/// The questions with an image (LLaVA's ScienceQA-IMG), and with `with_text_only` the others too, as
+/// `model_vqa_science.py` answers every question of the file (their prompt has no `<image>`).
+fn load_scienceqa(data_dir: &Path, with_text_only: bool) -> Result<Vec<EvalItem>, EvalDataError> {
     const LAYOUT_FILE: &str = "llava_test_CQM-A.json";
     if let Some(files) = SCIENCEQA_PARQUET.instead_of(data_dir, &[LAYOUT_FILE])? {
-        return load_scienceqa_parquet(&files);
+        return load_scienceqa_parquet(&files, with_text_only);
     }
     let questions_path = require(
         NAME,
@@ -124,9 +140,12 @@ fn load_scienceqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     };
     let records: Vec<LlavaConversationRecord> = read_json(&questions_path)?;
     let mut items = Vec::new();
-    // LLaVA reports ScienceQA-IMG: the questions that come with an image.
     for record in records {
-        let Some(image) = record.image else { continue };
+        let image = match record.image {
+            Some(image) => ImageSource::Path(images_dir.join(image)),
+            None if with_text_only => ImageSource::None,
+            None => continue,
+        };
         let id = json_text(&record.id);
         let human_turn = record
             .conversations
@@ -150,7 +169,7 @@ fn load_scienceqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
         };
         items.push(scienceqa_item(
             id,
-            ImageSource::Path(images_dir.join(image)),
+            image,
             &human_turn.value,
             meta,
         ));
@@ -158,11 +177,11 @@ fn load_scienceqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     Ok(items)
 }
 
-/// Text-only problems are skipped as in the LLaVA layout; the release has no
-/// problem ids, so items are named by their row in the split.
-fn load_scienceqa_parquet(files: &[PathBuf]) -> Result<Vec<EvalItem>, EvalDataError> {
+/// The same selection as from the LLaVA layout; the release has no problem ids, so items are named by their
+/// row in the split.
+fn load_scienceqa_parquet(files: &[PathBuf], with_text_only: bool) -> Result<Vec<EvalItem>, EvalDataError> {
     let items = SCIENCEQA_PARQUET.read_records(files, |row, problem: ScienceQaRow, image| {
-        Ok((!matches!(image, ImageSource::None)).then(|| {
+        Ok((with_text_only || image != ImageSource::None).then(|| {
             let meta = ScienceQaMeta {
                 answer_index: problem.problem.answer,
                 num_choices: problem.problem.choices.len(),
@@ -300,6 +319,20 @@ mod tests {
     }
 
     #[test]
+    fn scienceqa_text_only_questions_are_answered_on_request_and_scored_apart() {
+        let dir = scienceqa_dir();
+        let all = ScienceQa.load(dir.path(), &LoadOptions { with_text_only: true, ..LoadOptions::default() }).unwrap();
+        assert_eq!(all.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["4", "5", "7"]);
+        assert_eq!(all[1].image, ImageSource::None);
+        assert_eq!(all[1].question, "Which word comes first?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly.");
+        // eval_science_qa.py: Accuracy over all, IMG-Accuracy over the questions with an image.
+        let score = score(&ScienceQa, &all, &predictions(&[("4", "C"), ("5", "A"), ("7", "A")]), None).unwrap();
+        assert_eq!((score.correct, score.total), (2.0, 3));
+        assert_eq!((score.extra["img_correct"].as_u64(), score.extra["img_total"].as_u64()), (Some(1), Some(2)));
+        assert_eq!(score.extra["img_accuracy"], 0.5);
+    }
+
+    #[test]
     fn scienceqa_prefers_problems_json_answers() {
         let dir = scienceqa_dir();
         let problems = json!({
@@ -369,11 +402,14 @@ mod tests {
         let score = score(
             &ScienceQa,
             &items,
-            &predictions(&[("4", "C\n"), ("7", "A")]),
+            &predictions(&[("4", "C"), ("7", "A")]),
             None,
         )
         .unwrap();
         assert_eq!((score.correct, score.total, score.accuracy), (1.0, 2, 0.5));
+        // The prediction is read as it is, as eval_science_qa.py reads the answer file: "C\n" is no answer.
+        let raw = predictions(&[("4", "C\n"), ("7", "B")]);
+        assert_eq!(super::super::score(&ScienceQa, &items, &raw, None).unwrap().correct, 1.0);
         let error = super::super::score(
             &ScienceQa,
             &items,

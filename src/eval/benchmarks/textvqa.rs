@@ -14,6 +14,7 @@ use super::{count_correct, Answer, Benchmark, LlavaAnswerIndex, LoadOptions, Sco
 use crate::eval::files::{invalid, json_text, read_json, read_jsonl, require, to_meta, EvalDataError};
 use crate::eval::item::{EvalItem, ImageSource};
 use crate::eval::judge::JudgeClient;
+use crate::eval::python;
 
 const NAME: &str = "textvqa";
 
@@ -114,6 +115,9 @@ fn load_textvqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
         .into_iter()
         .map(|a| ((a.image_id.clone(), a.question.to_lowercase()), a))
         .collect();
+    // Lines that share that key are answered and scored each on its own, as `eval_textvqa.py` scores every answer
+    // line (all against the key's last annotation); the second of them is item `<question id>#2`, and so on.
+    let mut repeats: HashMap<(String, String), usize> = HashMap::new();
     read_jsonl::<LlavaQuestionLine>(&questions_path)?
         .into_iter()
         .map(|line| {
@@ -132,8 +136,10 @@ fn load_textvqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
                         format!("no annotation for image {image_id}, question {question:?}"),
                     )
                 })?;
+            let repeat = repeats.entry((image_id.clone(), question)).or_default();
+            *repeat += 1;
             Ok(EvalItem {
-                id: json_text(&annotation.question_id),
+                id: repeated_id(&json_text(&annotation.question_id), *repeat),
                 image: ImageSource::Path(images_dir.join(&line.image)),
                 question: line.text,
                 meta: to_meta(TextVqaMeta {
@@ -145,24 +151,36 @@ fn load_textvqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
         .collect()
 }
 
+/// The id of the `repeat`-th question line (from 1) with one image and question.
+fn repeated_id(question_id: &str, repeat: usize) -> String {
+    if repeat == 1 {
+        question_id.to_string()
+    } else {
+        format!("{question_id}#{repeat}")
+    }
+}
+
 /// Item ids by the key `eval_textvqa.py` joins LLaVA's answer lines on: the
 /// image id (their `question_id`) and the lowercased question of the prompt.
-struct TextVqaAnswerIndex(HashMap<(String, String), String>);
+/// The n-th answer line with a key is the n-th item with it.
+struct TextVqaAnswerIndex {
+    items: HashMap<(String, String), Vec<String>>,
+    seen: HashMap<(String, String), usize>,
+}
 
 impl TextVqaAnswerIndex {
     fn new(items: &[EvalItem]) -> Self {
-        TextVqaAnswerIndex(
-            items
-                .iter()
-                .filter_map(|item| {
-                    let meta: TextVqaMeta = item.meta_as().ok()?;
-                    let question = textvqa_question_from_prompt(&item.question)?;
-                    Some(((meta.image_id, question), item.id.clone()))
-                })
-                .collect(),
-        )
+        let mut by_key: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for item in items {
+            let (Ok(meta), Some(question)) =
+                (item.meta_as::<TextVqaMeta>(), textvqa_question_from_prompt(&item.question))
+            else {
+                continue;
+            };
+            by_key.entry((meta.image_id, question)).or_default().push(item.id.clone());
+        }
+        TextVqaAnswerIndex { items: by_key, seen: HashMap::new() }
     }
-
 }
 
 impl LlavaAnswerIndex for TextVqaAnswerIndex {
@@ -170,7 +188,10 @@ impl LlavaAnswerIndex for TextVqaAnswerIndex {
     fn item_id(&mut self, image_id: &str, prompt: &str) -> Result<Option<String>, String> {
         let question = textvqa_question_from_prompt(prompt)
             .ok_or_else(|| format!("unrecognised TextVQA prompt layout: {prompt:?}"))?;
-        Ok(self.0.get(&(image_id.to_string(), question)).cloned())
+        let key = (image_id.to_string(), question);
+        let seen = self.seen.entry(key.clone()).or_default();
+        *seen += 1;
+        Ok(self.items.get(&key).and_then(|ids| ids.get(*seen - 1)).cloned())
     }
 }
 
@@ -233,8 +254,8 @@ pub fn normalize_vqa_answer(answer: &str) -> String {
         .to_lowercase()
         .replace([',', '?'], "")
         .replace("'s", " 's");
-    let single_line = tokenized.trim().replace(['\n', '\t'], " ");
-    let without_punctuation = process_vqa_punctuation(single_line.trim());
+    let single_line = python::strip(&tokenized).replace(['\n', '\t'], " ");
+    let without_punctuation = process_vqa_punctuation(python::strip(&single_line));
     process_vqa_digits_and_articles(&without_punctuation)
 }
 
@@ -255,11 +276,11 @@ pub fn process_vqa_punctuation(text: &str) -> String {
 fn has_comma_between_digits(text: &str) -> bool {
     let chars: Vec<char> = text.chars().collect();
     chars.iter().enumerate().any(|(i, c)| {
-        if !c.is_ascii_digit() || chars.get(i + 1) != Some(&',') {
+        if !python::is_decimal(*c) || chars.get(i + 1) != Some(&',') {
             return false;
         }
         let after_commas = chars[i + 1..].iter().find(|&&c| c != ',');
-        after_commas.is_some_and(|c| c.is_ascii_digit())
+        after_commas.is_some_and(|&c| python::is_decimal(c))
     })
 }
 
@@ -268,7 +289,7 @@ fn strip_non_decimal_periods(text: &str) -> String {
     let mut removed = 0;
     let mut out = String::with_capacity(text.len());
     for (i, &c) in chars.iter().enumerate() {
-        let followed_by_digit = chars.get(i + 1).is_some_and(|n| n.is_ascii_digit());
+        let followed_by_digit = chars.get(i + 1).is_some_and(|&n| python::is_decimal(n));
         if c == '.' && !followed_by_digit && removed < VQA_MAX_PERIODS_STRIPPED {
             removed += 1;
         } else {
@@ -285,8 +306,7 @@ fn process_vqa_digits_and_articles(text: &str) -> String {
             .find(|(from, _)| *from == word)
             .map(|(_, to)| *to)
     };
-    text.to_lowercase()
-        .split_whitespace()
+    python::split(&text.to_lowercase())
         .map(|word| lookup(VQA_NUMBER_WORDS, word).unwrap_or(word))
         .filter(|word| !VQA_ARTICLES.contains(word))
         .map(|word| lookup(VQA_CONTRACTIONS, word).unwrap_or(word).to_string())
@@ -377,6 +397,40 @@ mod tests {
         .unwrap();
         // "dakota" matches 9 of 10 answers: every leave-one-out subset keeps >= 3 -> 1.0; "2009" -> 0.
         assert_eq!((score.correct, score.accuracy), (1.0, 0.5));
+    }
+
+    #[test]
+    fn textvqa_lines_with_one_image_and_question_are_scored_each_on_its_own() {
+        // Two question lines on one image whose questions are equal once lowercased, and two annotations for
+        // them: eval_textvqa.py keys its annotations by (image, lowercased question), so the last one (34605)
+        // grades both answer lines, each on its own.
+        let dir = tempfile::tempdir().unwrap();
+        let suffix = "\nAnswer the question using a single word or phrase.";
+        write(
+            dir.path(),
+            "llava_textvqa_val_v051_ocr.jsonl",
+            &jsonl(&[
+                json!({ "question_id": "img", "image": "img.jpg", "text": format!("What is it?{suffix}") }),
+                json!({ "question_id": "img", "image": "img.jpg", "text": format!("what is it?{suffix}") }),
+            ]),
+        );
+        let annotations = json!({ "data": [
+            { "question": "What is it?", "image_id": "img", "question_id": 34604, "answers": vec!["cat"; 10] },
+            { "question": "what is it?", "image_id": "img", "question_id": 34605, "answers": vec!["dog"; 10] }
+        ]});
+        write(dir.path(), "TextVQA_0.5.1_val.json", &annotations.to_string());
+        std::fs::create_dir_all(dir.path().join("train_images")).unwrap();
+        let items = load(&TextVqa, dir.path()).unwrap();
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["34605", "34605#2"]);
+        let score = score(&TextVqa, &items, &predictions(&[("34605", "dog"), ("34605#2", "cat")]), None).unwrap();
+        assert_eq!((score.correct, score.total), (1.0, 2));
+
+        // LLaVA's answer lines carry the image id: the n-th line with a key is the n-th item with it.
+        let mut index = TextVqa.llava_answer_index(&items).unwrap();
+        let prompt = format!("WHAT is it?{suffix}");
+        assert_eq!(index.item_id("img", &prompt).unwrap().as_deref(), Some("34605"));
+        assert_eq!(index.item_id("img", &prompt).unwrap().as_deref(), Some("34605#2"));
+        assert_eq!(index.item_id("img", &prompt).unwrap(), None, "a third line has no item");
     }
 
     #[test]
