@@ -170,8 +170,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }),
         judge: None,
     };
+    let setup = DescriptionSetup {
+        model: folder_fingerprint(&args.model.model)?,
+        adapter: args.model.adapter.as_deref().map(folder_fingerprint).transpose()?,
+        prompt: description_prompt.clone(),
+        template: template.name(),
+        max_new_tokens: args.description_max_new_tokens,
+        dtype,
+        image_blind: args.dar_image_blind,
+    };
     stic::fsutil::create_dir(&args.output)?;
-    check_settings(&args.output, &provenance)?;
+    check_settings(&args.output, &provenance, &setup)?;
     let session = args.model.load_for(&sharding)?;
     let max_pixels = session.model.cfg.image.max_pixels;
     let descriptions_path = args.output.join("descriptions.jsonl");
@@ -187,15 +196,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         template,
         unit: "items",
         progress: sharding.is_main(),
-    };
-    let setup = DescriptionSetup {
-        model: folder_fingerprint(&args.model.model)?,
-        adapter: args.model.adapter.as_deref().map(folder_fingerprint).transpose()?,
-        prompt: description_prompt.clone(),
-        template: template.name(),
-        max_new_tokens: args.description_max_new_tokens,
-        dtype,
-        image_blind: args.dar_image_blind,
     };
     let requests = if args.dar { setup.requests(&items[..limit]) } else { Vec::new() };
     let descriptions = if args.dar {
@@ -240,14 +240,17 @@ fn benchmark_run(bench: &dyn Benchmark, data: &Path, selection: &SelectionArgs) 
 }
 
 /// The output folder resumes: its predictions must come from the settings of this run, or summary.json would
-/// say what did not produce them. `eval_settings.json` keeps the first run's.
-fn check_settings(out_dir: &Path, provenance: &Provenance) -> Result<()> {
+/// say what did not produce them. `eval_settings.json` keeps the first run's: the provenance's settings and the
+/// fingerprints of the model and adapter files (an adapter retrained in place changes them).
+fn check_settings(out_dir: &Path, provenance: &Provenance, setup: &DescriptionSetup) -> Result<()> {
     let path = out_dir.join("eval_settings.json");
     let mut settings = serde_json::to_value(provenance).expect("provenance serialises");
     let settings = settings.as_object_mut().expect("an object");
     for varies in ["stic", "predictions_sha256", "profile", "judge"] {
         settings.remove(varies);
     }
+    settings.insert("model_files".into(), setup.model.clone().into());
+    settings.insert("adapter_files".into(), setup.adapter.clone().into());
     let settings = serde_json::Value::Object(settings.clone());
     if !path.exists() {
         return stic::model::tiny::write_json(&path, &settings);

@@ -2,6 +2,8 @@
 --dar-image-blind, --profile), DaR descriptions made once per image and reused across MMBench rotations and resumed
 runs, and the guard that keeps an output folder to one set of settings. Tiny random model: its answers are noise."""
 import json
+import os
+import shutil
 
 import eval_data
 from conftest import run_stic
@@ -70,6 +72,15 @@ def test_template_profile_and_token_limit_reach_the_run_and_its_provenance(tiny_
     assert_clean_failure(proc, "holds predictions made with other settings", "template", "eval_settings.json")
     proc = stic_eval(tiny_model, bench, vicuna, "--template", "vicuna_v1", "--profile", "paper")
     assert "0 written, 3 already there" in proc.stderr, "the profile label is not a setting"
+
+    # weights rewritten in place (a retrained adapter, a re-merged model) are other settings too
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    stic_eval(model, bench, tmp_path / "copy")
+    weights = next(model.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert_clean_failure(stic_eval(model, bench, tmp_path / "copy", check=False), "model_files")
 
     proc = stic_eval(tiny_model, bench, tmp_path / "x", "--template", "llava_v1", check=False)
     assert_clean_failure(proc, "unknown template 'llava_v1'")
