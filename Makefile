@@ -10,6 +10,8 @@ VENV_TF5 := .venv-tf5
 TF5_STAMP := $(VENV_TF5)/.setup-done
 STIC := target/release/stic
 export CARGO_TERM_COLOR ?= never
+# The commit `stic eval` records in summary.json (`-dirty` with uncommitted changes; empty outside git).
+export STIC_GIT_COMMIT ?= $(shell c=$$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null || c=$$c-dirty; }; echo $$c)
 
 .PHONY: setup build-tools build test test-rust test-python demo reproduce bench-generate bench-train bench-ddp check-cuda clean
 
@@ -29,9 +31,10 @@ build-tools:
 	  fi; \
 	fi
 
-$(SETUP_STAMP): requirements.txt
+$(SETUP_STAMP): requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
 	touch $@
 

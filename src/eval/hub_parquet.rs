@@ -10,7 +10,8 @@ use parquet::record::Field;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Number, Value};
 
-use super::benchmarks::{EvalDataError, ImageSource};
+use super::files::EvalDataError;
+use super::item::ImageSource;
 
 /// A benchmark's parquet release: where its shards lie in a download of the hub
 /// repository, and which column holds the images.
@@ -47,6 +48,16 @@ impl ParquetRelease {
             self.repo,
             patterns.join(" or ")
         )
+    }
+
+    /// The release's shards, when the folder has them and none of `layout_files` (the LLaVA layout, which is
+    /// read when present).
+    pub fn instead_of(&self, data_dir: &Path, layout_files: &[&str]) -> Result<Option<Vec<PathBuf>>, EvalDataError> {
+        if layout_files.iter().any(|file| data_dir.join(file).exists()) {
+            return Ok(None);
+        }
+        let files = self.files(data_dir)?;
+        Ok((!files.is_empty()).then_some(files))
     }
 
     /// The shards of the first folder that has any, in name order (the split's row order).

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::metrics::parse_python_float;
+use super::python::{self, parse_python_float};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JudgeConfig {
@@ -383,9 +383,8 @@ impl JudgeClient {
     ) -> Result<String, JudgeError> {
         let prompt = mathvista_extraction_prompt(query, response);
         Ok(self
-            .complete(&[ChatMessage::user(prompt)], 0.0, MATHVISTA_MAX_TOKENS)?
-            .trim()
-            .to_string())
+            .complete(&[ChatMessage::user(prompt)], 0.0, MATHVISTA_MAX_TOKENS)
+            .map(|reply| python::strip(&reply).to_string())?)
     }
 }
 
@@ -518,7 +517,7 @@ const MATHVISTA_DEMO_PROMPT: &str = include_str!("../../third_party/mathvista/de
 pub fn mathvista_extraction_prompt(query: &str, response: &str) -> String {
     format!(
         "{}\n\n{query}\n\n{response}\n\nExtracted answer: ",
-        MATHVISTA_DEMO_PROMPT.trim()
+        python::strip(MATHVISTA_DEMO_PROMPT)
     )
 }
 

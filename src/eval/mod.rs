@@ -1,5 +1,11 @@
+//! Evaluation on the paper's seven benchmarks: one module per benchmark behind a common trait, the Python
+//! semantics their official scorers rely on, the LLM judge, and the generation tasks of `stic eval`.
 pub mod benchmarks;
+pub mod dar;
+pub mod files;
 mod hub_parquet;
+pub mod item;
 pub mod judge;
-pub mod metrics;
+pub mod provenance;
+pub mod python;
 pub mod run;

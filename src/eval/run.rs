@@ -1,9 +1,11 @@
-//! `stic eval`: greedy answers to a benchmark's questions with the `mistral_instruct` template, optionally
-//! describe-and-respond (DaR): describe the image first, then answer with the description in the prompt.
+//! `stic eval`'s answer pass: greedy answers to a benchmark's questions, with the DaR descriptions
+//! ([`dar`](super::dar)) in the prompt when given; and the prediction files `stic eval-score` reads.
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::benchmarks::{Benchmark, EvalItem, ImageSource, TextVqaAnswerIndex};
+use super::benchmarks::Benchmark;
+use super::item::{EvalItem, ImageSource};
+use super::python;
 use crate::stic::infuse::with_description;
 use crate::stic::job::{GenerationTask, Request};
 
@@ -13,38 +15,6 @@ pub fn item_image(item: &EvalItem, max_pixels: u64) -> Result<Option<::image::Rg
         ImageSource::Path(path) => crate::image::load_image(path, max_pixels).map(Some).map_err(|e| e.to_string()),
         ImageSource::Bytes(bytes) => crate::image::load_image_bytes(bytes, &format!("item {}", item.id), max_pixels).map(Some).map_err(|e| e.to_string()),
         ImageSource::None => Ok(None),
-    }
-}
-
-/// New tokens per answer, as the LLaVA-1.5 evaluation scripts allow them.
-pub fn answer_tokens(benchmark: Benchmark) -> usize {
-    match benchmark {
-        Benchmark::LlavaBench | Benchmark::MmVet | Benchmark::MathVista => 1024,
-        _ => 128,
-    }
-}
-
-/// DaR's first pass: a description of each item's image.
-pub struct DescribeItems {
-    pub prompt: String,
-    pub max_pixels: u64,
-}
-
-impl GenerationTask for DescribeItems {
-    type Item = EvalItem;
-    type Plan = ();
-
-    fn key(&self, item: &EvalItem) -> String {
-        item.id.clone()
-    }
-
-    fn plan(&self, _position: usize, item: &EvalItem) -> Result<((), Vec<Request>), String> {
-        let image = item_image(item, self.max_pixels)?.ok_or("the item has no image to describe")?;
-        Ok(((), vec![Request { user_text: self.prompt.clone(), image: Some(image) }]))
-    }
-
-    fn record(&self, _position: usize, item: &EvalItem, _plan: (), outputs: Vec<String>) -> serde_json::Value {
-        serde_json::json!({"id": item.id, "description": outputs[0]})
     }
 }
 
@@ -73,21 +43,21 @@ impl GenerationTask for AnswerItems<'_> {
     }
 
     fn record(&self, _position: usize, item: &EvalItem, prompt: String, outputs: Vec<String>) -> serde_json::Value {
-        serde_json::json!({"id": item.id, "prompt": prompt, "prediction": outputs[0]})
+        // LLaVA's scripts `.strip()` their outputs, which also drops U+001C..U+001F (the job trims the rest).
+        serde_json::json!({"id": item.id, "prompt": prompt, "prediction": python::strip(&outputs[0])})
     }
 }
 
 /// Predictions of a JSONL file by item id: stic's `{id, prediction}` lines, or
-/// LLaVA's `{question_id, text}` answer files. LLaVA's TextVQA answers carry the
-/// image id as `question_id`; like `eval_textvqa.py`, they are matched on it and
-/// the question in their `prompt`.
+/// LLaVA's `{question_id, text}` answer files (matched to items by the benchmark's
+/// [`LlavaAnswerIndex`](super::benchmarks::LlavaAnswerIndex) where it has one).
 pub fn read_predictions(
     path: &Path,
-    benchmark: Benchmark,
+    benchmark: &dyn Benchmark,
     items: &[EvalItem],
 ) -> crate::Result<HashMap<String, String>> {
     let rows: Vec<serde_json::Value> = crate::stic::jsonl::read_jsonl(path)?;
-    let textvqa = (benchmark == Benchmark::TextVqa).then(|| TextVqaAnswerIndex::new(items));
+    let mut llava_index = benchmark.llava_answer_index(items);
     let mut out = HashMap::new();
     for (i, row) in rows.iter().enumerate() {
         let at = || format!("{} line {}", path.display(), i + 1);
@@ -99,11 +69,11 @@ pub fn read_predictions(
                 at()
             )));
         };
-        let id = match (&textvqa, row.get("id"), row.get("prompt").and_then(|v| v.as_str())) {
+        let id = match (&mut llava_index, row.get("id"), row.get("prompt").and_then(|v| v.as_str())) {
             (Some(index), None, Some(prompt)) => index
                 .item_id(&id, prompt)
                 .map_err(|message| crate::Error::Input(format!("{}: {message}", at())))?
-                .map_or(id, str::to_string),
+                .unwrap_or(id),
             _ => id,
         };
         out.insert(id, text.to_string());

@@ -7,6 +7,8 @@ import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -63,6 +65,10 @@ def assert_clean_failure(proc, *needles):
     assert "panicked" not in proc.stderr, proc.stderr
     for needle in needles:
         assert needle in proc.stderr, f"{needle!r} not in: {proc.stderr}"
+
+
+def without_provenance(summary):
+    return {k: v for k, v in summary.items() if k != "provenance"}
 
 
 def check_predictions_file(path, bench, ids=None):
@@ -237,8 +243,9 @@ def test_eval_end_to_end(straight_runs, name):
     assert printed == summary
     assert summary["benchmark"] == name
     assert summary["answered"] == summary["items"] == len(bench.ids)
+    check_provenance(summary, bench, out)
     if name in ("llava-bench", "mm-vet"):
-        assert set(summary) == {"benchmark", "answered", "items", "score", "note"}
+        assert set(summary) == {"benchmark", "answered", "items", "score", "note", "provenance"}
         assert summary["score"] is None
         assert "--judge-url" in summary["note"] and "official grader" in summary["note"]
         preds = predictions(out / "predictions.jsonl")
@@ -258,7 +265,20 @@ def test_eval_end_to_end(straight_runs, name):
         assert {"benchmark", "answered", "items", "name", "correct", "accuracy"} <= set(summary)
         assert 0.0 <= summary["accuracy"] <= 1.0
         # eval-score on the same predictions gives the same numbers
-        assert score_json(name, out / "predictions.jsonl", bench.path) == summary
+        assert without_provenance(score_json(name, out / "predictions.jsonl", bench.path)) == without_provenance(summary)
+
+
+def check_provenance(summary, bench, out):
+    """What produced the score, as lmms-eval records it: build, model, template, generation settings."""
+    p = summary["provenance"]
+    assert p["stic"]["version"] and (p["stic"]["git_commit"] is None or len(p["stic"]["git_commit"]) >= 40)
+    assert p["benchmark"] == {"name": bench.name, "data": str(bench.path), "circular": False, "with_text_only": False}
+    assert p["predictions_sha256"] == hashlib.sha256((out / "predictions.jsonl").read_bytes()).hexdigest()
+    model = Path(p["model"]["path"])
+    assert p["model"]["config_sha256"] == hashlib.sha256((model / "config.json").read_bytes()).hexdigest()
+    assert p["adapter"] is None and p["template"] == "mistral_instruct" and p["profile"] is None
+    assert p["generation"] == {"dtype": "f32", "max_new_tokens": 8, "temperature": 0.0, "dar": None}
+    assert p["judge"] is None
 
 
 def test_eval_limit(tiny_model, tmp_path):
@@ -320,45 +340,61 @@ def test_eval_resume_generates_only_missing_items(tiny_model, straight_runs, tmp
 
 # ---------------------------------------------------------------- describe and respond
 
-def check_dar(out, bench):
+def check_dar(out, bench, images):
+    """`images`: item id -> the image it shows; one description per image, used by every item on it."""
     descriptions = read_jsonl(out / "descriptions.jsonl")
-    assert sorted(d["id"] for d in descriptions) == sorted(bench.ids)
+    assert len(descriptions) == len(set(images.values()))
     for d in descriptions:
-        assert set(d) == {"id", "description"} and isinstance(d["description"], str)
-    by_id = {d["id"]: d["description"] for d in descriptions}
+        assert set(d) == {"key", "image_sha256", "description"} and isinstance(d["description"], str)
+    used = {}
     rows = read_jsonl(out / "predictions.jsonl")
     assert [r["id"] for r in rows] == bench.ids
     for r in rows:
         assert set(r) == {"id", "prompt", "prediction"}
         # the paper's DaR prompt: the description block, then the benchmark's own question prompt
-        assert r["prompt"] == f"Image description:\n{by_id[r['id']]}\n\n{bench.prompts[r['id']]}"
-    return by_id
+        head, question = r["prompt"].split("\n\n", 1)
+        assert head.startswith("Image description:\n") and question == bench.prompts[r["id"]]
+        used.setdefault(images[r["id"]], set()).add(head.removeprefix("Image description:\n"))
+    assert all(len(texts) == 1 for texts in used.values()), "items on one image share its description"
+    assert {t for texts in used.values() for t in texts} == {d["description"] for d in descriptions}
+    return descriptions
+
+
+MMBENCH_IMAGES = {"0": "chelsea", "1": "rocket", "1000000": "chelsea"}  # the circular copy shows row 0's image
 
 
 def test_eval_dar_mmbench(tiny_model, tmp_path):
-    """DaR on MMBench (images decoded from the TSV): descriptions generated for every item, then used."""
+    """DaR on MMBench (images decoded from the TSV): one description per image (the file's circular copy of row 0
+    shares row 0's), used by every question on it."""
     bench = eval_data.mmbench(tmp_path / "data")
     out = tmp_path / "out"
     proc = stic_eval(tiny_model, bench, out, "--dar", "--description-max-new-tokens", "24", timeout=DAR_TIMEOUT)
-    assert "descriptions.jsonl: 3 written" in proc.stderr
-    check_dar(out, bench)
+    assert "descriptions.jsonl: 2 written" in proc.stderr
+    check_dar(out, bench, MMBENCH_IMAGES)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["answered"] == summary["items"] == 3
+    assert summary["provenance"]["generation"]["dar"] == {
+        "description_prompt": "Detail the composition and subjects within the frame.",
+        "description_max_new_tokens": 24, "image_blind": False}
 
 
 def test_eval_dar_llava_bench_resumes_descriptions(tiny_model, tmp_path):
-    """DaR on LLaVA-Bench after a run that was killed during the description pass: the descriptions already written
-    are kept and used, only the missing one is generated; the grader file is written as without DaR."""
+    """DaR on LLaVA-Bench after a run that was killed during the description pass: the description already written
+    (edited here, to see that it is the one used) is kept, only the missing one is generated; the grader file is
+    written as without DaR."""
     bench = eval_data.llava_bench(tmp_path / "data")
     out = tmp_path / "out"
-    out.mkdir()
-    seeded = {"0": "A white rocket rises on a column of smoke.", "2": "A man irons a shirt on a taxi's roof."}
-    (out / "descriptions.jsonl").write_text(
-        "".join(json.dumps({"id": i, "description": d}) + "\n" for i, d in seeded.items()))
-    proc = stic_eval(tiny_model, bench, out, "--dar", "--description-max-new-tokens", "24", timeout=DAR_TIMEOUT)
-    assert "descriptions.jsonl: 1 written, 2 already there" in proc.stderr
-    by_id = check_dar(out, bench)
-    assert {i: by_id[i] for i in seeded} == seeded
+    dar = ["--dar", "--description-max-new-tokens", "24"]
+    proc = stic_eval(tiny_model, bench, out, *dar, timeout=DAR_TIMEOUT)
+    assert "descriptions.jsonl: 2 written" in proc.stderr, "questions 0 and 1 share an image"
+    first, second = read_jsonl(out / "descriptions.jsonl")
+    kept = {**first, "description": "A white rocket rises on a column of smoke."}
+    (out / "descriptions.jsonl").write_text(json.dumps(kept) + "\n")
+    (out / "predictions.jsonl").unlink()
+    proc = stic_eval(tiny_model, bench, out, *dar, timeout=DAR_TIMEOUT)
+    assert "descriptions.jsonl: 1 written, 1 already there" in proc.stderr
+    descriptions = check_dar(out, bench, {"0": "001", "1": "001", "2": "002"})
+    assert descriptions == [kept, second]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["score"] is None and summary["answered"] == 3
     grader = read_jsonl(out / "llava_bench_answers.jsonl")
@@ -666,9 +702,9 @@ def test_eval_parquet_release_matches_llava_layout(tiny_model, straight_runs, tm
     rows = check_predictions_file(out / "predictions.jsonl", bench)
     llava_rows = read_jsonl(llava_out / "predictions.jsonl")
     assert [(r["prompt"], r["prediction"]) for r in rows] == [(r["prompt"], r["prediction"]) for r in llava_rows]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary == json.loads((llava_out / "summary.json").read_text())
-    assert score_json(name, out / "predictions.jsonl", bench.path) == summary
+    summary = without_provenance(json.loads((out / "summary.json").read_text()))
+    assert summary == without_provenance(json.loads((llava_out / "summary.json").read_text()))
+    assert without_provenance(score_json(name, out / "predictions.jsonl", bench.path)) == summary
 
 
 # Hand-written answers, in item order, with known verdicts (see the test_score_* tests above).
@@ -687,7 +723,7 @@ def test_score_parquet_release_matches_llava_layout(tmp_path, name):
     answers = PARQUET_SCORE_CASES[name]
     expected = score_json(name, write_predictions(tmp_path / "llava.jsonl", dict(zip(llava.ids, answers))), llava.path)
     preds = write_predictions(tmp_path / "parquet.jsonl", dict(zip(bench.ids, answers)))
-    assert score_json(name, preds, bench.path) == expected
+    assert without_provenance(score_json(name, preds, bench.path)) == without_provenance(expected)
     assert expected["answered"] == 3 and 0 < expected["accuracy"] < 1
 
 
@@ -705,8 +741,9 @@ def test_score_mmbench_parquet_circular_and_integer_index(tmp_path):
     assert expected["accuracy"] == 0.5 and expected["answered"] == 7
     plain = write_predictions(tmp_path / "p.jsonl", dict(zip(llava.ids, PARQUET_SCORE_CASES["mmbench"])))
     for bench in releases:
-        assert score_json("mmbench", circular, bench.path, "--circular") == expected
-        assert score_json("mmbench", plain, bench.path) == score_json("mmbench", plain, llava.path)
+        assert without_provenance(score_json("mmbench", circular, bench.path, "--circular")) == without_provenance(expected)
+        assert without_provenance(score_json("mmbench", plain, bench.path)) == \
+            without_provenance(score_json("mmbench", plain, llava.path))
 
 
 def test_llava_layout_is_read_before_the_parquet_release(tmp_path):
