@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import tiny_models
-from conftest import DEVICE, IMAGES, STIC, run_stic, run_stic_json
+from conftest import DEVICE, IMAGES, ROOT, STIC, run_stic, run_stic_json
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants
 PROMPT = "[INST] <image>\nDescribe the image in detail. [/INST]"
@@ -203,3 +203,169 @@ def test_the_unpad_and_tie_cases_count_as_transformers_with_transformers_process
         out = run_stic_json("score", "--model", llava.folder, "--image", path, "--text", "<image>", "--processing",
                             "transformers", *COMMON)[0]
         assert out["seq_len"] == 1 + transformers_count, (width, height)
+
+
+def llava_peft_adapter(llava, out):
+    """A PEFT adapter on LLaVA's class with LLaVA's own target modules: bare names, matched as suffixes, so CLIP's
+    q/k/v projections get LoRA too (the layout of STIC's released adapters). B is random so that every pair
+    changes the outputs, the vision tower's included."""
+    import copy
+    from peft import LoraConfig, get_peft_model
+    targets = tiny_models.llava_find_all_linear_names(llava.model)
+    assert sorted(targets) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft = get_peft_model(copy.deepcopy(llava.model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    peft.save_pretrained(out)
+    keys = load_file(out / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in keys
+    return SimpleNamespace(model=peft.base_model.model.eval(), tokenizer=llava.tokenizer, processor=llava.processor)
+
+
+@pytest.fixture(scope="module")
+def adapter(llava):
+    out = llava.root / "adapter"
+    return out, llava_peft_adapter(llava, out)
+
+
+def test_peft_adapter_on_llavas_class_loads_in_stic(llava, adapter, tmp_path):
+    folder, with_lora = adapter
+    ids, pixels, ref = reference_logits(with_lora, IMAGES / "chelsea.png")
+    _, _, plain = reference_logits(llava, IMAGES / "chelsea.png")
+    got = stic_score(llava.folder, IMAGES / "chelsea.png", tmp_path, "--adapter", folder)
+    assert (ref - plain).abs().max() > 1e-2, "the adapter changed nothing"
+    assert_matches_llava(got, ids, pixels, ref, logit_tol=1e-4)
+    # without the vision tower's LoRA the logits are off: it is applied, not dropped
+    tensors = load_file(folder / "adapter_model.safetensors")
+    text_only = tmp_path / "text_only"
+    shutil.copytree(folder, text_only)
+    save_file({k: v for k, v in tensors.items() if "vision_tower" not in k}, text_only / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    off = stic_score(llava.folder, IMAGES / "chelsea.png", tmp_path, "--adapter", text_only)
+    assert (off["logits"] - ref).abs().max() > 1e-3
+
+
+def test_merge_from_the_original_layout_runs_in_transformers(llava, adapter, tmp_path):
+    """`stic merge` writes a llava-hf checkpoint: transformers loads it with its processor and gives LLaVA's
+    logits with the adapter (processing that agrees for this photo); the tokenizer is llava-hf's."""
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+    folder, with_lora = adapter
+    merged = tmp_path / "merged"
+    run_stic("merge", "--model", llava.folder, "--adapter", folder, "--output", merged)
+    model = LlavaNextForConditionalGeneration.from_pretrained(merged).eval()
+    processor = LlavaNextProcessor.from_pretrained(merged)
+    inputs = processor(images=Image.open(IMAGES / "chelsea.png"), text=PROMPT, return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    ids, _, ref = reference_logits(with_lora, IMAGES / "chelsea.png")
+    assert inputs["input_ids"][0].tolist() == [32000 if i == IMAGE_TOKEN_INDEX else i for i in expanded(ids, ref.shape[0] - len(ids) + 1)]
+    assert logits.shape[1] == 32064 and model.config.image_token_index == 32000
+    assert (logits[:, :32000] - ref).abs().max().item() <= 1e-4
+    embed = model.get_input_embeddings().weight
+    assert torch.allclose(embed[32000:], embed[:32000].mean(0, keepdim=True).expand(64, -1), atol=1e-6)
+    shipped = json.loads((ROOT / "third_party" / "mistral-7b-tokenizer" / "tokenizer.json").read_text())
+    assert json.loads((merged / "tokenizer.json").read_text()) == shipped
+
+
+def commands(folder, tmp_path):
+    """Every command that loads a model, at toy scale."""
+    import eval_data
+    pairs = tmp_path / "pairs.jsonl"
+    record = {"image": "chelsea.png", "chosen": [{"role": "user", "content": "Describe."},
+                                                  {"role": "assistant", "content": "A cat."}],
+              "rejected": [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "A dog."}]}
+    pairs.write_text(json.dumps(record) + "\n")
+    sft = tmp_path / "sft.json"
+    sft.write_text(json.dumps([{"id": "1", "image": "chelsea.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}]))
+    bench = eval_data.scienceqa(tmp_path / "sqa")
+    train = ["--image-dir", IMAGES, "--max-steps", "1", "--lora-r", "2", "--max-length", "4096", *COMMON]
+    gen = ["--max-new-tokens", "3", "--device", DEVICE]
+    return {
+        "generate": ["generate", "--model", folder, "--image", IMAGES / "chelsea.png", "--prompt", "Hi", *gen],
+        "score": ["score", "--model", folder, "--image", IMAGES / "chelsea.png", "--prompt", "Hi", "--response", "Yo"],
+        "train-dpo": ["train-dpo", "--model", folder, "--data", pairs, "--output", tmp_path / "dpo", *train],
+        "train-sft": ["train-sft", "--model", folder, "--data", sft, "--output", tmp_path / "sft", *train],
+        "prefs": ["prefs", "--model", folder, "--image-dir", IMAGES, "--limit", "1", "--output", tmp_path / "p.jsonl", *gen],
+        "describe": ["describe", "--model", folder, "--data", sft, "--image-dir", IMAGES, "--output",
+                     tmp_path / "d.jsonl", *gen],
+        "eval": ["eval", "--model", folder, "--benchmark", "scienceqa", "--data", bench.path, "--limit", "1",
+                 "--output", tmp_path / "eval", "--dar", "--device", DEVICE],
+    }
+
+
+def test_every_command_runs_on_the_original_checkpoint(llava, tmp_path):
+    for name, args in commands(llava.folder, tmp_path).items():
+        proc = run_stic(*args, check=False)
+        assert proc.returncode == 0 and "panicked" not in proc.stderr, f"{name}: {proc.stderr}"
+    run_stic("describe", "--model", llava.folder, "--adapter", tmp_path / "dpo", "--data", tmp_path / "sft.json",
+             "--image-dir", IMAGES, "--output", tmp_path / "d2.jsonl", "--max-new-tokens", "3", "--device", DEVICE)
+
+
+def assert_clean_failure(proc, *needles):
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr}"
+    assert "panicked" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert str(needle) in proc.stderr, f"{needle!r} not in: {proc.stderr}"
+
+
+def generate(folder, *extra, text=PROMPT):
+    return run_stic("generate", "--model", folder, "--image", IMAGES / "chelsea.png", "--text", text,
+                    "--max-new-tokens", "2", "--device", "cpu", *extra, check=False)
+
+
+@pytest.mark.parametrize("setting,value,needle", [
+    ("mm_patch_merge_type", "spatial", "mm_patch_merge_type 'spatial'"),
+    ("image_aspect_ratio", "square", "image_aspect_ratio 'square'"),
+    ("mm_projector_type", "linear", "mm_projector_type 'linear'"),
+    ("mm_use_im_start_end", True, "mm_use_im_start_end"),
+    ("mm_vision_tower", "google/siglip-so400m-patch14-384", "not a CLIP tower"),
+])
+def test_a_config_stic_cannot_map_is_refused(llava, tmp_path, setting, value, needle):
+    folder = model_copy(llava, tmp_path, **{setting: value})
+    assert_clean_failure(generate(folder), "config.json", needle)
+
+
+def test_unknown_tensors_are_refused(llava, tmp_path):
+    folder = model_copy(llava, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert_clean_failure(generate(folder), "unknown tensor model.layers.0.self_attn.q_norm.weight", str(folder))
+
+
+def test_a_tokenizer_with_ids_beyond_the_vocabulary_is_refused(llava, tmp_path):
+    """llava-hf's tokenizer (32002 tokens) in a folder of vocabulary 32000: `<pad>` has no embedding."""
+    folder = model_copy(llava, tmp_path)
+    shutil.copy(ROOT / "third_party" / "mistral-7b-tokenizer" / "tokenizer.json", folder / "tokenizer.json")
+    assert generate(folder, "--processing", "transformers").returncode == 0
+    assert_clean_failure(generate(folder, "--processing", "transformers", text="[INST] <image>\n<pad> [/INST]"),
+                         "tokenizer.json", "32001", "32000")
+
+
+def test_llava_processing_without_tokenizer_model_is_refused(llava, tmp_path):
+    folder = model_copy(llava, tmp_path)
+    (folder / "tokenizer.model").unlink()
+    assert_clean_failure(generate(folder), "tokenizer.model", "--processing transformers")
+
+
+def test_score_refuses_a_response_longer_than_the_context(llava, tmp_path):
+    folder = model_copy(llava, tmp_path, max_position_embeddings=1600)
+    proc = run_stic("score", "--model", folder, "--image", IMAGES / "chelsea.png", "--prompt", "Hi",
+                    "--response", "word " * 400, "--device", "cpu", check=False)
+    assert_clean_failure(proc, "context")
+
+
+def test_a_pickled_adapter_is_refused_with_the_conversion(llava, tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)},
+               out / "adapter_model.bin")
+    assert_clean_failure(generate(llava.folder, "--adapter", out), "adapter_model.bin", "pickle", "save_file")
