@@ -4,9 +4,6 @@
 //! The model file is a protobuf `ModelProto`; only the fields that change encoding are read.
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
-use std::path::Path;
-
-use crate::error::{Error, Result};
 
 /// The space symbol U+2581 that sentencepiece writes for ' '.
 pub const SPACE_SYMBOL: char = '\u{2581}';
@@ -129,11 +126,6 @@ fn byte_of_piece(piece: &str) -> Option<u8> {
 }
 
 impl SentencePiece {
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::from_bytes(&bytes).map_err(|why| Error::Tokenizer(format!("{}: {why}", path.display())))
-    }
-
     pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
         const MALFORMED: &str = "not a sentencepiece model (malformed protobuf)";
         let mut pieces = Vec::new();
@@ -262,10 +254,6 @@ impl SentencePiece {
 
     pub fn id_to_piece(&self, id: u32) -> Option<&str> {
         self.pieces.get(id as usize).map(|p| p.text.as_str())
-    }
-
-    pub fn piece_type(&self, id: u32) -> Option<PieceType> {
-        self.pieces.get(id as usize).map(|p| p.kind)
     }
 
     /// Every piece with its score, in id order.

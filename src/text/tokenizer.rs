@@ -94,10 +94,6 @@ impl TextTokenizer {
         self.model_vocab = Some(vocab_size);
     }
 
-    pub fn is_slow(&self) -> bool {
-        matches!(self.backend, Backend::Slow(_))
-    }
-
     fn encode_chunk(&self, text: &str, add_special: bool) -> Result<Vec<i64>> {
         let ids: Vec<u32> = match &self.backend {
             Backend::Fast { inner, .. } => inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec(),

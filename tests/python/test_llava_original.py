@@ -165,6 +165,7 @@ def test_greedy_tokens_and_batches_follow_llava(llava, tmp_path):
     batch = [a for path, prompt in rows for a in ("--image", path, "--text", prompt)]
     got = run_stic_json("generate", "--model", llava.folder, *batch, "--max-new-tokens", steps, "--json", *COMMON)
     assert [g["tokens"] for g in got] == ref
+    assert [g["text"] for g in got] == [llava.tokenizer.decode(r, skip_special_tokens=True) for r in ref]
     [single] = run_stic_json("generate", "--model", llava.folder, "--image", rows[0][0], "--text", rows[0][1],
                              "--max-new-tokens", steps, "--json", *COMMON)
     assert single["tokens"] == ref[0]
@@ -185,14 +186,26 @@ def tokenize(folder, texts, *extra):
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
-def test_token_ids_are_llavas_slow_tokenizer_with_tokenizer_image_token(llava):
+def corpus():
     import test_tokenizer
+    return test_tokenizer.CORPUS + [PROMPT, "<image>", "<image>\n<image> two", "a<image>b", "<s><image></s>",
+                                    "USER: <image>\nWhat is this? ASSISTANT:", " <image> ", "\n<image>\n"]
+
+
+def test_token_ids_are_llavas_slow_tokenizer_with_tokenizer_image_token(llava):
     from llava.mm_utils import tokenizer_image_token
-    texts = test_tokenizer.CORPUS + [PROMPT, "<image>", "<image>\n<image> two", "a<image>b", "<s><image></s>",
-                                     "USER: <image>\nWhat is this? ASSISTANT:", " <image> ", "\n<image>\n"]
-    got = tokenize(llava.folder, texts)
-    ref = [tokenizer_image_token(t, llava.tokenizer) for t in texts]
-    assert got == ref
+    texts = corpus()
+    assert tokenize(llava.folder, texts) == [tokenizer_image_token(t, llava.tokenizer) for t in texts]
+
+
+def test_the_non_legacy_slow_tokenizer_too(tmp_path):
+    from llava.mm_utils import tokenizer_image_token
+    from transformers import AutoTokenizer, LlamaTokenizer
+    LlamaTokenizer(vocab_file=str(tiny_models.mistral_sentencepiece()), legacy=False).save_pretrained(tmp_path / "t")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "t", use_fast=False)
+    assert not tok.legacy
+    texts = corpus()
+    assert tokenize(tmp_path / "t", texts, "--processing", "llava") == [tokenizer_image_token(t, tok) for t in texts]
 
 
 def test_the_unpad_and_tie_cases_count_as_transformers_with_transformers_processing(llava, tmp_path):
