@@ -58,7 +58,6 @@ impl LoraLayer {
             (y.to_kind(Kind::Float) + delta.to_kind(Kind::Float)).to_kind(kind)
         }
     }
-
 }
 
 /// What to adapt and how; serialised into configs and checkpoints.
@@ -192,6 +191,7 @@ impl AdapterFile {
         b.matmul(a) * self.settings.scaling_for(a.size()[0])
     }
 }
+
 const PROJECTOR: &str = "multi_modal_projector";
 
 /// An adapter attached to a model: its LoRA layers live inside the model's `Linear`s; this keeps handles to

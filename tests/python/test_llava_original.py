@@ -299,7 +299,8 @@ def commands(folder, tmp_path):
     sft.write_text(json.dumps([{"id": "1", "image": "chelsea.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}]))
     bench = eval_data.scienceqa(tmp_path / "sqa")
-    train = ["--image-dir", IMAGES, "--max-steps", "1", "--lora-r", "2", "--max-length", "4096", *COMMON]
+    train = ["--image-dir", IMAGES, "--max-steps", "1", "--batch-size", "1", "--grad-accum", "1", "--lora-r", "2",
+             "--max-length", "4096", *COMMON]
     gen = ["--max-new-tokens", "3", "--device", DEVICE]
     return {
         "generate": ["generate", "--model", folder, "--image", IMAGES / "chelsea.png", "--prompt", "Hi", *gen],
@@ -310,7 +311,8 @@ def commands(folder, tmp_path):
         "describe": ["describe", "--model", folder, "--data", sft, "--image-dir", IMAGES, "--output",
                      tmp_path / "d.jsonl", *gen],
         "eval": ["eval", "--model", folder, "--benchmark", "scienceqa", "--data", bench.path, "--limit", "1",
-                 "--output", tmp_path / "eval", "--dar", "--device", DEVICE],
+                 "--output", tmp_path / "eval", "--dar", "--max-new-tokens", "3", "--description-max-new-tokens", "3",
+                 "--device", DEVICE],
     }
 
 
