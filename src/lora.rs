@@ -58,11 +58,6 @@ impl LoraLayer {
             (y.to_kind(Kind::Float) + delta.to_kind(Kind::Float)).to_kind(kind)
         }
     }
-
-    /// `scaling * B @ A`, the change this adapter makes to the weight.
-    pub fn delta_weight(&self) -> Tensor {
-        self.b.to_kind(Kind::Float).matmul(&self.a.to_kind(Kind::Float)) * self.scaling
-    }
 }
 
 /// What to adapt and how; serialised into configs and checkpoints.
@@ -104,16 +99,101 @@ impl LoraSettings {
         self.target_modules.iter().any(|t| t == "all-linear" || t == leaf || module_path.ends_with(&format!(".{t}")))
     }
 
-    /// The regular expression PEFT gets as `target_modules`: it must not match the vision tower's q/k/v projections.
+    /// The regular expression PEFT gets as `target_modules`: the language model's layers, and the vision
+    /// tower's only when the adapter has LoRA there (its q/k/v projections have the same names).
     fn peft_target_regex(modules: &[String]) -> String {
         let mut leaves: Vec<&str> = modules.iter().filter_map(|m| m.rsplit('.').next()).collect();
         leaves.sort();
         leaves.dedup();
-        format!(r".*language_model.*\.({})", leaves.join("|"))
+        let parts = if modules.iter().any(|m| m.starts_with("vision_tower.")) { "(language_model|vision_tower)" } else { "language_model" };
+        format!(r".*{parts}.*\.({})", leaves.join("|"))
     }
 }
 
 const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The tensors of a PEFT adapter folder with canonical module paths (llava-hf older naming): LoRA pairs by
+/// module, and fully trained modules (the projector).
+pub struct AdapterFile {
+    pub weights_path: std::path::PathBuf,
+    pub settings: LoraSettings,
+    /// module path -> (A [r, in], B [out, r]), f32
+    pub pairs: BTreeMap<String, (Tensor, Tensor)>,
+    /// canonical tensor name -> tensor, f32
+    pub projector: BTreeMap<String, Tensor>,
+}
+
+impl AdapterFile {
+    /// Reads `adapter_config.json` and `adapter_model.safetensors`; a pickled `adapter_model.bin` is refused
+    /// (stic never unpickles) with the command that converts it.
+    pub fn read(dir: &Path, device: Device) -> Result<Self> {
+        let config_path = dir.join("adapter_config.json");
+        if !config_path.is_file() {
+            return Err(Error::Input(format!("{} not found: --adapter must be a PEFT adapter folder", config_path.display())));
+        }
+        let config: serde_json::Value = read_json(&config_path)?;
+        let peft = read_peft_settings(&config).map_err(|why| Error::Input(format!("{}: {why}", config_path.display())))?;
+        let weights_path = dir.join("adapter_model.safetensors");
+        let pickled = dir.join("adapter_model.bin");
+        if !weights_path.is_file() && pickled.is_file() {
+            return Err(Error::Input(format!(
+                "{} is a pickle, which stic does not read (unpickling runs code); convert it once with \
+                 python -c \"import torch; from safetensors.torch import save_file; \
+                 save_file(torch.load('{p}', map_location='cpu', weights_only=True), '{s}', metadata={{'format': 'pt'}})\"",
+                pickled.display(),
+                p = pickled.display(),
+                s = weights_path.display()
+            )));
+        }
+        if !weights_path.is_file() {
+            return Err(Error::Input(format!("{} not found", weights_path.display())));
+        }
+        let ckpt = Checkpoint::open_files(&[weights_path.clone()])?;
+        let mut halves: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
+        let mut projector = BTreeMap::new();
+        let raw_names: Vec<String> = ckpt.raw_names().cloned().collect();
+        for raw in raw_names {
+            let t = ckpt.load_raw(&raw, Kind::Float, device)?;
+            let path = raw.strip_prefix(PEFT_PREFIX).unwrap_or(&raw).replace(".default.", ".");
+            if let Some((module, which)) = path.strip_suffix(".weight").and_then(|p| p.rsplit_once(".lora_")) {
+                let slot = match which {
+                    "A" => 0,
+                    "B" => 1,
+                    _ => return Err(Error::Input(format!("{}: unexpected tensor {raw}", weights_path.display()))),
+                };
+                halves.entry(canonical_name(module)).or_default()[slot] = Some(t);
+            } else {
+                projector.insert(canonical_name(&path), t);
+            }
+        }
+        let mut pairs = BTreeMap::new();
+        for (module, [a, b]) in halves {
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(Error::Input(format!("{}: {module} lacks lora_A or lora_B", weights_path.display())));
+            };
+            let rank = a.size()[0];
+            if rank != peft.r as i64 {
+                return Err(Error::Input(format!(
+                    "{}: {module} has rank {rank} but {} says r {} (PEFT refuses such an adapter): correct r",
+                    weights_path.display(), config_path.display(), peft.r
+                )));
+            }
+            pairs.insert(module, (a, b));
+        }
+        let settings = LoraSettings {
+            target_modules: pairs.keys().filter_map(|m| m.rsplit('.').next().map(String::from)).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            train_projector: !projector.is_empty(),
+            ..peft
+        };
+        Ok(AdapterFile { weights_path, settings, pairs, projector })
+    }
+
+    /// `scaling * B @ A` of a pair, the change it makes to the layer's weight (f32).
+    pub fn delta_weight(&self, a: &Tensor, b: &Tensor) -> Tensor {
+        b.matmul(a) * self.settings.scaling()
+    }
+}
+
 const PROJECTOR: &str = "multi_modal_projector";
 
 /// An adapter attached to a model: its LoRA layers live inside the model's `Linear`s; this keeps handles to
@@ -121,8 +201,11 @@ const PROJECTOR: &str = "multi_modal_projector";
 pub struct Adapter {
     pub switch: Rc<LoraSwitch>,
     pub settings: LoraSettings,
-    /// (PEFT key, tensor): `…lora_A.weight` / `…lora_B.weight`, then projector weights when trained.
+    /// (PEFT key, tensor): `…lora_A.weight` / `…lora_B.weight` of the trained layers.
     pub lora_params: Vec<(String, Tensor)>,
+    /// LoRA tensors that are saved but never trained: the vision tower's (it runs without gradients) and those
+    /// of vision layers that never run.
+    pub frozen_params: Vec<(String, Tensor)>,
     pub projector_params: Vec<(String, Tensor)>,
 }
 
@@ -235,78 +318,52 @@ impl Adapter {
         }
         let projector_params = if settings.train_projector { projector_params(model) } else { Vec::new() };
         model.adapter_switch = Some(switch.clone());
-        Ok(Adapter { switch, settings: settings.clone(), lora_params, projector_params })
+        Ok(Adapter { switch, settings: settings.clone(), lora_params, frozen_params: Vec::new(), projector_params })
     }
 
     /// Loads a PEFT adapter folder (written by stic or by Python PEFT, llava-hf or original LLaVA module paths).
-    /// With `trainable`, its tensors become f32 leaves that require grad (to continue training).
+    /// With `trainable`, its language-model tensors become f32 leaves that require grad (to continue training).
+    /// LoRA on the vision tower is applied but never trained: the tower runs without gradients, as in LLaVA.
     pub fn load(model: &mut LlavaNext, dir: &Path, trainable: bool) -> Result<Self> {
-        let config_path = dir.join("adapter_config.json");
-        if !config_path.is_file() {
-            return Err(Error::Input(format!("{} not found: --adapter must be a PEFT adapter folder", config_path.display())));
-        }
-        let config: serde_json::Value = read_json(&config_path)?;
-        let peft = read_peft_settings(&config).map_err(|why| Error::Input(format!("{}: {why}", config_path.display())))?;
-        let weights_path = dir.join("adapter_model.safetensors");
-        if !weights_path.is_file() {
-            return Err(Error::Input(format!(
-                "{} not found (adapter_model.bin must be converted to safetensors first)",
-                weights_path.display()
-            )));
-        }
-        let ckpt = Checkpoint::open_files(&[weights_path.clone()])?;
-        let device = model.device();
-        let mut pairs: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
-        let mut projector: BTreeMap<String, Tensor> = BTreeMap::new();
-        let raw_names: Vec<String> = ckpt.raw_names().cloned().collect();
-        for raw in raw_names {
-            let t = ckpt.load_raw(&raw, Kind::Float, device)?;
-            let path = raw.strip_prefix(PEFT_PREFIX).unwrap_or(&raw).replace(".default.", ".");
-            if let Some((module, which)) = path.strip_suffix(".weight").and_then(|p| p.rsplit_once(".lora_")) {
-                let slot = match which {
-                    "A" => 0,
-                    "B" => 1,
-                    _ => return Err(Error::Input(format!("{}: unexpected tensor {raw}", weights_path.display()))),
-                };
-                pairs.entry(canonical_name(module)).or_default()[slot] = Some(t);
-            } else {
-                projector.insert(canonical_name(&path), t);
+        let file = AdapterFile::read(dir, model.device())?;
+        let switch = Rc::new(LoraSwitch::default());
+        let (mut lora_params, mut frozen_params) = (Vec::new(), Vec::new());
+        let is_unbuilt = |module: &str| crate::model::llava_next::is_unbuilt_vision_linear(module, &model.cfg);
+        let mut unbuilt = Vec::new();
+        for module in file.pairs.keys() {
+            if is_unbuilt(module)? {
+                unbuilt.push(module.clone());
             }
         }
-        let settings = LoraSettings {
-            target_modules: pairs.keys().filter_map(|m| m.rsplit('.').next().map(String::from)).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
-            train_projector: !projector.is_empty(),
-            ..peft
-        };
-        let switch = Rc::new(LoraSwitch::default());
-        let mut lora_params = Vec::new();
         let mut linears: BTreeMap<String, &mut Linear> = model.language_model.decoder_linears_mut().into_iter().collect();
-        for (module, [a, b]) in pairs {
-            let (Some(a), Some(b)) = (a, b) else {
-                return Err(Error::Input(format!("{}: {module} lacks lora_A or lora_B", weights_path.display())));
-            };
+        let vision: BTreeMap<String, &mut Linear> = model.vision_tower.linears_mut().into_iter().collect();
+        let vision_modules: Vec<String> = vision.keys().cloned().collect();
+        linears.extend(vision);
+        for (module, (a, b)) in file.pairs {
+            let keys = (lora_key(&module, "A"), lora_key(&module, "B"));
+            if unbuilt.contains(&module) {
+                // A layer past LLaVA's feature layer: it never runs, its weights are kept for saving.
+                frozen_params.extend([(keys.0, a), (keys.1, b)]);
+                continue;
+            }
             let Some(linear) = linears.get_mut(&module) else {
-                return Err(Error::Input(format!("{}: adapter targets {module}, which is not a language-model linear layer", weights_path.display())));
+                return Err(Error::Input(format!("{}: adapter targets {module}, which is not a linear layer of the model", file.weights_path.display())));
             };
             let rank = a.size()[0];
-            if rank != settings.r as i64 {
-                return Err(Error::Input(format!(
-                    "{}: {module} has rank {rank} but {} says r {} (PEFT refuses such an adapter): correct r",
-                    weights_path.display(), config_path.display(), settings.r
-                )));
-            }
             if a.size() != [rank, linear.in_features()] || b.size() != [linear.out_features(), rank] {
                 return Err(Error::Input(format!(
                     "{}: {module} has lora_A {:?} and lora_B {:?}, the layer is [{}, {}]",
-                    weights_path.display(), a.size(), b.size(), linear.out_features(), linear.in_features()
+                    file.weights_path.display(), a.size(), b.size(), linear.out_features(), linear.in_features()
                 )));
             }
-            let (a, b) = if trainable { (a.set_requires_grad(true), b.set_requires_grad(true)) } else { (a, b) };
-            lora_params.push((lora_key(&module, "A"), a.shallow_clone()));
-            lora_params.push((lora_key(&module, "B"), b.shallow_clone()));
-            linear.lora = Some(LoraLayer { a, b, scaling: settings.scaling(), dropout: settings.dropout, switch: switch.clone() });
+            let trained = trainable && !vision_modules.contains(&module);
+            let (a, b) = if trained { (a.set_requires_grad(true), b.set_requires_grad(true)) } else { (a, b) };
+            let params = if trained || !vision_modules.contains(&module) { &mut lora_params } else { &mut frozen_params };
+            params.extend([(keys.0, a.shallow_clone()), (keys.1, b.shallow_clone())]);
+            linear.lora = Some(LoraLayer { a, b, scaling: file.settings.scaling(), dropout: file.settings.dropout, switch: switch.clone() });
         }
         let mut projector_params = Vec::new();
+        let mut projector = file.projector;
         if !projector.is_empty() {
             model.original_projector = Some(model.multi_modal_projector.frozen_copy());
             for (path, linear) in model.multi_modal_projector.linears_mut() {
@@ -314,21 +371,21 @@ impl Adapter {
                     let Some(slot) = slot else { continue };
                     let name = format!("{path}.{field}");
                     let Some(t) = projector.remove(&name) else {
-                        return Err(Error::Input(format!("{}: the projector is saved without {name}", weights_path.display())));
+                        return Err(Error::Input(format!("{}: the projector is saved without {name}", file.weights_path.display())));
                     };
                     if t.size() != slot.size() {
-                        return Err(Error::Input(format!("{}: {name} has shape {:?}, expected {:?}", weights_path.display(), t.size(), slot.size())));
+                        return Err(Error::Input(format!("{}: {name} has shape {:?}, expected {:?}", file.weights_path.display(), t.size(), slot.size())));
                     }
                     *slot = if trainable { t.set_requires_grad(true) } else { t.to_kind(slot.kind()) };
                     projector_params.push((projector_key(&name), slot.shallow_clone()));
                 }
             }
             if let Some(extra) = projector.keys().next() {
-                return Err(Error::Input(format!("{}: unexpected tensor {extra} (only LoRA and the projector are supported)", weights_path.display())));
+                return Err(Error::Input(format!("{}: unexpected tensor {extra} (only LoRA and the projector are supported)", file.weights_path.display())));
             }
         }
         model.adapter_switch = Some(switch.clone());
-        Ok(Adapter { switch, settings, lora_params, projector_params })
+        Ok(Adapter { switch, settings: file.settings, lora_params, frozen_params, projector_params })
     }
 
     /// All trainable tensors (LoRA, then projector).
@@ -343,6 +400,7 @@ impl Adapter {
         let modules: Vec<String> = self
             .lora_params
             .iter()
+            .chain(&self.frozen_params)
             .filter_map(|(k, _)| k.strip_prefix(PEFT_PREFIX)?.strip_suffix(".lora_A.weight").map(String::from))
             .collect();
         let config = serde_json::json!({
@@ -367,7 +425,8 @@ impl Adapter {
             "use_dora": false,
             "use_rslora": self.settings.use_rslora,
         });
-        let tensors: Vec<(String, Tensor)> = self.parameters().map(|(k, t)| (k.clone(), t.detach().to_device(Device::Cpu))).collect();
+        let tensors: Vec<(String, Tensor)> =
+            self.parameters().chain(&self.frozen_params).map(|(k, t)| (k.clone(), t.detach().to_device(Device::Cpu))).collect();
         save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
         write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config).expect("json").as_bytes())
     }

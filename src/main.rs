@@ -40,6 +40,8 @@ enum Command {
     /// Diagnostics for distributed runs: join the group from torchrun's environment, all-reduce, broadcast and
     /// barrier once, and print one JSON line per rank (`torchrun --nproc-per-node 2 --no-python stic dist-check`).
     DistCheck(cli::dist_check::Args),
+    /// Print the token ids stic feeds the model for texts (JSON strings on stdin, one per line).
+    Tokenize(cli::tokenize::Args),
     /// Write a small random LLaVA-NeXT-Mistral checkpoint (llava-hf layout) with the shipped tokenizer.
     InitTiny(cli::init_tiny::Args),
     #[command(hide = true)]
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::EvalScore(args) => cli::eval::run_score(args),
         Command::DistCheck(args) => cli::dist_check::run(args),
         Command::DecodeImage(args) => cli::decode_image::run(args),
+        Command::Tokenize(args) => cli::tokenize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

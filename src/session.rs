@@ -4,9 +4,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::generate::{expand_image_tokens, PreparedPrompt};
-use crate::image::{self, Preprocessed};
+use crate::image::{self, Preprocessed, Processing};
 use crate::lora::Adapter;
-use crate::model::LlavaNext;
+use crate::model::{LlavaConfig, LlavaNext};
 use crate::text::tokenizer::IMAGE_TOKEN;
 use crate::text::TextTokenizer;
 
@@ -48,13 +48,16 @@ pub fn parse_dtype(name: &str, device: Device) -> Result<Kind> {
 }
 
 impl Session {
-    /// Loads a model folder, and a PEFT adapter folder on top of it when given.
-    pub fn load(model_dir: &Path, adapter_dir: Option<&Path>, kind: Kind, device: Device) -> Result<Self> {
+    /// Loads a model folder, and a PEFT adapter folder on top of it when given. `processing` overrides the one
+    /// the checkpoint's layout implies (LLaVA's code for an original checkpoint, transformers' for llava-hf).
+    pub fn load(model_dir: &Path, adapter_dir: Option<&Path>, processing: Option<Processing>, kind: Kind, device: Device) -> Result<Self> {
         if !model_dir.is_dir() {
             return Err(Error::Input(format!("model folder {} does not exist", model_dir.display())));
         }
-        let tokenizer = TextTokenizer::from_dir(model_dir)?;
-        let mut model = LlavaNext::load(model_dir, kind, device)?;
+        let cfg = LlavaConfig::from_dir(model_dir, processing)?;
+        let mut tokenizer = TextTokenizer::from_dir(model_dir, cfg.image.processing)?;
+        tokenizer.limit_to_model_vocab(cfg.text.vocab_size);
+        let mut model = LlavaNext::load(model_dir, cfg, kind, device)?;
         let adapter = adapter_dir.map(|dir| Adapter::load(&mut model, dir, false)).transpose()?;
         Ok(Session { model, tokenizer, adapter })
     }
@@ -87,6 +90,14 @@ impl Session {
             )));
         }
         let ids = expand_image_tokens(&ids, self.tokenizer.image_id, &counts)?;
+        let cfg = &self.model.cfg;
+        if let Some(limit) = cfg.llava_max_length.filter(|&l| cfg.image.processing == Processing::Llava && ids.len() > l) {
+            return Err(Error::Input(format!(
+                "the prompt is {} tokens long (image features included); LLaVA's code cuts inputs at {limit} \
+                 (tokenizer_model_max_length in config.json): shorten the prompt",
+                ids.len()
+            )));
+        }
         Ok(PreparedPrompt { ids, image_features })
     }
 }

@@ -10,4 +10,5 @@ pub mod merge;
 pub mod model_args;
 pub mod prefs;
 pub mod score;
+pub mod tokenize;
 pub mod train;

@@ -22,7 +22,9 @@ pub struct Args {
     response: Option<String>,
     #[arg(long, default_value = "mistral_instruct")]
     template: String,
-    /// Write `logits` [seq, vocab] (f32), `input_ids`, `pixel_values` and `image_size` to a safetensors file.
+    /// Write `logits` [seq, vocab] (f32), `input_ids` (image positions as the processing's reference writes
+    /// them: image_token_index for transformers, -200 for LLaVA), `pixel_values` and `image_size` to a
+    /// safetensors file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
 }
@@ -58,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             path,
             &[
                 ("logits".into(), logits.to_device(tch::Device::Cpu)),
-                ("input_ids".into(), tch::Tensor::from_slice(&prompt.ids)),
+                ("input_ids".into(), tch::Tensor::from_slice(&session.model.cfg.reference_ids(&prompt.ids))),
                 ("pixel_values".into(), pixels),
                 ("image_size".into(), tch::Tensor::from_slice(&[h as i64, w as i64])),
             ],
@@ -67,7 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let line = serde_json::json!({
         "sum_logprob": logprobs.iter().sum::<f64>(),
         "token_logprobs": logprobs,
-        "tokens": prompt.ids[first..],
+        "tokens": prompt.ids[first..].iter().filter(|&&id| id != stic::text::tokenizer::IMAGE_TOKEN_INDEX).collect::<Vec<_>>(),
         "prompt_tokens": first,
         "seq_len": prompt.ids.len(),
     });

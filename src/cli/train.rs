@@ -17,6 +17,8 @@ const STAGE1_DEFAULTS: &str = include_str!("../../configs/stic-stage1.yaml");
 pub struct TrainArgs {
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    processing: super::model_args::ProcessingArg,
     #[arg(long)]
     data: PathBuf,
     #[arg(long)]
@@ -147,7 +149,7 @@ impl TrainArgs {
         let device = parse_device(&cfg.device)?;
         let device = group.map_or(device, |g| g.device_for(device));
         let kind = parse_dtype(&cfg.dtype, device)?;
-        let session = stic::session::Session::load(&self.model, None, kind, device)?;
+        let session = stic::session::Session::load(&self.model, None, self.processing.processing, kind, device)?;
         Ok((session.model, session.tokenizer))
     }
 
@@ -312,7 +314,7 @@ fn dump_first_step(model: &stic::model::LlavaNext, adapter: &Adapter, objective:
     let batch = token_batch(&rows, objective.pad_id, tch::Device::Cpu);
     let mut tensors = vec![
         ("loss".to_string(), tch::Tensor::from_slice(&[out.metrics[0]])),
-        ("input_ids".to_string(), batch.ids),
+        ("input_ids".to_string(), tch::Tensor::from_slice(&model.cfg.reference_ids(&Vec::<i64>::try_from(batch.ids.flatten(0, 1))?)).view_as(&batch.ids)),
         ("attention_mask".to_string(), batch.mask),
         ("scored".to_string(), batch.scored.to_kind(tch::Kind::Int64)),
     ];

@@ -4,7 +4,7 @@
 use ::image::{GenericImage, GenericImageView, Rgb, RgbImage};
 use ndarray::Array4;
 
-use super::anyres::{patch_output_size, select_best_resolution};
+use super::anyres::{best_resolution, patch_output_size};
 use super::pil::resize_bicubic;
 use super::{AspectMode, ImageConfig};
 
@@ -52,11 +52,12 @@ fn normalize(value: u8, mean: f32, std: f32) -> f32 {
     (rescaled - mean) / std
 }
 
-/// `get_image_patches`: the whole image squashed to `shortest_edge`², then the tiles of the image
-/// resized into the best grid resolution and centred on a black canvas.
+/// `get_image_patches` (LLaVA: `process_anyres_image`, the same steps): the whole image squashed to
+/// `shortest_edge`², then the tiles of the image resized into the best grid resolution and centred on a
+/// black canvas.
 fn anyres_tiles(img: &RgbImage, cfg: &ImageConfig) -> Vec<RgbImage> {
     let original = (img.height(), img.width());
-    let (grid_height, grid_width) = select_best_resolution(original, &cfg.grid_pinpoints);
+    let (grid_height, grid_width) = best_resolution(original, cfg);
     let (height, width) = patch_output_size(original, (grid_height, grid_width));
     let resized = resize_bicubic(img, width, height);
     let mut canvas = RgbImage::new(grid_width, grid_height);

@@ -81,6 +81,12 @@ impl ClipEncoderLayer {
     }
 }
 
+/// The module path of the CLIP vision model (canonical, llava-hf older naming).
+pub const VISION_MODEL: &str = "vision_tower.vision_model";
+
+/// The linear layers of a CLIP encoder layer, relative to it.
+pub const LAYER_LINEARS: [&str; 6] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"];
+
 pub struct ClipVisionTower {
     patch_embedding: Tensor,
     class_embedding: Tensor,
@@ -106,6 +112,30 @@ impl ClipVisionTower {
             layers: (0..num_layers).map(|i| ClipEncoderLayer::new(&vb.pp(format!("encoder.layers.{i}")), cfg)).collect(),
             patch_size: p,
         }
+    }
+
+    /// Every linear layer of the built encoder layers with its module path (`vision_tower.vision_model.…`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for (name, linear) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.out_proj", &mut a.out_proj),
+                ("mlp.fc1", &mut m.fc1),
+                ("mlp.fc2", &mut m.fc2),
+            ] {
+                debug_assert!(LAYER_LINEARS.contains(&name));
+                out.push((format!("{VISION_MODEL}.encoder.layers.{i}.{name}"), linear));
+            }
+        }
+        out
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// pixel values [n, 3, H, W] -> hidden states after the last built layer, [n, 1 + patches, d] (CLS first).

@@ -3,7 +3,8 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 use crate::error::{read_json, Error, Result};
-use crate::image::{AspectMode, ImageConfig, ImageConfigError};
+use crate::image::{AspectMode, ImageConfig, ImageConfigError, PatchMerge, Processing};
+use crate::text::tokenizer::IMAGE_TOKEN_INDEX;
 
 /// Mistral decoder settings; defaults are those of transformers' `MistralConfig`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
@@ -93,6 +94,8 @@ pub struct LlavaConfig {
     pub projector_hidden_act: String,
     /// Original-layout configs carry no vision config: it is inferred from the weights when this is false.
     pub vision_config_known: bool,
+    /// LLaVA's `tokenizer_model_max_length`: its code cuts longer inputs (image features included) there.
+    pub llava_max_length: Option<usize>,
 }
 
 mod defaults {
@@ -156,6 +159,16 @@ struct HfConfig {
 struct OriginalConfig {
     #[serde(flatten)]
     text: TextConfig,
+    #[serde(default)]
+    mm_vision_tower: Option<String>,
+    #[serde(default)]
+    mm_hidden_size: Option<usize>,
+    #[serde(default)]
+    mm_use_im_start_end: bool,
+    #[serde(default)]
+    mm_use_im_patch_token: bool,
+    #[serde(default)]
+    tokenizer_model_max_length: Option<usize>,
     #[serde(default = "defaults::vision_feature_layer")]
     mm_vision_select_layer: i64,
     #[serde(default)]
@@ -202,8 +215,10 @@ fn feature_select(name: &str, path: &Path) -> Result<FeatureSelect> {
 }
 
 impl LlavaConfig {
-    /// Reads `config.json` (and `preprocessor_config.json` when present) from a model folder.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    /// Reads `config.json` (and `preprocessor_config.json` when present) from a model folder. The processing
+    /// follows the layout (LLaVA's code for an original checkpoint, transformers' for llava-hf) unless
+    /// `processing` says otherwise.
+    pub fn from_dir(dir: &Path, processing: Option<Processing>) -> Result<Self> {
         let path = dir.join("config.json");
         if !path.is_file() {
             return Err(Error::Config(format!(
@@ -230,41 +245,12 @@ impl LlavaConfig {
                     feature_select: feature_select(&hf.vision_feature_select_strategy, &path)?,
                     projector_hidden_act: hf.projector_hidden_act,
                     vision_config_known: true,
+                    llava_max_length: None,
                 }
             }
             "llava_mistral" | "llava" => {
                 let orig: OriginalConfig = serde_json::from_value(raw.clone()).map_err(parse_err)?;
-                if let Some(kind) = orig.mm_projector_type.as_deref().filter(|k| *k != "mlp2x_gelu") {
-                    return Err(Error::Config(format!(
-                        "{}: mm_projector_type '{kind}' is not supported (only mlp2x_gelu)",
-                        path.display()
-                    )));
-                }
-                if let Some(kind) = orig.mm_patch_merge_type.as_deref().filter(|k| *k != "spatial_unpad") {
-                    return Err(Error::Config(format!(
-                        "{}: mm_patch_merge_type '{kind}' is not supported (only spatial_unpad)",
-                        path.display()
-                    )));
-                }
-                let aspect_mode = match orig.image_aspect_ratio.as_deref() {
-                    Some("pad") => AspectMode::Pad,
-                    _ => AspectMode::Anyres,
-                };
-                LlavaConfig {
-                    layout: Layout::OriginalLlava,
-                    text: orig.text,
-                    vision: defaults::clip_vit_l_336(),
-                    image: ImageConfig {
-                        grid_pinpoints: pairs(&orig.image_grid_pinpoints),
-                        aspect_mode,
-                        ..ImageConfig::default()
-                    },
-                    image_token_id: defaults::image_token_index(),
-                    vision_feature_layer: orig.mm_vision_select_layer,
-                    feature_select: feature_select(orig.mm_vision_select_feature.as_deref().unwrap_or("patch"), &path)?,
-                    projector_hidden_act: defaults::gelu(),
-                    vision_config_known: false,
-                }
+                original_config(orig, &path)?
             }
             other => {
                 return Err(Error::Config(format!(
@@ -292,6 +278,9 @@ impl LlavaConfig {
             return Err(Error::Config(format!("{}: vision hidden_act '{}' is not supported", path.display(), cfg.vision.hidden_act)));
         }
         cfg.apply_preprocessor_config(dir)?;
+        if let Some(processing) = processing {
+            cfg.image.processing = processing;
+        }
         Ok(cfg)
     }
 
@@ -331,6 +320,15 @@ impl LlavaConfig {
         Ok(())
     }
 
+    /// `ids` as the reference of this processing writes them: LLaVA's code keeps [`IMAGE_TOKEN_INDEX`] at image
+    /// positions, transformers' processor writes `image_token_index` there.
+    pub fn reference_ids(&self, ids: &[i64]) -> Vec<i64> {
+        match self.image.processing {
+            Processing::Llava => ids.to_vec(),
+            Processing::Transformers => ids.iter().map(|&i| if i == IMAGE_TOKEN_INDEX { self.image_token_id } else { i }).collect(),
+        }
+    }
+
     /// Index into CLIP's hidden states (0 = embeddings) of the layer whose output feeds the projector.
     pub fn vision_layer_index(&self) -> Result<usize> {
         let n = self.vision.num_hidden_layers as i64;
@@ -340,6 +338,57 @@ impl LlavaConfig {
         }
         Ok(idx as usize)
     }
+}
+
+/// The config of an original LLaVA checkpoint (`LlavaMistralForCausalLM`), with every setting that changes the
+/// maths mapped or refused: LLaVA's code reads these with defaults of its own (`mm_patch_merge_type` flat,
+/// `mm_projector_type` linear), which apply here too.
+fn original_config(orig: OriginalConfig, path: &Path) -> Result<LlavaConfig> {
+    let unsupported = |what: String| Err(Error::Config(format!("{}: {what}", path.display())));
+    let Some(tower) = orig.mm_vision_tower.as_deref() else {
+        return unsupported("no mm_vision_tower: not a LLaVA multimodal checkpoint (a plain language model?)".into());
+    };
+    if !tower.to_ascii_lowercase().contains("clip") && !Path::new(tower).exists() {
+        return unsupported(format!("mm_vision_tower '{tower}' is not a CLIP tower (stic runs CLIP ViT towers, as LLaVA-v1.6 has)"));
+    }
+    match orig.mm_projector_type.as_deref() {
+        Some("mlp2x_gelu") => {}
+        Some(kind) => return unsupported(format!("mm_projector_type '{kind}' is not supported (only mlp2x_gelu)")),
+        None => return unsupported("no mm_projector_type (LLaVA then builds a linear projector, which stic does not support; LLaVA-v1.6 uses mlp2x_gelu)".into()),
+    }
+    let patch_merge = match orig.mm_patch_merge_type.as_deref() {
+        Some("spatial_unpad") => PatchMerge::SpatialUnpad,
+        Some("flat") | None => PatchMerge::Flat,
+        Some(kind) => return unsupported(format!("mm_patch_merge_type '{kind}' is not supported (spatial_unpad or flat)")),
+    };
+    let aspect_mode = match orig.image_aspect_ratio.as_deref() {
+        Some("anyres") => AspectMode::Anyres,
+        Some("pad") => AspectMode::Pad,
+        Some(kind) => return unsupported(format!("image_aspect_ratio '{kind}' is not supported (anyres or pad)")),
+        None => return unsupported("no image_aspect_ratio (LLaVA then center-crops a square, which stic does not support: anyres or pad)".into()),
+    };
+    if orig.mm_use_im_start_end || orig.mm_use_im_patch_token {
+        return unsupported("mm_use_im_start_end / mm_use_im_patch_token add image tokens to the vocabulary, which stic does not support".into());
+    }
+    let feature_select = feature_select(orig.mm_vision_select_feature.as_deref().unwrap_or("patch"), path)?;
+    Ok(LlavaConfig {
+        layout: Layout::OriginalLlava,
+        text: orig.text,
+        vision: VisionConfig { hidden_size: orig.mm_hidden_size.unwrap_or(1024), ..defaults::clip_vit_l_336() },
+        image: ImageConfig {
+            grid_pinpoints: pairs(&orig.image_grid_pinpoints),
+            aspect_mode,
+            processing: Processing::Llava,
+            patch_merge,
+            ..ImageConfig::default()
+        },
+        image_token_id: defaults::image_token_index(),
+        vision_feature_layer: orig.mm_vision_select_layer,
+        feature_select,
+        projector_hidden_act: defaults::gelu(),
+        vision_config_known: false,
+        llava_max_length: orig.tokenizer_model_max_length,
+    })
 }
 
 fn pairs(p: &[[u32; 2]]) -> Vec<(u32, u32)> {

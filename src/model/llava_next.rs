@@ -1,16 +1,18 @@
-//! LLaVA-NeXT: CLIP tower + projector + Mistral, with anyres tiles packed and unpadded as transformers does.
+//! LLaVA-NeXT: CLIP tower + projector + Mistral, with anyres tiles packed and unpadded as transformers or LLaVA's
+//! code does (`ImageConfig::processing`), or laid out flat (`mm_patch_merge_type flat`).
 use std::path::Path;
 use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
 
-use super::clip::ClipVisionTower;
+use super::clip::{ClipVisionTower, LAYER_LINEARS, VISION_MODEL};
 use super::config::{FeatureSelect, LlavaConfig, VisionConfig};
 use super::mistral::MistralModel;
 use super::projector::Projector;
 use super::weights::{Checkpoint, WeightSource};
 use crate::error::{Error, Result};
-use crate::image::{anyres, AspectMode, Preprocessed};
+use crate::image::{anyres, AspectMode, PatchMerge, Preprocessed, Processing};
 use crate::lora::LoraSwitch;
+use crate::text::tokenizer::IMAGE_TOKEN_INDEX;
 
 pub struct LlavaNext {
     pub vision_tower: ClipVisionTower,
@@ -26,7 +28,7 @@ pub struct LlavaNext {
 
 /// The original LLaVA config has no vision section: read the CLIP geometry off the tensor shapes.
 fn infer_vision_config(ckpt: &Checkpoint, base: &VisionConfig) -> Result<VisionConfig> {
-    let prefix = "vision_tower.vision_model.";
+    let prefix = format!("{VISION_MODEL}.");
     let shape = |name: &str| {
         ckpt.shape(&format!("{prefix}{name}"))
             .ok_or_else(|| Error::Weights(format!("missing tensor {prefix}{name} (needed to infer the CLIP config)")))
@@ -54,15 +56,44 @@ fn infer_vision_config(ckpt: &Checkpoint, base: &VisionConfig) -> Result<VisionC
     })
 }
 
+/// Fills in the vision config of an original-layout checkpoint from its tensors.
+pub fn complete_vision_config(cfg: &mut LlavaConfig, ckpt: &Checkpoint) -> Result<()> {
+    if !cfg.vision_config_known {
+        cfg.vision = infer_vision_config(ckpt, &cfg.vision)?;
+        cfg.image.crop_size = cfg.vision.image_size as u32;
+        cfg.image.shortest_edge = cfg.vision.image_size as u32;
+        cfg.vision_config_known = true;
+    }
+    Ok(())
+}
+
+/// A tensor of a vision-tower layer that LLaVA never reads (past the feature layer), or a buffer that older
+/// saves wrote: present in real checkpoints, not needed.
+fn may_be_unused(name: &str, built_vision_layers: usize) -> bool {
+    let layer = name
+        .strip_prefix(VISION_MODEL)
+        .and_then(|r| r.strip_prefix(".encoder.layers."))
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok());
+    layer.is_some_and(|i| i >= built_vision_layers)
+        || name.starts_with(&format!("{VISION_MODEL}.post_layernorm."))
+        || name.ends_with(".inv_freq")
+        || name.ends_with("embeddings.position_ids")
+}
+
+/// Whether `module` is a linear layer of a CLIP encoder layer that is not built (LLaVA never runs it).
+pub fn is_unbuilt_vision_linear(module: &str, cfg: &LlavaConfig) -> Result<bool> {
+    let Some(rest) = module.strip_prefix(VISION_MODEL).and_then(|r| r.strip_prefix(".encoder.layers.")) else { return Ok(false) };
+    let Some((layer, linear)) = rest.split_once('.') else { return Ok(false) };
+    let Ok(layer) = layer.parse::<usize>() else { return Ok(false) };
+    Ok(layer >= cfg.vision_layer_index()? && layer < cfg.vision.num_hidden_layers && LAYER_LINEARS.contains(&linear))
+}
+
 impl LlavaNext {
-    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
-        let mut cfg = LlavaConfig::from_dir(dir)?;
+    /// Loads the weights of a model folder whose config is `cfg` (`LlavaConfig::from_dir`).
+    pub fn load(dir: &Path, mut cfg: LlavaConfig, kind: Kind, device: Device) -> Result<Self> {
         let ckpt = Checkpoint::open_dir(dir)?;
-        if !cfg.vision_config_known {
-            cfg.vision = infer_vision_config(&ckpt, &cfg.vision)?;
-            cfg.image.crop_size = cfg.vision.image_size as u32;
-            cfg.image.shortest_edge = cfg.vision.image_size as u32;
-        }
+        complete_vision_config(&mut cfg, &ckpt)?;
         Self::from_checkpoint(cfg, &ckpt, kind, device)
     }
 
@@ -80,7 +111,8 @@ impl LlavaNext {
                 cfg,
             })
         })?;
-        source.finish()?;
+        let built = model.vision_tower.num_layers();
+        source.finish(|name| may_be_unused(name, built))?;
         Ok(model)
     }
 
@@ -107,18 +139,24 @@ impl LlavaNext {
     }
 
     /// The image's feature sequence as the decoder sees it: base tile, then the unpadded grid with one
-    /// `image_newline` per row (anyres), or the single tile plus one newline.
+    /// `image_newline` per row (anyres), or the single tile plus one newline; with the flat merge, and for pad
+    /// mode in LLaVA's code (which hands such images to the tower as one batch and never merges them), the
+    /// tiles' features one after the other.
     pub fn image_features(&self, image: &Preprocessed) -> Result<Tensor> {
         let pv = &image.pixel_values;
         let shape: Vec<i64> = pv.shape().iter().map(|&d| d as i64).collect();
         let pixels = Tensor::from_slice(pv.as_slice().expect("pixel values are contiguous")).view(shape.as_slice());
         let features = self.tile_features(&pixels);
         let (tiles, patches, dim) = features.size3().unwrap();
+        let img = &self.cfg.image;
+        if matches!((img.aspect_mode, img.patch_merge, img.processing), (AspectMode::Pad, _, Processing::Llava) | (_, PatchMerge::Flat, _)) {
+            return Ok(features.flatten(0, 1));
+        }
         let newline = self.image_newline.view([1, dim]).to_kind(features.kind());
         if tiles == 1 {
             return Ok(Tensor::cat(&[features.get(0), newline], 0));
         }
-        if self.cfg.image.aspect_mode == AspectMode::Pad {
+        if img.aspect_mode == AspectMode::Pad {
             return Err(Error::Input(format!("pad mode gives one tile, got {tiles}")));
         }
         let side = (self.cfg.vision.image_size / self.cfg.vision.patch_size) as i64;
@@ -128,7 +166,7 @@ impl LlavaNext {
                 side * side
             )));
         }
-        let (rows, cols) = anyres::grid_shape(image.original_size, &self.cfg.image.grid_pinpoints, self.cfg.image.crop_size);
+        let (rows, cols) = anyres::grid_shape(image.original_size, img);
         let (rows, cols) = (rows as i64, cols as i64);
         if rows * cols != tiles - 1 {
             return Err(Error::Input(format!("image has {} grid tiles, the pinpoints give {rows}x{cols}", tiles - 1)));
@@ -138,7 +176,7 @@ impl LlavaNext {
             .view([rows, cols, side, side, dim])
             .permute([4, 0, 2, 1, 3])
             .reshape([dim, rows * side, cols * side]);
-        let (r0, r1, c0, c1) = anyres::unpadded_size(((rows * side) as usize, (cols * side) as usize), image.original_size);
+        let (r0, r1, c0, c1) = anyres::unpadded_size(((rows * side) as usize, (cols * side) as usize), image.original_size, img.processing);
         let grid = grid.narrow(1, r0 as i64, (r1 - r0) as i64).narrow(2, c0 as i64, (c1 - c0) as i64);
         let h = grid.size()[1];
         let with_newlines = Tensor::cat(&[grid, newline.view([dim, 1, 1]).expand([dim, h, 1], false)], 2);
@@ -146,10 +184,11 @@ impl LlavaNext {
         Ok(Tensor::cat(&[features.get(0), unpadded], 0))
     }
 
-    /// Token embeddings with every `<image>` placeholder replaced, in order, by the rows of `image_features`.
+    /// Token embeddings with every image position ([`IMAGE_TOKEN_INDEX`]) filled, in order, by the rows of
+    /// `image_features`.
     pub fn embed_inputs(&self, input_ids: &Tensor, image_features: &[Tensor]) -> Result<Tensor> {
         let embeds = self.language_model.embed(input_ids);
-        let is_image = input_ids.eq(self.cfg.image_token_id);
+        let is_image = input_ids.eq(IMAGE_TOKEN_INDEX);
         let placeholders = is_image.sum(Kind::Int64).int64_value(&[]);
         let provided: i64 = image_features.iter().map(|f| f.size()[0]).sum();
         if placeholders != provided {

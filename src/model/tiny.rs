@@ -55,6 +55,7 @@ pub fn tiny_config() -> LlavaConfig {
         feature_select: FeatureSelect::Patch,
         projector_hidden_act: "gelu".into(),
         vision_config_known: true,
+        llava_max_length: None,
     }
 }
 
@@ -63,13 +64,19 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-/// Writes config.json, the processor configs and the tokenizer of `cfg` to `dir`.
-pub fn write_model_files(dir: &Path, cfg: &LlavaConfig) -> Result<()> {
+/// Writes the llava-hf config.json and processor configs of `cfg` to `dir`.
+pub fn write_config_files(dir: &Path, cfg: &LlavaConfig) -> Result<()> {
     create_dir(dir)?;
     write_json(&dir.join("config.json"), &cfg.to_hf_json())?;
     for (name, value) in cfg.processor_json() {
         write_json(&dir.join(name), &value)?;
     }
+    Ok(())
+}
+
+/// Writes config.json, the processor configs and the shipped tokenizer to `dir`.
+pub fn write_model_files(dir: &Path, cfg: &LlavaConfig) -> Result<()> {
+    write_config_files(dir, cfg)?;
     for (name, bytes) in TOKENIZER_FILES {
         write_atomic(&dir.join(name), bytes)?;
     }

@@ -3,7 +3,7 @@
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -188,16 +188,22 @@ pub struct WeightSource<'a> {
     kind: Kind,
     device: Device,
     problems: RefCell<Vec<String>>,
+    /// The names the model asked for (or checked for).
+    requested: RefCell<HashSet<String>>,
 }
 
 impl<'a> WeightSource<'a> {
     pub fn new(checkpoint: &'a Checkpoint, kind: Kind, device: Device) -> Self {
-        WeightSource { backing: Backing::Checkpoint(checkpoint), kind, device, problems: RefCell::new(Vec::new()) }
+        Self::with_backing(Backing::Checkpoint(checkpoint), kind, device)
     }
 
     /// Random weights with the init of a freshly constructed transformers model (normal(0, 0.02); norms near 1).
     pub fn random(kind: Kind, device: Device) -> Self {
-        WeightSource { backing: Backing::Random(RefCell::new(Vec::new())), kind, device, problems: RefCell::new(Vec::new()) }
+        Self::with_backing(Backing::Random(RefCell::new(Vec::new())), kind, device)
+    }
+
+    fn with_backing(backing: Backing<'a>, kind: Kind, device: Device) -> Self {
+        WeightSource { backing, kind, device, problems: RefCell::new(Vec::new()), requested: RefCell::new(HashSet::new()) }
     }
 
     pub fn root(&self) -> Vb<'_, 'a> {
@@ -212,14 +218,26 @@ impl<'a> WeightSource<'a> {
         }
     }
 
-    /// Fails with every problem recorded while the model was built.
-    pub fn finish(self) -> Result<()> {
-        let problems = self.problems.into_inner();
+    /// Fails with every problem recorded while the model was built, and with the checkpoint's tensors that the
+    /// model never asked for unless `may_be_unused` allows them (a tensor of another architecture or layout is
+    /// refused rather than silently dropped).
+    pub fn finish(self, may_be_unused: impl Fn(&str) -> bool) -> Result<()> {
+        let mut problems = self.problems.into_inner();
+        let mut location = String::new();
+        if let Backing::Checkpoint(ckpt) = &self.backing {
+            let requested = self.requested.into_inner();
+            let mut unknown: Vec<&String> = ckpt.index.iter().filter(|(name, _)| !requested.contains(*name) && !may_be_unused(name)).map(|(_, (_, raw))| raw).collect();
+            unknown.sort();
+            problems.extend(unknown.into_iter().map(|raw| format!("unknown tensor {raw}: stic maps the llava-hf and original LLaVA layouts of LLaVA-NeXT-Mistral; is this checkpoint of another model?")));
+            if let Some(file) = ckpt.files.first() {
+                location = format!(" {}", file.path.parent().unwrap_or(&file.path).display());
+            }
+        }
         if problems.is_empty() {
             return Ok(());
         }
         const SHOWN: usize = 12;
-        let mut msg = format!("{} problem(s) in the checkpoint:\n  {}", problems.len(), problems[..problems.len().min(SHOWN)].join("\n  "));
+        let mut msg = format!("{} problem(s) in the checkpoint{location}:\n  {}", problems.len(), problems[..problems.len().min(SHOWN)].join("\n  "));
         if problems.len() > SHOWN {
             msg.push_str(&format!("\n  … and {} more", problems.len() - SHOWN));
         }
@@ -227,6 +245,7 @@ impl<'a> WeightSource<'a> {
     }
 
     fn contains(&self, name: &str) -> bool {
+        self.requested.borrow_mut().insert(name.to_string());
         match &self.backing {
             Backing::Checkpoint(c) => c.contains(name),
             Backing::Random(generated) => generated.borrow().iter().any(|(n, _)| n == name),
@@ -234,6 +253,7 @@ impl<'a> WeightSource<'a> {
     }
 
     fn fetch(&self, name: &str, shape: &[i64]) -> Tensor {
+        self.requested.borrow_mut().insert(name.to_string());
         let checkpoint = match &self.backing {
             Backing::Checkpoint(c) => *c,
             Backing::Random(generated) => {

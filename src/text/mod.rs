@@ -1,5 +1,8 @@
+pub mod sentencepiece;
+pub mod slow_tokenizer;
 pub mod templates;
 pub mod tokenizer;
+pub mod tokenizer_json;
 
 pub use templates::{Role, Template};
 pub use tokenizer::TextTokenizer;

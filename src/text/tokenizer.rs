@@ -1,57 +1,168 @@
-//! The Hugging Face `tokenizer.json` of the model, with the ids LLaVA needs.
-use std::path::Path;
+//! The model's tokenizer, as the chosen processing reads it: LLaVA's code (the slow sentencepiece tokenizer and
+//! `tokenizer_image_token`) or transformers' processor (`tokenizer.json`, `<image>` an added token). Either way
+//! an image's place in the ids is [`IMAGE_TOKEN_INDEX`], outside the vocabulary, as in LLaVA's code.
+use std::path::{Path, PathBuf};
 
+use super::slow_tokenizer::SlowTokenizer;
 use crate::error::{Error, Result};
+use crate::image::Processing;
 
 pub const IMAGE_TOKEN: &str = "<image>";
 
+/// LLaVA's `IMAGE_TOKEN_INDEX`: where an image goes in the ids; never looked up in an embedding.
+pub const IMAGE_TOKEN_INDEX: i64 = -200;
+
+enum Backend {
+    /// `tokenizer.json` with the Hugging Face `tokenizers` library (transformers' fast tokenizer).
+    Fast { inner: tokenizers::Tokenizer, image_id: Option<u32> },
+    /// `tokenizer.model` with transformers' slow `LlamaTokenizer` rules.
+    Slow(SlowTokenizer),
+}
+
 pub struct TextTokenizer {
-    inner: tokenizers::Tokenizer,
+    backend: Backend,
+    processing: Processing,
+    /// The tokenizer file, for messages.
+    source: PathBuf,
+    /// Embeddings of the model the ids are for; an id at or beyond it is refused.
+    model_vocab: Option<usize>,
     pub bos_id: i64,
     pub eos_id: i64,
     pub pad_id: i64,
+    /// Always [`IMAGE_TOKEN_INDEX`].
     pub image_id: i64,
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json` from a model folder.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
-        if !path.is_file() {
-            return Err(Error::Tokenizer(format!(
-                "{} not found: the model folder needs a tokenizer.json (the Mistral-7B one ships in \
-                 third_party/mistral-7b-tokenizer/)",
-                path.display()
-            )));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let id = |token: &str| {
-            inner
-                .token_to_id(token)
-                .map(i64::from)
-                .ok_or_else(|| Error::Tokenizer(format!("{}: token {token} is not in the vocabulary", path.display())))
+    /// The tokenizer of a model folder for `processing`: LLaVA's reads `tokenizer.model` (LLaVA loads the slow
+    /// tokenizer); transformers' reads `tokenizer.json`, or `tokenizer.model` when the folder has no
+    /// `tokenizer.json` (transformers converts it to the same fast tokenizer).
+    pub fn from_dir(dir: &Path, processing: Processing) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        let model = dir.join("tokenizer.model");
+        let use_fast = match processing {
+            Processing::Llava if model.is_file() => false,
+            Processing::Llava => {
+                return Err(Error::Tokenizer(format!(
+                    "{} not found: LLaVA's code path (--processing llava, the default for original LLaVA checkpoints) \
+                     tokenizes with the sentencepiece tokenizer.model, as LLaVA loads the slow tokenizer; put the \
+                     model's tokenizer.model in the folder, or pass --processing transformers to use tokenizer.json",
+                    model.display()
+                )))
+            }
+            Processing::Transformers => json.is_file() || !model.is_file(),
         };
-        Ok(TextTokenizer {
-            bos_id: id("<s>")?,
-            eos_id: id("</s>")?,
-            image_id: id(IMAGE_TOKEN)?,
-            pad_id: id("<pad>").or_else(|_| id("<unk>"))?,
-            inner,
-        })
+        if use_fast {
+            if !json.is_file() {
+                return Err(Error::Tokenizer(format!(
+                    "{} not found, nor tokenizer.model: the model folder needs its tokenizer (the Mistral-7B one \
+                     ships in third_party/mistral-7b-tokenizer/)",
+                    json.display()
+                )));
+            }
+            let inner = tokenizers::Tokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
+            let id = |token: &str| inner.token_to_id(token).map(i64::from);
+            let missing = |token: &str| Error::Tokenizer(format!("{}: token {token} is not in the vocabulary", json.display()));
+            Ok(TextTokenizer {
+                bos_id: id("<s>").ok_or_else(|| missing("<s>"))?,
+                eos_id: id("</s>").ok_or_else(|| missing("</s>"))?,
+                pad_id: id("<pad>").or_else(|| id("<unk>")).ok_or_else(|| missing("<unk>"))?,
+                image_id: IMAGE_TOKEN_INDEX,
+                backend: Backend::Fast { image_id: inner.token_to_id(IMAGE_TOKEN), inner },
+                processing,
+                source: json,
+                model_vocab: None,
+            })
+        } else {
+            let slow = SlowTokenizer::from_dir(dir)?;
+            let pad = slow.pad_id.unwrap_or(slow.sentencepiece().unk_id());
+            Ok(TextTokenizer {
+                bos_id: i64::from(slow.bos_id),
+                eos_id: i64::from(slow.eos_id),
+                pad_id: i64::from(pad),
+                image_id: IMAGE_TOKEN_INDEX,
+                backend: Backend::Slow(slow),
+                processing,
+                source: model,
+                model_vocab: None,
+            })
+        }
     }
 
-    /// Token ids of `text`; `add_special` adds BOS as the Hugging Face tokenizer call does by default.
+    /// Refuse ids that the model has no embedding for (a tokenizer of another model).
+    pub fn limit_to_model_vocab(&mut self, vocab_size: usize) {
+        self.model_vocab = Some(vocab_size);
+    }
+
+    fn encode_chunk(&self, text: &str, add_special: bool) -> Result<Vec<i64>> {
+        let ids: Vec<u32> = match &self.backend {
+            Backend::Fast { inner, .. } => inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec(),
+            Backend::Slow(slow) => slow.encode(text, add_special),
+        };
+        Ok(ids.into_iter().map(i64::from).collect())
+    }
+
+    /// Token ids of `text` with [`IMAGE_TOKEN_INDEX`] where each `<image>` stands; `add_special` adds BOS as the
+    /// tokenizer call does by default.
+    ///
+    /// LLaVA (`tokenizer_image_token`): each stretch between `<image>`s is tokenized on its own with the special
+    /// tokens, and the BOS of every stretch after the first is dropped. transformers: the whole text at once,
+    /// `<image>` being an added token; a tokenizer without it is given the stretches one by one, which is what
+    /// an added token amounts to.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<i64>> {
-        let encoding = self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(encoding.get_ids().iter().map(|&i| i64::from(i)).collect())
+        let ids = match (&self.backend, self.processing) {
+            (Backend::Fast { image_id: Some(image), .. }, Processing::Transformers) => {
+                let image = i64::from(*image);
+                self.encode_chunk(text, add_special)?.into_iter().map(|id| if id == image { IMAGE_TOKEN_INDEX } else { id }).collect()
+            }
+            (_, Processing::Llava) => {
+                let chunks = text.split(IMAGE_TOKEN).map(|c| self.encode_chunk(c, add_special)).collect::<Result<Vec<_>>>()?;
+                let offset = usize::from(chunks[0].first() == Some(&self.bos_id));
+                let mut ids = chunks[0][..offset].to_vec();
+                for (i, chunk) in chunks.iter().enumerate() {
+                    if i > 0 {
+                        ids.push(IMAGE_TOKEN_INDEX);
+                    }
+                    ids.extend_from_slice(chunk.get(offset..).unwrap_or_default());
+                }
+                ids
+            }
+            (_, Processing::Transformers) => {
+                let mut ids = Vec::new();
+                for (i, chunk) in text.split(IMAGE_TOKEN).enumerate() {
+                    if i > 0 {
+                        ids.push(IMAGE_TOKEN_INDEX);
+                    }
+                    ids.extend(self.encode_chunk(chunk, add_special && i == 0)?);
+                }
+                ids
+            }
+        };
+        if let Some(vocab) = self.model_vocab {
+            if let Some(&bad) = ids.iter().find(|&&id| id >= vocab as i64) {
+                let token = self.decode(&[bad], false).unwrap_or_default();
+                return Err(Error::Tokenizer(format!(
+                    "{} gives id {bad} ({token:?}) but the model has {vocab} token embeddings (vocab_size in \
+                     config.json): the tokenizer belongs to another model; use the tokenizer files of this checkpoint",
+                    self.source.display()
+                )));
+            }
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
-        let ids: Vec<u32> = ids.iter().filter(|&&i| i >= 0).map(|&i| i as u32).collect();
-        self.inner.decode(&ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
+        let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        match &self.backend {
+            Backend::Fast { inner, .. } => inner.decode(&ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string())),
+            Backend::Slow(slow) => Ok(slow.decode(&ids, skip_special)),
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.backend {
+            Backend::Fast { inner, .. } => inner.get_vocab_size(true),
+            Backend::Slow(slow) => slow.vocab_len(),
+        }
     }
 }

@@ -104,9 +104,9 @@ def test_loss_and_gradients_match_peft(hf_models, tmp_path, checkpointing, dtype
         assert rel <= (1e-4 if dtype == "f32" else 2e-2), f"{name}: relative gradient error {rel:.2e}"
 
 
-def score_logits(folder, image, tmp_path, adapter=None, name="x"):
+def score_logits(folder, image, tmp_path, adapter=None, name="x", processing="transformers"):
     out = tmp_path / f"{name}.safetensors"
-    extra = ["--adapter", adapter] if adapter else []
+    extra = (["--adapter", adapter] if adapter else []) + ["--processing", processing]
     run_stic("score", "--model", folder, "--image", image, "--prompt", "What is shown?", "--response", "A cat.",
              "--logits-out", out, "--device", DEVICE, "--dtype", "f32", *extra)
     return load_file(out)

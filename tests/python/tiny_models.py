@@ -181,3 +181,73 @@ def to_original_layout(src, dst):
         renamed[k] = v
     save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+# Original LLaVA checkpoints, built and saved by LLaVA's own code (PyPI llava-torch, haotian-liu/LLaVA's anyres
+# release) the way liuhaotian/llava-v1.6-mistral-7b was made: `LlavaMistralForCausalLM` with vocabulary 32000,
+# the CLIP tower loaded from its own folder (`mm_vision_tower`) and trained with the model, so that its weights are
+# in the checkpoint, the slow tokenizer saved beside the weights, no processor files.
+LLAVA_TOWER_NAME = "openai/clip-vit-large-patch14-336"  # what the shipped config names; stic reads the checkpoint
+LLAVA_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, rope_theta=1e6, sliding_window=None,
+                  max_position_embeddings=8192, rms_norm_eps=1e-5)
+# head_dim 64 like ViT-L: the original config does not store the tower's head count, stic reads it off the widths
+LLAVA_CLIP = dict(hidden_size=128, intermediate_size=160, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=336, patch_size=14)
+
+
+def mistral_sentencepiece():
+    import mistral_common
+    return Path(mistral_common.__file__).resolve().parent / "data" / "tokenizer.model.v1"
+
+
+def llava_tokenizer():
+    """The tokenizer LLaVA's train.py saves: Mistral's sentencepiece model as the slow LlamaTokenizer, pad = unk."""
+    from transformers import LlamaTokenizer
+    tok = LlamaTokenizer(vocab_file=str(mistral_sentencepiece()), legacy=True, add_bos_token=True, add_eos_token=False)
+    tok.pad_token = tok.unk_token
+    return tok
+
+
+def llava_find_all_linear_names(model):
+    """LLaVA's own `find_all_linear_names` (llava/train/train.py). Its module imports a name transformers 4.57 no
+    longer has (ALL_LAYERNORM_LAYERS, used by LLaVA's trainer only): it is supplied before the import."""
+    import transformers.trainer
+    if not hasattr(transformers.trainer, "ALL_LAYERNORM_LAYERS"):
+        transformers.trainer.ALL_LAYERNORM_LAYERS = [torch.nn.LayerNorm]
+    from llava.train.train import find_all_linear_names
+    return find_all_linear_names(model)
+
+
+def build_llava_original(folder, seed=0):
+    """Builds a tiny LLaVA-v1.6-Mistral with LLaVA's classes, saves it to `folder` as LLaVA does and returns
+    (model, slow tokenizer, the tower's CLIPImageProcessor)."""
+    from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+    folder = Path(folder)
+    tower = folder.parent / f"{folder.name}-clip-tower"
+    torch.manual_seed(seed)
+    CLIPVisionModel(CLIPVisionConfig(**LLAVA_CLIP)).save_pretrained(tower)
+    # openai/clip-vit-large-patch14-336's preprocessor (CLIP mean and std are the class defaults)
+    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(tower)
+    config = LlavaMistralConfig(
+        vocab_size=32000, **LLAVA_TEXT,
+        mm_vision_tower=str(tower), mm_hidden_size=LLAVA_CLIP["hidden_size"], mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="spatial_unpad",
+        image_aspect_ratio="anyres", image_grid_pinpoints=PINPOINTS, unfreeze_mm_vision_tower=True,
+        mm_use_im_start_end=False, mm_use_im_patch_token=False, use_mm_proj=True, tokenizer_model_max_length=4096,
+        tokenizer_padding_side="right", tie_word_embeddings=False)
+    model = LlavaMistralForCausalLM(config).eval()
+    with torch.no_grad():  # random norms, biases and newline, so that every parameter matters for parity
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias") or name.endswith("image_newline"):
+                p.copy_(0.02 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    shipped = json.loads((folder / "config.json").read_text())
+    shipped["mm_vision_tower"] = LLAVA_TOWER_NAME
+    (folder / "config.json").write_text(json.dumps(shipped, indent=2))
+    tokenizer = llava_tokenizer()
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer, model.get_vision_tower().image_processor
