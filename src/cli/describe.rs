@@ -29,7 +29,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     stic::fsutil::create_parent(&args.output)?;
     let prompts = SticPrompts::shipped();
     let sharding = args.job.sharding()?;
-    let opts = args.job.options(&args.output, "id", "descriptions", &prompts, &sharding);
+    let opts = args.job.options(&args.output, "id", "descriptions", &prompts, &sharding, &args.model, "describe");
     let session = args.model.load_for(&sharding)?;
     let task = DescribeTask {
         description_prompts: prompts.description_prompts.clone(),

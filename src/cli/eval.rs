@@ -102,16 +102,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let max_pixels = session.model.cfg.image.max_pixels;
     let descriptions_path = args.output.join("descriptions.jsonl");
     let predictions_path = args.output.join("predictions.jsonl");
-    let options = |path: &Path, tokens: usize| JobOptions {
-        output: shard_path(path, shard),
-        key_field: "id",
-        shard,
-        batch_size: args.batch_size,
-        limit: args.limit,
-        sampling: SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 },
-        template: Template::MistralInstruct,
-        unit: "items",
-        progress: sharding.is_main(),
+    let task = serde_json::json!({
+        "task": "eval", "benchmark": bench.name(), "data": std::fs::canonicalize(&args.data).unwrap_or(args.data.clone()),
+        "circular": args.circular, "dar": args.dar, "description_max_new_tokens": args.description_max_new_tokens,
+    });
+    let options = |path: &Path, tokens: usize| {
+        let sampling = SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 };
+        JobOptions {
+            output: shard_path(path, shard),
+            key_field: "id",
+            shard,
+            batch_size: args.batch_size,
+            limit: args.limit,
+            settings: args.model.job_settings(&sampling, task.clone()),
+            sampling,
+            template: Template::MistralInstruct,
+            unit: "items",
+            progress: sharding.is_main(),
+        }
     };
     let descriptions = if args.dar {
         let describe = DescribeItems { prompt: SticPrompts::shipped().dar_description_prompt, max_pixels };

@@ -10,3 +10,4 @@ pub mod model_args;
 pub mod prefs;
 pub mod score;
 pub mod train;
+pub mod values;

@@ -28,7 +28,7 @@ pub struct JobArgs {
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// Default: 0.2, as the official scripts.
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::temperature)]
     pub temperature: Option<f64>,
 }
 
@@ -37,21 +37,25 @@ impl JobArgs {
         Sharding::new(self.shard.as_deref())
     }
 
-    pub fn options<'a>(&self, output: &Path, key_field: &'a str, unit: &'a str, prompts: &SticPrompts, sharding: &Sharding) -> JobOptions<'a> {
+    /// `task` names the job in the settings its output records (with the model's and the prompts).
+    pub fn options<'a>(&self, output: &Path, key_field: &'a str, unit: &'a str, prompts: &SticPrompts, sharding: &Sharding, model: &ModelArgs, task: &str) -> JobOptions<'a> {
         let defaults = &prompts.generation;
+        let sampling = SamplingConfig {
+            max_new_tokens: self.max_new_tokens.unwrap_or(defaults.max_new_tokens),
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_p: defaults.top_p.unwrap_or(1.0),
+            seed: self.seed,
+        };
+        let template = Template::MistralInstruct;
         JobOptions {
             output: sharding.part(output),
             key_field,
             shard: sharding.shard(),
             batch_size: self.batch_size,
             limit: self.limit,
-            sampling: SamplingConfig {
-                max_new_tokens: self.max_new_tokens.unwrap_or(defaults.max_new_tokens),
-                temperature: self.temperature.unwrap_or(defaults.temperature),
-                top_p: defaults.top_p.unwrap_or(1.0),
-                seed: self.seed,
-            },
-            template: Template::MistralInstruct,
+            settings: model.job_settings(&sampling, serde_json::json!({"task": task, "template": template, "prompts": prompts})),
+            sampling,
+            template,
             unit,
             progress: sharding.is_main(),
         }
@@ -117,7 +121,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let names = image_list(&args.image_dir, args.images.as_deref())?;
     let prompts = SticPrompts::shipped();
     let sharding = args.job.sharding()?;
-    let opts = args.job.options(&args.output, "image", "images", &prompts, &sharding);
+    let opts = args.job.options(&args.output, "image", "images", &prompts, &sharding, &args.model, "prefs");
     stic::fsutil::create_parent(&args.output)?;
     let session = args.model.load_for(&sharding)?;
     let task = PrefsTask {

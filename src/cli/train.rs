@@ -106,7 +106,8 @@ fn parse<T: serde::de::DeserializeOwned>(value: &str, what: &str) -> Result<T> {
 const STAGE2_DEFAULTS: &str = include_str!("../../configs/stic-stage2.yaml");
 
 impl TrainArgs {
-    fn config(&self, shipped: &str) -> Result<TrainConfig> {
+    /// The config with the flags applied (`objective_flags` sets those of the objective), validated.
+    fn config(&self, shipped: &str, objective_flags: impl FnOnce(&mut TrainConfig) -> Result<()>) -> Result<TrainConfig> {
         let mut cfg = match &self.config {
             Some(path) => TrainConfig::from_yaml(path)?,
             None => serde_yaml::from_str(shipped).expect("the shipped configs parse"),
@@ -135,9 +136,8 @@ impl TrainArgs {
         if self.max_steps.is_some() {
             cfg.max_steps = self.max_steps;
         }
-        if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.lora.r == 0 {
-            return Err(Error::Input("batch_size, grad_accum and lora r must be at least 1".into()));
-        }
+        objective_flags(&mut cfg)?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -217,8 +217,7 @@ impl TrainArgs {
 
 pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
     let a = &args.common;
-    let mut cfg = a.config(STAGE1_DEFAULTS)?;
-    set_dpo_flags(&args, &mut cfg)?;
+    let cfg = a.config(STAGE1_DEFAULTS, |cfg| set_dpo_flags(&args, cfg))?;
     let group = ProcessGroup::from_env()?;
     let quiet = group.as_ref().is_some_and(|g| !g.is_main());
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
@@ -261,7 +260,7 @@ fn set_dpo_flags(args: &DpoArgs, cfg: &mut TrainConfig) -> Result<()> {
 
 pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     let a = &args.common;
-    let cfg = a.config(STAGE2_DEFAULTS)?;
+    let cfg = a.config(STAGE2_DEFAULTS, |_| Ok(()))?;
     let group = ProcessGroup::from_env()?;
     let quiet = group.as_ref().is_some_and(|g| !g.is_main());
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;

@@ -49,6 +49,20 @@ pub enum PipelineError {
     OutputLocked { path: PathBuf },
 
     #[error(
+        "{path} has {records} records made with other settings: {}; rerun with the settings it was made with to \
+         continue it, or write to a new output",
+        differences.join(", ")
+    )]
+    SettingsDiffer { path: PathBuf, records: usize, differences: Vec<String> },
+
+    #[error(
+        "cannot merge {first} and {other}: their records were made with other settings: {}; merge the shards of \
+         one run",
+        differences.join(", ")
+    )]
+    ShardSettingsDiffer { first: PathBuf, other: PathBuf, differences: Vec<String> },
+
+    #[error(
         "the input list has '{key}' more than once, so its records cannot be told apart; \
          key the job by a unique field (e.g. id)"
     )]
