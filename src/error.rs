@@ -48,8 +48,8 @@ pub fn io_advice(error: &std::io::Error) -> &'static str {
     use std::io::ErrorKind;
     match error.kind() {
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
-            "; free space on that disk or write the output to another one, then run the command again (prefs, \
-             describe and eval continue their output, train-dpo and train-sft with --resume from the last checkpoint)"
+            "; free space on that disk, or write the output to another one, and run the command again (prefs, \
+             describe and eval continue where they stopped, training with --resume)"
         }
         ErrorKind::ReadOnlyFilesystem => {
             "; that file system is mounted read-only: write the output to a writable folder (or remount it read-write)"
@@ -97,7 +97,7 @@ mod tests {
         let full = Error::io("/data/out.jsonl", std::io::Error::from(std::io::ErrorKind::StorageFull)).to_string();
         assert!(full.starts_with("/data/out.jsonl: ") && full.contains("free space on that disk"), "{full}");
         let read_only = Error::io("/ro/x", std::io::Error::from_raw_os_error(libc::EROFS)).to_string();
-        assert!(read_only.contains("Read-only file system; that file system is mounted read-only"), "{read_only}");
+        assert!(read_only.contains("Read-only file system (os error 30); that file system is mounted read-only"), "{read_only}");
         let missing = Error::io("/x", std::io::Error::from(std::io::ErrorKind::NotFound)).to_string();
         assert_eq!(missing, "/x: entity not found");
     }

@@ -38,7 +38,11 @@ pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
     let _ = std::fs::remove_dir_all(&staging);
     let result = create_dir(&staging).and_then(|()| write(&staging)).and_then(|()| publish(&staging, dir));
     let _ = std::fs::remove_dir_all(&staging);
-    result
+    // Name the file the caller asked for, not its temporary twin.
+    result.map_err(|error| match error {
+        Error::Io { path, error } => Error::Io { path: path.strip_prefix(&staging).map_or(path.clone(), |rest| dir.join(rest)), error },
+        other => other,
+    })
 }
 
 fn publish(staging: &Path, dir: &Path) -> Result<()> {
@@ -244,9 +248,10 @@ mod tests {
         assert_eq!(std::fs::read(out.join("a")).unwrap(), b"1");
         let error = write_dir_atomic(&out, |d| {
             write_atomic(&d.join("a"), b"2")?;
-            Err(Error::Input("disk full".into()))
+            Err(Error::io(d.join("b"), std::io::Error::from(std::io::ErrorKind::StorageFull)))
         });
-        assert!(error.is_err());
+        let message = error.unwrap_err().to_string();
+        assert!(message.starts_with(&format!("{}: ", out.join("b").display())), "{message}");
         write_dir_atomic(&out, |d| write_atomic(&d.join("b"), b"3")).unwrap();
         assert_eq!(std::fs::read(out.join("a")).unwrap(), b"1");
         assert_eq!(std::fs::read(out.join("b")).unwrap(), b"3");

@@ -4,7 +4,6 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fsutil::create_dir;
 use crate::lora::Adapter;
 use crate::model::tiny::{write_json, write_model_files};
 use crate::model::weights::{save_safetensors, Checkpoint};
@@ -38,8 +37,13 @@ pub fn merge_adapter(model_dir: &Path, adapter_dir: &Path, output: &Path) -> Res
     }
     let cfg: LlavaConfig = model.cfg.clone();
     drop(model);
-    create_dir(output)?;
-    write_model_files(output, &cfg)?;
+    // All or nothing: a full disk leaves no output folder without (all) weights.
+    crate::fsutil::write_dir_atomic(output, |staging| write_merged(staging, &cfg, &ckpt, merged, stored))
+}
+
+/// Writes the merged checkpoint: the base tensors of `ckpt`, with those of `merged` in their place.
+fn write_merged(output: &Path, cfg: &LlavaConfig, ckpt: &Checkpoint, mut merged: std::collections::HashMap<String, Tensor>, stored: Kind) -> Result<()> {
+    write_model_files(output, cfg)?;
     let mut names: Vec<String> = ckpt.names().cloned().collect();
     names.sort();
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];

@@ -94,6 +94,7 @@ fn benchmark(name: &str) -> Result<Benchmark> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let bench = benchmark(&args.benchmark)?;
+    args.model.check_output("--output", &args.output, &[])?;
     let items = load_with_options(bench, &args.data, &LoadOptions { mmbench_circular: args.circular })?;
     let sharding = Sharding::new(args.shard.as_deref())?;
     let shard = sharding.shard();

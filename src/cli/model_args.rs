@@ -30,6 +30,15 @@ impl ModelArgs {
         self.load_on(sharding.device(parse_device(&self.device)?))
     }
 
+    /// Refuses an `output` (of `flag`) that would overwrite one of `inputs` or write into the model or adapter
+    /// folder.
+    pub fn check_output(&self, flag: &str, output: &std::path::Path, inputs: &[(&str, &std::path::Path)]) -> stic::Result<()> {
+        let mut all = vec![("--model", self.model.as_path())];
+        all.extend(self.adapter.as_deref().map(|adapter| ("--adapter", adapter)));
+        all.extend_from_slice(inputs);
+        stic::fsutil::check_output(flag, output, &all)
+    }
+
     /// The settings a generation job's records depend on: model, adapter and dtype (resolved: `auto` is what it
     /// picks here), the sampling, and the task's own (`task`, a JSON object: prompts, benchmark…). Paths are
     /// compared resolved, so `./model` and `/abs/model` are one model.

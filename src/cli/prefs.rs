@@ -96,6 +96,9 @@ const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "bmp", "gif",
 
 /// The image names of a JSON list, or every image file in the folder (sorted).
 pub fn image_list(image_dir: &Path, list: Option<&Path>) -> Result<Vec<String>> {
+    if image_dir.is_file() {
+        return Err(Error::Input(format!("image folder {} is a file: give the folder that holds the images", image_dir.display())));
+    }
     if !image_dir.is_dir() {
         return Err(Error::Input(format!("image folder {} does not exist", image_dir.display())));
     }
@@ -111,13 +114,16 @@ pub fn image_list(image_dir: &Path, list: Option<&Path>) -> Result<Vec<String>> 
             names
         }
     };
-    if names.is_empty() {
-        return Err(Error::Input(format!("no images to process in {}", image_dir.display())));
+    match list {
+        Some(path) if names.is_empty() => Err(Error::Input(format!("the image list {} is empty: name the images to process", path.display()))),
+        None if names.is_empty() => Err(Error::Input(format!("no images to process in {}", image_dir.display()))),
+        _ => Ok(names),
     }
-    Ok(names)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let list: Vec<(&str, &Path)> = args.images.as_deref().map(|list| ("--images", list)).into_iter().collect();
+    args.model.check_output("--output", &args.output, &list)?;
     let names = image_list(&args.image_dir, args.images.as_deref())?;
     let prompts = SticPrompts::shipped();
     let sharding = args.job.sharding()?;
@@ -155,6 +161,10 @@ pub struct MergeArgs {
 }
 
 pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
+    let mut inputs: Vec<(&str, &Path)> = args.inputs.iter().map(|shard| ("--inputs", shard.as_path())).collect();
+    inputs.extend(args.images.as_deref().map(|list| ("--images", list)));
+    inputs.extend(args.data.as_deref().map(|data| ("--data", data)));
+    stic::fsutil::check_output("--output", &args.output, &inputs)?;
     let (key, order) = match (&args.data, &args.image_dir, &args.images) {
         // `describe` only describes entries with an image.
         (Some(data), _, _) => ("id", stic::stic::infuse::load_instruction_data(data)?.iter().filter(|e| e.image.is_some()).map(|e| e.id_text()).collect()),

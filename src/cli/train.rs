@@ -138,6 +138,9 @@ impl TrainArgs {
         }
         objective_flags(&mut cfg)?;
         cfg.validate()?;
+        let mut inputs = vec![("--model", self.model.as_path()), ("--data", self.data.as_path())];
+        inputs.extend(self.init_adapter.as_deref().map(|adapter| ("--init-adapter", adapter)));
+        stic::fsutil::check_output("--output", &self.output, &inputs)?;
         Ok(cfg)
     }
 
@@ -188,6 +191,11 @@ impl TrainArgs {
     fn image_features(&self, model: &stic::model::LlavaNext, name: &str, position: usize) -> std::result::Result<(PathBuf, usize), String> {
         let path = image_path(&self.image_dir, name, &self.data, position).map_err(|e| e.to_string())?;
         let size = image_size(&path).map_err(|e| e.to_string())?;
+        let (pixels, limit) = (u64::from(size.0) * u64::from(size.1), model.cfg.image.max_pixels);
+        if pixels > limit {
+            let what = path.display().to_string();
+            return Err(stic::image::ImageError::TooManyPixels { what, width: size.1, height: size.0, pixels, limit }.to_string());
+        }
         Ok((path, stic::image::anyres::num_image_features(size, &model.cfg.image, model.cfg.vision.patch_size as u32)))
     }
 
@@ -265,7 +273,7 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     let quiet = group.as_ref().is_some_and(|g| !g.is_main());
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let entries = stic::stic::infuse::load_instruction_data(&a.data)?;
-    let records: Vec<(usize, InstructionEntry)> = entries.into_iter().enumerate().collect();
+    let records: Vec<(usize, InstructionEntry)> = (1..).zip(entries).collect();
     let examples = a.examples("conversations", cfg.max_length, quiet, &records, Vec::new(), |position, entry| {
         let turns = entry.training_turns()?;
         let (image, features) = match &entry.image {

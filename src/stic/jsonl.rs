@@ -638,7 +638,7 @@ mod tests {
         ResumableJsonl::open(&path, "image", &settings).unwrap();
         let other = json!({"model": "/models/b", "seed": 7, "temperature": 0.2});
         let error = ResumableJsonl::open(&path, "image", &other).err().unwrap().to_string();
-        assert!(error.contains("prefs.jsonl has 1 records made with other settings"), "{error}");
+        assert!(error.contains("prefs.jsonl holds 1 record(s) made with other settings"), "{error}");
         assert!(error.contains("model (\"/models/a\" before, \"/models/b\" now), seed (42 before, 7 now)"), "{error}");
         assert_eq!(lines(&path), [record("a.jpg")]);
 
