@@ -45,11 +45,11 @@ impl Range {
     }
 }
 
-/// Values longer than this are reported as changed, without quoting them.
-const VALUE_SHOWN: usize = 60;
+/// Values longer than this (prompt texts) are reported as changed, without quoting them.
+const VALUE_SHOWN: usize = 200;
 
 /// One entry per top-level setting whose value differs between `recorded` and `current` (two JSON objects):
-/// `seed (42 before, 7 now)`; long values (prompt texts) only by name.
+/// `seed (42 before, 7 now)`; long values only by name.
 pub fn differences(recorded: &Value, current: &Value) -> Vec<String> {
     let empty = serde_json::Map::new();
     let (before, now) = (recorded.as_object().unwrap_or(&empty), current.as_object().unwrap_or(&empty));
@@ -60,7 +60,7 @@ pub fn differences(recorded: &Value, current: &Value) -> Vec<String> {
         .map(|key| {
             let show = |value: Option<&Value>| value.map_or_else(|| "unset".to_string(), Value::to_string);
             let (a, b) = (show(before.get(key)), show(now.get(key)));
-            if a.len() + b.len() > VALUE_SHOWN {
+            if a.len().max(b.len()) > VALUE_SHOWN {
                 format!("{key} (changed)")
             } else {
                 format!("{key} ({a} before, {b} now)")
@@ -95,8 +95,8 @@ mod tests {
 
     #[test]
     fn differences_name_each_changed_setting() {
-        let before = json!({"seed": 42, "model": "/m", "prompts": "x".repeat(80), "top_p": 1.0});
-        let now = json!({"seed": 7, "model": "/m", "prompts": "y".repeat(80), "max_new_tokens": 4});
+        let before = json!({"seed": 42, "model": "/m", "prompts": "x".repeat(300), "top_p": 1.0});
+        let now = json!({"seed": 7, "model": "/m", "prompts": "y".repeat(300), "max_new_tokens": 4});
         assert_eq!(
             differences(&before, &now),
             ["seed (42 before, 7 now)", "prompts (changed)", "top_p (1.0 before, unset now)", "max_new_tokens (unset before, 4 now)"]
