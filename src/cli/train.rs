@@ -188,8 +188,8 @@ impl TrainArgs {
         Ok(examples)
     }
 
-    fn image_features(&self, model: &stic::model::LlavaNext, name: &str, position: usize) -> std::result::Result<(PathBuf, usize), String> {
-        let path = image_path(&self.image_dir, name, &self.data, position).map_err(|e| e.to_string())?;
+    fn image_features(&self, model: &stic::model::LlavaNext, name: &str) -> std::result::Result<(PathBuf, usize), String> {
+        let path = image_path(&self.image_dir, name).map_err(|e| e.to_string())?;
         let size = image_size(&path).map_err(|e| e.to_string())?;
         let (pixels, limit) = (u64::from(size.0) * u64::from(size.1), model.cfg.image.max_pixels);
         if pixels > limit {
@@ -230,9 +230,9 @@ pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
     let quiet = group.as_ref().is_some_and(|g| !g.is_main());
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let (records, skipped) = read_records::<PreferencePair>(&a.data, a.skip_bad)?;
-    let examples = a.examples("preference pairs", cfg.max_length, quiet, &records, skipped, |position, pair| {
+    let examples = a.examples("preference pairs", cfg.max_length, quiet, &records, skipped, |_, pair| {
         let (prompt, chosen, rejected) = pair.parts()?;
-        let (path, features) = a.image_features(&model, &pair.image, position)?;
+        let (path, features) = a.image_features(&model, &pair.image)?;
         let user = stic::session::Session::user_text(prompt, true);
         let row = |response: &str| encode_conversation(&tokenizer, cfg.template, &[(user.clone(), response.to_string())], features, cfg.max_length);
         let ((chosen, c_cut), (rejected, r_cut)) = (row(chosen)?, row(rejected)?);
@@ -274,11 +274,11 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let entries = stic::stic::infuse::load_instruction_data(&a.data)?;
     let records: Vec<(usize, InstructionEntry)> = (1..).zip(entries).collect();
-    let examples = a.examples("conversations", cfg.max_length, quiet, &records, Vec::new(), |position, entry| {
+    let examples = a.examples("conversations", cfg.max_length, quiet, &records, Vec::new(), |_, entry| {
         let turns = entry.training_turns()?;
         let (image, features) = match &entry.image {
             Some(name) => {
-                let (path, n) = a.image_features(&model, name, position)?;
+                let (path, n) = a.image_features(&model, name)?;
                 (Some(path), n)
             }
             None => (None, 0),

@@ -78,13 +78,13 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool)
     Ok((records, skipped))
 }
 
-/// Resolves an image name against the image folder, failing with the record's position when it is missing.
-pub fn image_path(image_dir: &Path, name: &str, source: &Path, position: usize) -> Result<PathBuf> {
+/// Resolves an image name against the image folder (the caller names the record when it is missing).
+pub fn image_path(image_dir: &Path, name: &str) -> Result<PathBuf> {
     let path = image_dir.join(name);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(Error::Input(format!("{} record {position}: image {} not found", source.display(), path.display())))
+        Err(Error::Input(format!("image {} not found", path.display())))
     }
 }
 

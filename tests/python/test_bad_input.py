@@ -67,6 +67,7 @@ class World:
         self.write("pairs_list.json", json.dumps([{"image": "chelsea.png"}, pair]))
         self.write("pairs_bomb.jsonl", "".join(json.dumps({**pair, "image": name}) + "\n"
                                                for name in ["chelsea.png", "bomb.png"]))
+        self.write("pairs_missing_image.jsonl", json.dumps({**pair, "image": "absent.png"}) + "\n")
         self.write("pairs_truncated.jsonl", json.dumps({**pair, "image": "truncated.jpg"}) + "\n")
         self.images = root / "images"
         self.images.mkdir()
@@ -234,6 +235,8 @@ CASES = [
          "sft_odd_turns.json record 1: entry 000000033471: 1 turns"),
     Case("train-dpo numbers JSON-list records from 1", train("train-dpo", data="@pairs_list.json"),
          "pairs_list.json: record 1: missing field"),
+    Case("a missing image in DPO data", train("train-dpo", data="@pairs_missing_image.jsonl"),
+         "pairs_missing_image.jsonl record 1: image"),
     Case("a bomb image in DPO data", train("train-dpo", data="@pairs_bomb.jsonl", images="@images"),
          "pairs_bomb.jsonl record 2: image"),
     Case("--lr that overflows before any checkpoint",
