@@ -9,6 +9,7 @@ pub mod merge;
 pub mod model;
 pub mod score;
 pub mod session;
+pub mod settings;
 pub mod stic;
 pub mod text;
 

@@ -1,10 +1,10 @@
 //! The `stic` command line: one subcommand per job.
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 use std::process::ExitCode;
 
 mod cli;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "stic", version, about = "STIC self-training for LLaVA-v1.6-Mistral on libtorch")]
 struct Cli {
     #[command(subcommand)]
@@ -54,7 +54,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    // `--temperature -1` reaches the flag's parser, which says what range it wants, instead of being taken
+    // for an unknown flag `-1`.
+    let matches = Cli::command().mut_subcommands(|command| command.allow_negative_numbers(true)).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Score(args) => cli::score::run(args),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            stic::fsutil::remove_created_dirs();
             eprintln!("error: {}", describe(&err));
             let internal = err.downcast_ref::<stic::Error>().is_some_and(|e| !e.is_user_error());
             ExitCode::from(if internal { 1 } else { 2 })

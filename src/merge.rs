@@ -7,7 +7,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{create_dir, write_atomic};
+use crate::fsutil::{write_atomic, write_dir_atomic};
 use crate::image::{AspectMode, PatchMerge};
 use crate::lora::{Adapter, AdapterFile};
 use crate::model::config::Layout;
@@ -55,28 +55,35 @@ pub fn merge_adapter(model_dir: &Path, adapter_dir: &Path, output: &Path) -> Res
     for (name, tensor) in &adapter.projector {
         merged.insert(name.clone(), tensor.to_kind(stored));
     }
-    create_dir(output)?;
-    match &tokenizer {
-        Some((tok, image_id)) => {
-            let old_vocab = cfg.text.vocab_size as i64;
-            let new_vocab = (old_vocab + 2 + 63) / 64 * 64;
-            grow_vocabulary(&ckpt, &mut merged, old_vocab, new_vocab, stored)?;
-            cfg.text.vocab_size = new_vocab as usize;
-            cfg.image_token_id = *image_id;
-            write_config_files(output, &cfg)?;
-            let mut config = cfg.to_hf_json();
-            config["pad_token_id"] = tok.vocab_id("<pad>").expect("added").into();
-            write_json(&output.join("config.json"), &config)?;
-            write_json(&output.join("tokenizer.json"), &tok.tokenizer_json()?)?;
-            for (name, value) in tok.config_files("<pad>") {
-                write_json(&output.join(name), &value)?;
+    // All or nothing: a full disk leaves no output folder without (all) weights.
+    write_dir_atomic(output, |staging| {
+        match &tokenizer {
+            Some((tok, image_id)) => {
+                let old_vocab = cfg.text.vocab_size as i64;
+                let new_vocab = (old_vocab + 2 + 63) / 64 * 64;
+                grow_vocabulary(&ckpt, &mut merged, old_vocab, new_vocab, stored)?;
+                cfg.text.vocab_size = new_vocab as usize;
+                cfg.image_token_id = *image_id;
+                write_config_files(staging, &cfg)?;
+                let mut config = cfg.to_hf_json();
+                config["pad_token_id"] = tok.vocab_id("<pad>").expect("added").into();
+                write_json(&staging.join("config.json"), &config)?;
+                write_json(&staging.join("tokenizer.json"), &tok.tokenizer_json()?)?;
+                for (name, value) in tok.config_files("<pad>") {
+                    write_json(&staging.join(name), &value)?;
+                }
+                let model_file = model_dir.join("tokenizer.model");
+                let bytes = std::fs::read(&model_file).map_err(|e| Error::io(&model_file, e))?;
+                write_atomic(&staging.join("tokenizer.model"), &bytes)?;
             }
-            let model_file = model_dir.join("tokenizer.model");
-            let bytes = std::fs::read(&model_file).map_err(|e| Error::io(&model_file, e))?;
-            write_atomic(&output.join("tokenizer.model"), &bytes)?;
+            None => write_model_files(staging, &cfg)?,
         }
-        None => write_model_files(output, &cfg)?,
-    }
+        write_weights(staging, &ckpt, merged, stored)
+    })
+}
+
+/// Writes the base tensors of `ckpt`, with those of `merged` in their place, in shards as transformers does.
+fn write_weights(output: &Path, ckpt: &Checkpoint, mut merged: HashMap<String, Tensor>, stored: Kind) -> Result<()> {
     let mut names: Vec<String> = ckpt.names().cloned().collect();
     names.sort();
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];

@@ -19,6 +19,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let kind: Corruption = args.kind.parse().map_err(stic::Error::from)?;
+    stic::fsutil::check_output("--output", &args.output, &[("--image", &args.image)])?;
     run_corrupt(&args.image, &args.output, kind, args.seed, DEFAULT_MAX_PIXELS)?;
     Ok(())
 }

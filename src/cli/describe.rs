@@ -25,11 +25,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.model.check_output("--output", &args.output, &[("--data", &args.data)])?;
     let entries = load_instruction_data(&args.data)?;
+    stic::stic::infuse::validate_image_ids(&args.data, &entries)?;
     stic::fsutil::create_parent(&args.output)?;
     let prompts = SticPrompts::shipped();
     let sharding = args.job.sharding()?;
-    let opts = args.job.options(&args.output, "id", "descriptions", &prompts, &sharding);
+    let opts = args.job.options(&args.output, "id", "descriptions", &prompts, &sharding, &args.model, "describe");
     let session = args.model.load_for(&sharding)?;
     let task = DescribeTask {
         description_prompts: prompts.description_prompts.clone(),

@@ -143,6 +143,7 @@ fn dtype_name(kind: tch::Kind) -> String {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let bench = benchmark(&args.benchmark)?;
     let template: Template = args.template.parse()?;
+    args.model.check_output("--output", &args.output, &[])?;
     let items = bench.load(&args.data, &args.selection.load_options())?;
     let sharding = Sharding::new(args.shard.as_deref())?;
     let shard = sharding.shard();
@@ -186,16 +187,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let descriptions_path = args.output.join("descriptions.jsonl");
     let predictions_path = args.output.join("predictions.jsonl");
     let limit = args.limit.unwrap_or(items.len()).min(items.len());
-    let options = |path: &Path, key_field, shard, tokens| JobOptions {
-        output: shard_path(path, sharding.shard()),
-        key_field,
-        shard,
-        batch_size: args.batch_size,
-        limit: Some(limit),
-        sampling: SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 },
-        template,
-        unit: "items",
-        progress: sharding.is_main(),
+    // The output folder's settings guard (check_settings) covers the data and the selection; each job's own
+    // guard covers what it generates with.
+    let task = serde_json::json!({
+        "task": "eval", "benchmark": bench.name(), "template": template.name(), "dar_image_blind": args.dar_image_blind,
+    });
+    let options = |path: &Path, key_field, shard, tokens| {
+        let sampling = SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 };
+        JobOptions {
+            output: shard_path(path, sharding.shard()),
+            key_field,
+            shard,
+            batch_size: args.batch_size,
+            limit: Some(limit),
+            settings: args.model.job_settings(&sampling, task.clone()),
+            sampling,
+            template,
+            unit: "items",
+            progress: sharding.is_main(),
+        }
     };
     let requests = if args.dar { setup.requests(&items[..limit]) } else { Vec::new() };
     let descriptions = if args.dar {
@@ -259,18 +269,11 @@ fn check_settings(out_dir: &Path, provenance: &Provenance, setup: &DescriptionSe
     if before == settings {
         return Ok(());
     }
-    let differing: Vec<&str> = settings
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(key, value)| before.get(key.as_str()) != Some(value))
-        .map(|(key, _)| key.as_str())
-        .collect();
     Err(Error::Input(format!(
-        "{} holds predictions made with other settings ({} differ, see {}): use another --output, or delete \
+        "{} holds predictions made with other settings ({}; see {}): use another --output, or delete \
          its predictions, descriptions and eval_settings.json to start over",
         out_dir.display(),
-        differing.join(", "),
+        stic::settings::differences(&before, &settings).join(", "),
         path.display()
     )))
 }

@@ -25,9 +25,9 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = super::values::temperature)]
     temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::values::top_p)]
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -15,6 +15,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    stic::fsutil::check_output("--output", &args.output, &[("--data", &args.data), ("--descriptions", &args.descriptions)])?;
     let (entries, report) = infuse_files(&args.data, &args.descriptions)?;
     stic::fsutil::create_parent(&args.output)?;
     save_instruction_data(&args.output, &entries)?;

@@ -42,6 +42,34 @@ impl ModelArgs {
         self.load_on(sharding.device(parse_device(&self.device)?))
     }
 
+    /// Refuses an `output` (of `flag`) that would overwrite one of `inputs` or write into the model or adapter
+    /// folder.
+    pub fn check_output(&self, flag: &str, output: &std::path::Path, inputs: &[(&str, &std::path::Path)]) -> stic::Result<()> {
+        let mut all = vec![("--model", self.model.as_path())];
+        all.extend(self.adapter.as_deref().map(|adapter| ("--adapter", adapter)));
+        all.extend_from_slice(inputs);
+        stic::fsutil::check_output(flag, output, &all)
+    }
+
+    /// The settings a generation job's records depend on: model, adapter and dtype (resolved: `auto` is what it
+    /// picks here), the sampling, and the task's own (`task`, a JSON object: prompts, benchmark…). Paths are
+    /// compared resolved, so `./model` and `/abs/model` are one model.
+    pub fn job_settings(&self, sampling: &stic::generate::SamplingConfig, task: serde_json::Value) -> serde_json::Value {
+        let resolved = |path: &std::path::Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        let dtype = parse_device(&self.device)
+            .and_then(|device| parse_dtype(&self.dtype, device))
+            .map_or_else(|_| self.dtype.clone(), |kind| format!("{kind:?}"));
+        let mut settings = serde_json::json!({
+            "model": resolved(&self.model),
+            "adapter": self.adapter.as_deref().map(resolved),
+            "dtype": dtype,
+        });
+        let fields = settings.as_object_mut().expect("an object");
+        fields.extend(serde_json::to_value(sampling).expect("sampling serialises").as_object().cloned().unwrap_or_default());
+        fields.extend(task.as_object().cloned().unwrap_or_default());
+        settings
+    }
+
     fn load_on(&self, device: tch::Device) -> stic::Result<Session> {
         let kind = parse_dtype(&self.dtype, device)?;
         Session::load(&self.model, self.adapter.as_deref(), self.processing.processing, kind, device)

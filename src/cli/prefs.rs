@@ -28,7 +28,7 @@ pub struct JobArgs {
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// Default: 0.2, as the official scripts.
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::temperature)]
     pub temperature: Option<f64>,
 }
 
@@ -37,21 +37,25 @@ impl JobArgs {
         Sharding::new(self.shard.as_deref())
     }
 
-    pub fn options<'a>(&self, output: &Path, key_field: &'a str, unit: &'a str, prompts: &SticPrompts, sharding: &Sharding) -> JobOptions<'a> {
+    /// `task` names the job in the settings its output records (with the model's and the prompts).
+    pub fn options<'a>(&self, output: &Path, key_field: &'a str, unit: &'a str, prompts: &SticPrompts, sharding: &Sharding, model: &ModelArgs, task: &str) -> JobOptions<'a> {
         let defaults = &prompts.generation;
+        let sampling = SamplingConfig {
+            max_new_tokens: self.max_new_tokens.unwrap_or(defaults.max_new_tokens),
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_p: defaults.top_p.unwrap_or(1.0),
+            seed: self.seed,
+        };
+        let template = Template::MistralInstruct;
         JobOptions {
             output: sharding.part(output),
             key_field,
             shard: sharding.shard(),
             batch_size: self.batch_size,
             limit: self.limit,
-            sampling: SamplingConfig {
-                max_new_tokens: self.max_new_tokens.unwrap_or(defaults.max_new_tokens),
-                temperature: self.temperature.unwrap_or(defaults.temperature),
-                top_p: defaults.top_p.unwrap_or(1.0),
-                seed: self.seed,
-            },
-            template: Template::MistralInstruct,
+            settings: model.job_settings(&sampling, serde_json::json!({"task": task, "template": template, "prompts": prompts})),
+            sampling,
+            template,
             unit,
             progress: sharding.is_main(),
         }
@@ -92,6 +96,9 @@ const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "bmp", "gif",
 
 /// The image names of a JSON list, or every image file in the folder (sorted).
 pub fn image_list(image_dir: &Path, list: Option<&Path>) -> Result<Vec<String>> {
+    if image_dir.is_file() {
+        return Err(Error::Input(format!("image folder {} is a file: give the folder that holds the images", image_dir.display())));
+    }
     if !image_dir.is_dir() {
         return Err(Error::Input(format!("image folder {} does not exist", image_dir.display())));
     }
@@ -107,17 +114,20 @@ pub fn image_list(image_dir: &Path, list: Option<&Path>) -> Result<Vec<String>> 
             names
         }
     };
-    if names.is_empty() {
-        return Err(Error::Input(format!("no images to process in {}", image_dir.display())));
+    match list {
+        Some(path) if names.is_empty() => Err(Error::Input(format!("the image list {} is empty: name the images to process", path.display()))),
+        None if names.is_empty() => Err(Error::Input(format!("no images to process in {}", image_dir.display()))),
+        _ => Ok(names),
     }
-    Ok(names)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let list: Vec<(&str, &Path)> = args.images.as_deref().map(|list| ("--images", list)).into_iter().collect();
+    args.model.check_output("--output", &args.output, &list)?;
     let names = image_list(&args.image_dir, args.images.as_deref())?;
     let prompts = SticPrompts::shipped();
     let sharding = args.job.sharding()?;
-    let opts = args.job.options(&args.output, "image", "images", &prompts, &sharding);
+    let opts = args.job.options(&args.output, "image", "images", &prompts, &sharding, &args.model, "prefs");
     stic::fsutil::create_parent(&args.output)?;
     let session = args.model.load_for(&sharding)?;
     let task = PrefsTask {
@@ -151,6 +161,10 @@ pub struct MergeArgs {
 }
 
 pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
+    let mut inputs: Vec<(&str, &Path)> = args.inputs.iter().map(|shard| ("--inputs", shard.as_path())).collect();
+    inputs.extend(args.images.as_deref().map(|list| ("--images", list)));
+    inputs.extend(args.data.as_deref().map(|data| ("--data", data)));
+    stic::fsutil::check_output("--output", &args.output, &inputs)?;
     let (key, order) = match (&args.data, &args.image_dir, &args.images) {
         // `describe` only describes entries with an image.
         (Some(data), _, _) => ("id", stic::stic::infuse::load_instruction_data(data)?.iter().filter(|e| e.image.is_some()).map(|e| e.id_text()).collect()),

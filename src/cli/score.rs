@@ -31,6 +31,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let template: Template = args.template.parse()?;
+    if let Some(path) = &args.logits_out {
+        args.model.check_output("--logits-out", path, &[("--image", &args.image)])?;
+    }
     let (context, full) = match (&args.prompt, &args.text) {
         (Some(prompt), None) => {
             let user = stic::session::Session::user_text(prompt, true);
@@ -52,6 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let logits = full_logits(&session.model, &prompt)?;
     let logprobs = token_logprobs(&logits, &prompt.ids, first);
     if let Some(path) = &args.logits_out {
+        stic::fsutil::create_parent(path)?;
         let pv = &image.pixel_values;
         let shape: Vec<i64> = pv.shape().iter().map(|&d| d as i64).collect();
         let pixels = tch::Tensor::from_slice(pv.as_slice().expect("contiguous")).view(shape.as_slice());

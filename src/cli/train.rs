@@ -108,7 +108,8 @@ fn parse<T: serde::de::DeserializeOwned>(value: &str, what: &str) -> Result<T> {
 const STAGE2_DEFAULTS: &str = include_str!("../../configs/stic-stage2.yaml");
 
 impl TrainArgs {
-    fn config(&self, shipped: &str) -> Result<TrainConfig> {
+    /// The config with the flags applied (`objective_flags` sets those of the objective), validated.
+    fn config(&self, shipped: &str, objective_flags: impl FnOnce(&mut TrainConfig) -> Result<()>) -> Result<TrainConfig> {
         let mut cfg = match &self.config {
             Some(path) => TrainConfig::from_yaml(path)?,
             None => serde_yaml::from_str(shipped).expect("the shipped configs parse"),
@@ -137,10 +138,11 @@ impl TrainArgs {
         if self.max_steps.is_some() {
             cfg.max_steps = self.max_steps;
         }
-        if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.lora.r == 0 {
-            return Err(Error::Input("batch_size, grad_accum and lora r must be at least 1".into()));
-        }
-        cfg.lora.validate().map_err(|why| Error::Input(format!("{why} (set by --lora-r, --lora-alpha, --lora-dropout or the lora section of --config)")))?;
+        objective_flags(&mut cfg)?;
+        cfg.validate()?;
+        let mut inputs = vec![("--model", self.model.as_path()), ("--data", self.data.as_path())];
+        inputs.extend(self.init_adapter.as_deref().map(|adapter| ("--init-adapter", adapter)));
+        stic::fsutil::check_output("--output", &self.output, &inputs)?;
         Ok(cfg)
     }
 
@@ -188,9 +190,14 @@ impl TrainArgs {
         Ok(examples)
     }
 
-    fn image_features(&self, model: &stic::model::LlavaNext, name: &str, position: usize) -> std::result::Result<(PathBuf, usize), String> {
-        let path = image_path(&self.image_dir, name, &self.data, position).map_err(|e| e.to_string())?;
+    fn image_features(&self, model: &stic::model::LlavaNext, name: &str) -> std::result::Result<(PathBuf, usize), String> {
+        let path = image_path(&self.image_dir, name).map_err(|e| e.to_string())?;
         let size = image_size(&path).map_err(|e| e.to_string())?;
+        let (pixels, limit) = (u64::from(size.0) * u64::from(size.1), model.cfg.image.max_pixels);
+        if pixels > limit {
+            let what = path.display().to_string();
+            return Err(stic::image::ImageError::TooManyPixels { what, width: size.1, height: size.0, pixels, limit }.to_string());
+        }
         Ok((path, stic::image::anyres::num_image_features(size, &model.cfg.image, model.cfg.vision.patch_size as u32)))
     }
 
@@ -220,15 +227,14 @@ impl TrainArgs {
 
 pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
     let a = &args.common;
-    let mut cfg = a.config(STAGE1_DEFAULTS)?;
-    set_dpo_flags(&args, &mut cfg)?;
+    let cfg = a.config(STAGE1_DEFAULTS, |cfg| set_dpo_flags(&args, cfg))?;
     let group = ProcessGroup::from_env()?;
     let quiet = group.as_ref().is_some_and(|g| !g.is_main());
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let (records, skipped) = read_records::<PreferencePair>(&a.data, a.skip_bad)?;
-    let examples = a.examples("preference pairs", cfg.max_length, quiet, &records, skipped, |position, pair| {
+    let examples = a.examples("preference pairs", cfg.max_length, quiet, &records, skipped, |_, pair| {
         let (prompt, chosen, rejected) = pair.parts()?;
-        let (path, features) = a.image_features(&model, &pair.image, position)?;
+        let (path, features) = a.image_features(&model, &pair.image)?;
         let user = stic::session::Session::user_text(prompt, true);
         let row = |response: &str| encode_conversation(&tokenizer, cfg.template, &[(user.clone(), response.to_string())], features, cfg.max_length);
         let ((chosen, c_cut), (rejected, r_cut)) = (row(chosen)?, row(rejected)?);
@@ -264,17 +270,17 @@ fn set_dpo_flags(args: &DpoArgs, cfg: &mut TrainConfig) -> Result<()> {
 
 pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     let a = &args.common;
-    let cfg = a.config(STAGE2_DEFAULTS)?;
+    let cfg = a.config(STAGE2_DEFAULTS, |_| Ok(()))?;
     let group = ProcessGroup::from_env()?;
     let quiet = group.as_ref().is_some_and(|g| !g.is_main());
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let entries = stic::stic::infuse::load_instruction_data(&a.data)?;
-    let records: Vec<(usize, InstructionEntry)> = entries.into_iter().enumerate().collect();
-    let examples = a.examples("conversations", cfg.max_length, quiet, &records, Vec::new(), |position, entry| {
+    let records: Vec<(usize, InstructionEntry)> = (1..).zip(entries).collect();
+    let examples = a.examples("conversations", cfg.max_length, quiet, &records, Vec::new(), |_, entry| {
         let turns = entry.training_turns()?;
         let (image, features) = match &entry.image {
             Some(name) => {
-                let (path, n) = a.image_features(&model, name, position)?;
+                let (path, n) = a.image_features(&model, name)?;
                 (Some(path), n)
             }
             None => (None, 0),

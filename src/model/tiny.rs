@@ -10,7 +10,7 @@ use super::projector::Projector;
 use super::weights::{save_safetensors, WeightSource};
 use super::LlavaConfig;
 use crate::error::Result;
-use crate::fsutil::{create_dir, write_atomic};
+use crate::fsutil::{create_dir, write_atomic, write_dir_atomic};
 use crate::image::ImageConfig;
 
 pub const TOKENIZER_FILES: [(&str, &[u8]); 3] = [
@@ -83,8 +83,13 @@ pub fn write_model_files(dir: &Path, cfg: &LlavaConfig) -> Result<()> {
     Ok(())
 }
 
-/// Writes a tiny model with random weights (seeded) to `dir`.
+/// Writes a tiny model with random weights (seeded) to `dir`, all files or none (a full disk leaves no model
+/// folder without weights).
 pub fn write_tiny_model(dir: &Path, seed: i64) -> Result<()> {
+    write_dir_atomic(dir, |staging| write_random_weights(staging, seed))
+}
+
+fn write_random_weights(dir: &Path, seed: i64) -> Result<()> {
     let cfg = tiny_config();
     write_model_files(dir, &cfg)?;
     tch::manual_seed(seed);

@@ -145,9 +145,37 @@ pub fn with_description(question: &str, description: &str) -> String {
     }
 }
 
-/// Reads LLaVA instruction data (a JSON list) and validates its conversations.
+/// Checks that every entry has a string or number id: the key its description and records are stored under.
+fn validate_ids(path: &Path, entries: &[InstructionEntry]) -> Result<(), PipelineError> {
+    match entries.iter().position(|entry| key_text(&entry.id).is_none()) {
+        Some(index) => Err(PipelineError::EntryWithoutId { path: path.to_owned(), entry: index + 1, id: entries[index].id.to_string() }),
+        None => Ok(()),
+    }
+}
+
+/// Checks that no two entries with an image share an id unless they share the image too: their descriptions
+/// are matched to them by id.
+pub fn validate_image_ids(path: &Path, entries: &[InstructionEntry]) -> Result<(), PipelineError> {
+    let mut first_with_id: HashMap<String, (usize, &str)> = HashMap::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let Some(image) = entry.image.as_deref() else { continue };
+        let (first, first_image) = *first_with_id.entry(entry.id_text()).or_insert((index, image));
+        if first_image != image {
+            return Err(PipelineError::SharedEntryId {
+                path: path.to_owned(),
+                entry_id: entry.id_text(),
+                first: first + 1,
+                second: index + 1,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads LLaVA instruction data (a JSON list) and validates its ids and conversations.
 pub fn load_instruction_data(path: &Path) -> Result<Vec<InstructionEntry>> {
     let entries: Vec<InstructionEntry> = read_json(path)?;
+    validate_ids(path, &entries)?;
     validate_conversations(&entries)?;
     Ok(entries)
 }
@@ -167,6 +195,7 @@ pub fn load_descriptions(path: &Path) -> Result<HashMap<String, ImageDescription
 /// [`infuse_descriptions`] on the instruction data file `data` and the descriptions file `descriptions`.
 pub fn infuse_files(data: &Path, descriptions: &Path) -> Result<(Vec<InstructionEntry>, InfusionReport)> {
     let entries = load_instruction_data(data)?;
+    validate_image_ids(data, &entries)?;
     let descriptions = load_descriptions(descriptions)?;
     Ok(infuse_descriptions(entries, &descriptions)?)
 }
@@ -292,6 +321,20 @@ mod tests {
         let (data, descriptions) = write_inputs(dir.path(), DATA, &twice);
         let error = infuse_files(&data, &descriptions).unwrap_err().to_string();
         assert!(error.contains("more than one description for entry 000000033471"), "{error}");
+    }
+
+    #[test]
+    fn ids_must_be_keys_and_name_their_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let null_id = DATA.replacen(r#""id": "ocr_17""#, r#""id": null"#, 1);
+        let (data, descriptions) = write_inputs(dir.path(), &null_id, DESCRIPTIONS);
+        let error = infuse_files(&data, &descriptions).unwrap_err().to_string();
+        assert!(error.contains("data.json, entry 2: the id null is not a string or a number"), "{error}");
+
+        let shared = DATA.replacen(r#""id": "vg_5""#, r#""id": "ocr_17""#, 1);
+        let (data, descriptions) = write_inputs(dir.path(), &shared, DESCRIPTIONS);
+        let error = infuse_files(&data, &descriptions).unwrap_err().to_string();
+        assert!(error.contains("data.json: entries 2 and 4 have the id ocr_17 but different images"), "{error}");
     }
 
     #[test]

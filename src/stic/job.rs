@@ -35,6 +35,8 @@ pub struct JobOptions<'a> {
     pub unit: &'a str,
     /// Draw a progress bar (off on the ranks other than 0 under torchrun).
     pub progress: bool,
+    /// What the records depend on (model, sampling, prompts…): a rerun into the output must have the same.
+    pub settings: serde_json::Value,
 }
 
 pub struct JobSummary {
@@ -47,7 +49,7 @@ pub struct JobSummary {
 /// Every request of an item samples from a generator seeded by the item's position, so the output does not
 /// depend on batching, sharding or resumption.
 pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item], opts: &JobOptions) -> Result<JobSummary> {
-    let mut out = ResumableJsonl::open(&opts.output, opts.key_field)?;
+    let mut out = ResumableJsonl::open(&opts.output, opts.key_field, &opts.settings)?;
     let limit = opts.limit.unwrap_or(items.len()).min(items.len());
     // A key listed twice (the paper's COCO list repeats 174 names) is generated once, at its first position.
     let mut seen = std::collections::HashSet::new();
@@ -104,5 +106,6 @@ pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item]
         }
     }
     bar.finish();
+    out.keep();
     Ok(summary)
 }

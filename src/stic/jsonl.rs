@@ -2,7 +2,9 @@
 //!
 //! Every record is one line, written with a single `write_all` and made durable with `fsync` before the next
 //! one starts. A kill can therefore only leave the last line torn; [`ResumableJsonl::open`] cuts such a line
-//! off and reports which keys are already done, so a rerun continues where the last one stopped.
+//! off and reports which keys are already done, so a rerun continues where the last one stopped. The settings
+//! the records are made with are kept beside the output ([`settings_path`]); a rerun with other settings is
+//! refused rather than mixing records of both into one file.
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -14,7 +16,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::PipelineError;
-use crate::error::{Error, Result};
+use crate::error::{read_json, without_bom, Error, Result};
+use crate::fsutil::{open_locked, write_atomic, LockError};
 
 /// The text of a key value: a string as is, a number as written in JSON; `None` for any other value.
 pub fn key_text(value: &Value) -> Option<String> {
@@ -22,6 +25,47 @@ pub fn key_text(value: &Value) -> Option<String> {
         Value::String(text) => Some(text.clone()),
         Value::Number(number) => Some(number.to_string()),
         _ => None,
+    }
+}
+
+/// The file beside a job's output `path` that holds the settings of its records: `<path>.settings.json`. A
+/// side file rather than a header line keeps the output in the schema of the official data.
+pub fn settings_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".settings.json");
+    path.with_file_name(name)
+}
+
+fn write_settings(path: &Path, settings: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(settings).expect("JSON values serialise") + "\n";
+    write_atomic(&settings_path(path), text.as_bytes())
+}
+
+/// Checks `settings` against those recorded for the `records` records of `path`, or records them when there is
+/// nothing to check them against yet. `Value::Null` checks nothing.
+fn check_settings(path: &Path, records: usize, settings: &Value) -> Result<()> {
+    if settings.is_null() {
+        return Ok(());
+    }
+    let sidecar = settings_path(path);
+    let recorded: Option<Value> = if sidecar.exists() { Some(read_json(&sidecar)?) } else { None };
+    match recorded {
+        Some(recorded) if recorded == *settings => Ok(()),
+        Some(recorded) if records > 0 => Err(PipelineError::SettingsDiffer {
+            path: path.to_owned(),
+            records,
+            differences: crate::settings::differences(&recorded, settings),
+        }
+        .into()),
+        None if records > 0 => {
+            eprintln!(
+                "warning: {} has {records} records but no {}: taking them for records of the current settings",
+                path.display(),
+                sidecar.display()
+            );
+            write_settings(path, settings)
+        }
+        _ => write_settings(path, settings),
     }
 }
 
@@ -34,36 +78,53 @@ pub struct ResumableJsonl {
     done: HashSet<String>,
     len: u64,
     cut_torn_line: bool,
+    /// Whether the file stays when it is dropped still empty (see [`keep`](Self::keep)).
+    kept: bool,
 }
 
 impl ResumableJsonl {
     /// Opens (or creates) `path`, locks it against a second writer, cuts off a torn last line and collects the
     /// keys of the records already there. A last line is torn when it has no final newline or is not valid
-    /// JSON; any other invalid line is an error, as is a record without `key_field`.
-    pub fn open(path: &Path, key_field: &str) -> Result<Self> {
-        let mut file =
-            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| Error::io(path, e))?;
-        file.try_lock().map_err(|error| match error {
-            std::fs::TryLockError::WouldBlock => Error::from(PipelineError::OutputLocked { path: path.to_owned() }),
-            std::fs::TryLockError::Error(e) => Error::io(path, e),
+    /// JSON; any other invalid line is an error, as is a record without `key_field`. The records there must
+    /// have been made with `settings` (a JSON object of what changes the records: model, sampling, prompts…);
+    /// the settings of a file without records are recorded ([`settings_path`]) before anything else is written.
+    pub fn open(path: &Path, key_field: &str, settings: &Value) -> Result<Self> {
+        let mut options = OpenOptions::new();
+        options.read(true).append(true).create(true);
+        let file = open_locked(path, &options).map_err(|error| match error {
+            LockError::Held => Error::from(PipelineError::OutputLocked { path: path.to_owned() }),
+            LockError::Io(e) => Error::io(path, e),
         })?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-        let contents = complete_records(path, &bytes, key_field)?;
-        let cut_torn_line = contents.complete_len < bytes.len();
-        if cut_torn_line {
-            file.set_len(contents.complete_len as u64)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| Error::io(path, e))?;
-        }
-        Ok(ResumableJsonl {
+        let mut output = ResumableJsonl {
             path: path.to_owned(),
-            key_field: key_field.to_owned(),
-            done: contents.records.into_iter().map(|record| record.key).collect(),
-            len: contents.complete_len as u64,
-            cut_torn_line,
             file,
-        })
+            key_field: key_field.to_owned(),
+            done: HashSet::new(),
+            len: 0,
+            cut_torn_line: false,
+            kept: false,
+        };
+        let mut bytes = Vec::new();
+        output.file.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+        output.len = bytes.len() as u64;
+        let contents = complete_records(path, &bytes, key_field)?;
+        output.cut_torn_line = contents.complete_len < bytes.len();
+        if output.cut_torn_line {
+            output.file.set_len(contents.complete_len as u64)
+                .and_then(|()| output.file.sync_all())
+                .map_err(|e| Error::io(path, e))?;
+            output.len = contents.complete_len as u64;
+        }
+        check_settings(path, contents.records.len(), settings)?;
+        output.done = contents.records.into_iter().map(|record| record.key).collect();
+        Ok(output)
+    }
+
+    /// Keeps the file when it is dropped without records: the job ended well with nothing to write (every item
+    /// skipped, or done elsewhere). Otherwise a file that holds nothing is removed with its settings, so that a
+    /// job that fails before its first record leaves nothing behind.
+    pub fn keep(&mut self) {
+        self.kept = true;
     }
 
     pub fn is_done(&self, key: &str) -> bool {
@@ -101,6 +162,16 @@ impl ResumableJsonl {
         self.len += line.len() as u64;
         self.done.insert(key);
         Ok(())
+    }
+}
+
+impl Drop for ResumableJsonl {
+    fn drop(&mut self) {
+        if !self.kept && self.len == 0 {
+            // Still locked: a second process that opens the file now finds it gone and creates its own.
+            let _ = std::fs::remove_file(settings_path(&self.path));
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -172,7 +243,7 @@ fn parse_line<T: DeserializeOwned>(path: &Path, line_number: usize, text: &str) 
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let mut records = Vec::new();
-    for (index, line) in bytes.split(|&byte| byte == b'\n').enumerate() {
+    for (index, line) in without_bom(&bytes).split(|&byte| byte == b'\n').enumerate() {
         if !line.trim_ascii().is_empty() {
             records.push(parse_line(path, index + 1, line_text(path, index + 1, line)?)?);
         }
@@ -271,7 +342,8 @@ pub enum MissingKeys {
 /// Joins the shard outputs `inputs` into `output`, one record per key of `order` and in that order (the job's
 /// input list). The lines are copied byte for byte; a torn last line of a shard counts as missing. Fails,
 /// writing nothing, when a key is recorded twice, when one of `order` is missing (unless `missing` is
-/// [`MissingKeys::Omit`]), or when a shard holds a key that `order` lacks. `output` is replaced atomically.
+/// [`MissingKeys::Omit`]), when a shard holds a key that `order` lacks, or when the shards were made with
+/// different settings. `output` is replaced atomically, after the shards' settings are recorded for it.
 /// Returns the number of records written.
 pub fn merge_shards(inputs: &[PathBuf], output: &Path, key: &str, order: &[String], missing: MissingKeys) -> Result<usize> {
     let mut ordered_keys = HashSet::with_capacity(order.len());
@@ -279,6 +351,7 @@ pub fn merge_shards(inputs: &[PathBuf], output: &Path, key: &str, order: &[Strin
         return Err(PipelineError::DuplicateInputKey { key: repeated.clone() }.into());
     }
 
+    let settings = shared_settings(inputs)?;
     let shard_bytes =
         inputs.iter().map(|path| std::fs::read(path).map_err(|e| Error::io(path, e))).collect::<Result<Vec<_>>>()?;
     let mut lines_by_key: HashMap<String, &str> = HashMap::new();
@@ -312,8 +385,40 @@ pub fn merge_shards(inputs: &[PathBuf], output: &Path, key: &str, order: &[Strin
         merged.push_str(line);
         merged.push('\n');
     }
-    crate::fsutil::write_atomic(output, merged.as_bytes())?;
+    match &settings {
+        Some(settings) => write_settings(output, settings)?,
+        None => match std::fs::remove_file(settings_path(output)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(settings_path(output), e)),
+            _ => {}
+        },
+    }
+    write_atomic(output, merged.as_bytes())?;
     Ok(lines_by_key.len())
+}
+
+/// The settings the shards `inputs` recorded (those that have a settings file), which must be the same.
+fn shared_settings(inputs: &[PathBuf]) -> Result<Option<Value>> {
+    let mut first: Option<(&PathBuf, Value)> = None;
+    for path in inputs {
+        let sidecar = settings_path(path);
+        if !sidecar.exists() {
+            continue;
+        }
+        let settings: Value = read_json(&sidecar)?;
+        match &first {
+            None => first = Some((path, settings)),
+            Some((first_path, first_settings)) if *first_settings != settings => {
+                return Err(PipelineError::ShardSettingsDiffer {
+                    first: first_path.to_path_buf(),
+                    other: path.clone(),
+                    differences: crate::settings::differences(first_settings, &settings),
+                }
+                .into());
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(first.map(|(_, settings)| settings))
 }
 
 #[cfg(test)]
@@ -336,7 +441,7 @@ mod tests {
         let complete = format!("{}\n{}\n", record("a.jpg"), record("b.jpg"));
         std::fs::write(&path, format!("{complete}{{\"image\": \"c.jpg\", \"descr")).unwrap();
 
-        let mut output = ResumableJsonl::open(&path, "image").unwrap();
+        let mut output = ResumableJsonl::open(&path, "image", &Value::Null).unwrap();
         assert!(output.cut_torn_line());
         assert_eq!(output.done_count(), 2);
         assert!(output.is_done("a.jpg") && output.is_done("b.jpg") && !output.is_done("c.jpg"));
@@ -352,13 +457,13 @@ mod tests {
         let path = dir.path().join("out.jsonl");
         let first = format!("{}\n", record("a.jpg"));
         std::fs::write(&path, format!("{first}\0\0\0\n")).unwrap();
-        let output = ResumableJsonl::open(&path, "image").unwrap();
+        let output = ResumableJsonl::open(&path, "image", &Value::Null).unwrap();
         assert!(output.cut_torn_line());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
         drop(output);
 
         std::fs::write(&path, format!("{first}not json\n{}\n", record("b.jpg"))).unwrap();
-        let error = ResumableJsonl::open(&path, "image").err().unwrap().to_string();
+        let error = ResumableJsonl::open(&path, "image", &Value::Null).err().unwrap().to_string();
         assert!(error.contains("out.jsonl, line 2: invalid JSON"), "{error}");
     }
 
@@ -367,11 +472,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "{\"id\": 1}\n{\"image\": \"b.jpg\"}\n").unwrap();
-        let error = ResumableJsonl::open(&path, "image").err().unwrap().to_string();
+        let error = ResumableJsonl::open(&path, "image", &Value::Null).err().unwrap().to_string();
         assert!(error.contains("line 1: the record has no string or number field 'image'"), "{error}");
 
         std::fs::write(&path, "").unwrap();
-        let mut output = ResumableJsonl::open(&path, "image").unwrap();
+        let mut output = ResumableJsonl::open(&path, "image", &Value::Null).unwrap();
         assert!(output.append(&json!({"id": 3})).is_err());
         output.append(&record("a.jpg")).unwrap();
         let error = output.append(&record("a.jpg")).unwrap_err().to_string();
@@ -384,23 +489,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "{\"id\": 17, \"x\": 1}\n").unwrap();
-        assert!(ResumableJsonl::open(&path, "id").unwrap().is_done("17"));
+        assert!(ResumableJsonl::open(&path, "id", &Value::Null).unwrap().is_done("17"));
     }
 
     #[test]
     fn a_second_writer_is_refused_while_the_first_holds_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        let first = ResumableJsonl::open(&path, "image").unwrap();
-        let error = ResumableJsonl::open(&path, "image").err().unwrap().to_string();
+        let first = ResumableJsonl::open(&path, "image", &Value::Null).unwrap();
+        let error = ResumableJsonl::open(&path, "image", &Value::Null).err().unwrap().to_string();
         assert!(error.contains("being written by another process"), "{error}");
         drop(first);
-        ResumableJsonl::open(&path, "image").unwrap();
+        ResumableJsonl::open(&path, "image", &Value::Null).unwrap();
     }
 
     /// A generation job over `inputs` that stops (as if killed) after `stop_after` new records.
     fn run_job(path: &Path, inputs: &[String], shard: Shard, stop_after: usize) -> usize {
-        let mut output = ResumableJsonl::open(path, "image").unwrap();
+        let mut output = ResumableJsonl::open(path, "image", &Value::Null).unwrap();
         let mut generated = 0;
         for (position, image) in inputs.iter().enumerate() {
             if !shard.owns(position) || output.is_done(image) {
@@ -517,6 +622,69 @@ mod tests {
         assert_eq!(shard_path(Path::new("out/prefs.jsonl"), shard), Path::new("out/prefs.shard-1-of-4.jsonl"));
         assert_eq!(shard_path(Path::new("prefs"), shard), Path::new("prefs.shard-1-of-4"));
         assert_eq!(shard_path(Path::new("out/prefs.jsonl"), Shard::default()), Path::new("out/prefs.jsonl"));
+    }
+
+    #[test]
+    fn a_rerun_with_other_settings_is_refused_and_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prefs.jsonl");
+        let settings = json!({"model": "/models/a", "seed": 42, "temperature": 0.2});
+        let mut output = ResumableJsonl::open(&path, "image", &settings).unwrap();
+        let recorded: Value = read_json(&dir.path().join("prefs.jsonl.settings.json")).unwrap();
+        assert_eq!(recorded, settings, "recorded before the first record");
+        output.append(&record("a.jpg")).unwrap();
+        drop(output);
+
+        ResumableJsonl::open(&path, "image", &settings).unwrap();
+        let other = json!({"model": "/models/b", "seed": 7, "temperature": 0.2});
+        let error = ResumableJsonl::open(&path, "image", &other).err().unwrap().to_string();
+        assert!(error.contains("prefs.jsonl holds 1 record(s) made with other settings"), "{error}");
+        assert!(error.contains("model (\"/models/a\" before, \"/models/b\" now), seed (42 before, 7 now)"), "{error}");
+        assert_eq!(lines(&path), [record("a.jpg")]);
+
+        // Records without a settings file (an older stic) are taken for records of the current settings.
+        std::fs::remove_file(settings_path(&path)).unwrap();
+        ResumableJsonl::open(&path, "image", &other).unwrap();
+        assert_eq!(read_json::<Value>(&settings_path(&path)).unwrap(), other);
+    }
+
+    #[test]
+    fn an_output_left_without_records_is_removed_unless_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        drop(ResumableJsonl::open(&path, "id", &json!({"seed": 1})).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a failed job leaves nothing");
+        let mut output = ResumableJsonl::open(&path, "id", &json!({"seed": 1})).unwrap();
+        output.keep();
+        drop(output);
+        assert!(path.exists() && settings_path(&path).exists(), "a job that wrote nothing, and ended well");
+    }
+
+    #[test]
+    fn shards_of_different_settings_are_not_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = images(2);
+        let shards: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("s{i}.jsonl"))).collect();
+        for (i, path) in shards.iter().enumerate() {
+            let mut output = ResumableJsonl::open(path, "image", &json!({"seed": 40 + i})).unwrap();
+            output.append(&record(&inputs[i])).unwrap();
+        }
+        let merged = dir.path().join("m.jsonl");
+        let error = merge_shards(&shards, &merged, "image", &inputs, MissingKeys::Refuse).unwrap_err().to_string();
+        assert!(error.contains("s0.jsonl and") && error.contains("seed (40 before, 41 now)"), "{error}");
+        assert!(!merged.exists() && !settings_path(&merged).exists());
+
+        write_settings(&shards[1], &json!({"seed": 40})).unwrap();
+        merge_shards(&shards, &merged, "image", &inputs, MissingKeys::Refuse).unwrap();
+        assert_eq!(read_json::<Value>(&settings_path(&merged)).unwrap(), json!({"seed": 40}));
+    }
+
+    #[test]
+    fn a_bom_before_the_first_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(&path, format!("\u{feff}{}\n", record("a.jpg"))).unwrap();
+        assert_eq!(lines(&path), [record("a.jpg")]);
     }
 
     #[test]

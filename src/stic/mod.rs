@@ -49,6 +49,20 @@ pub enum PipelineError {
     OutputLocked { path: PathBuf },
 
     #[error(
+        "{path} holds {records} record(s) made with other settings: {}; rerun with the settings it was made with to \
+         continue it, or write to a new output",
+        differences.join(", ")
+    )]
+    SettingsDiffer { path: PathBuf, records: usize, differences: Vec<String> },
+
+    #[error(
+        "cannot merge {first} and {other}: their records were made with other settings: {}; merge the shards of \
+         one run",
+        differences.join(", ")
+    )]
+    ShardSettingsDiffer { first: PathBuf, other: PathBuf, differences: Vec<String> },
+
+    #[error(
         "the input list has '{key}' more than once, so its records cannot be told apart; \
          key the job by a unique field (e.g. id)"
     )]
@@ -64,6 +78,15 @@ pub enum PipelineError {
 
     #[error("entry {entry_id}: turn {turn} is from '{from}', expected 'human' or 'gpt'; fix the data file")]
     UnknownSpeaker { entry_id: String, turn: usize, from: String },
+
+    #[error("{path}, entry {entry}: the id {id} is not a string or a number; give every entry an id of its own")]
+    EntryWithoutId { path: PathBuf, entry: usize, id: String },
+
+    #[error(
+        "{path}: entries {first} and {second} have the id {entry_id} but different images, and descriptions are \
+         matched to entries by id; give every entry an id of its own"
+    )]
+    SharedEntryId { path: PathBuf, entry_id: String, first: usize, second: usize },
 
     #[error("entry {entry_id} has an image but no human turn to put its description in; fix the data file")]
     NoHumanTurn { entry_id: String },

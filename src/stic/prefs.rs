@@ -9,7 +9,7 @@ use super::corrupt::Corruption;
 use super::job::{GenerationTask, Request};
 
 /// `third_party/stic/prompts.json`: the prompts and settings of the official scripts.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct SticPrompts {
     pub preferred_prompt: String,
     pub description_prompts: Vec<String>,
@@ -18,7 +18,7 @@ pub struct SticPrompts {
     pub generation: GenerationDefaults,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct GenerationDefaults {
     pub temperature: f64,
     pub top_p: Option<f64>,

@@ -39,9 +39,9 @@ impl PreferencePair {
     }
 }
 
-/// Records of a JSON list or of JSON lines, with the 1-based line (JSONL) or index (JSON list) of each.
+/// Records of a JSON list or of JSON lines, with the line (JSONL) or position (JSON list) of each, counted from 1.
 pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool) -> Result<(Vec<(usize, T)>, Vec<String>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::error::read_text(path)?;
     let mut records = Vec::new();
     let mut skipped = Vec::new();
     let mut bad = |what: String| -> Result<()> {
@@ -55,10 +55,10 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool)
     if text.trim_start().starts_with('[') {
         let values: Vec<serde_json::Value> = serde_json::from_str(&text)
             .map_err(|e| Error::Input(format!("{}: invalid JSON at line {}: {e}", path.display(), e.line())))?;
-        for (i, v) in values.into_iter().enumerate() {
+        for (number, v) in (1..).zip(values) {
             match serde_json::from_value::<T>(v) {
-                Ok(r) => records.push((i, r)),
-                Err(e) => bad(format!("{}: record {i}: {e}", path.display()))?,
+                Ok(r) => records.push((number, r)),
+                Err(e) => bad(format!("{}: record {number}: {e}", path.display()))?,
             }
         }
     } else {
@@ -78,13 +78,13 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool)
     Ok((records, skipped))
 }
 
-/// Resolves an image name against the image folder, failing with the record's position when it is missing.
-pub fn image_path(image_dir: &Path, name: &str, source: &Path, position: usize) -> Result<PathBuf> {
+/// Resolves an image name against the image folder (the caller names the record when it is missing).
+pub fn image_path(image_dir: &Path, name: &str) -> Result<PathBuf> {
     let path = image_dir.join(name);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(Error::Input(format!("{} record {position}: image {} not found", source.display(), path.display())))
+        Err(Error::Input(format!("image {} not found", path.display())))
     }
 }
 

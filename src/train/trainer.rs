@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use super::optim::{clip_grad_norm, cosine_with_warmup, AdamW, AdamWConfig, ParamGroup};
 use crate::dist::ProcessGroup;
 use crate::error::{read_json, Error, Result};
-use crate::fsutil::{create_dir, write_atomic};
+use crate::fsutil::{create_dir, write_atomic, FolderLock};
 use crate::image::{self, Preprocessed};
 use crate::lora::{Adapter, LoraSettings};
 use crate::model::weights::{save_safetensors, Checkpoint};
@@ -166,16 +166,16 @@ impl<'a, O: Objective> Trainer<'a, O> {
 
     pub fn run(&mut self, resume: bool) -> Result<()> {
         let main = self.is_main();
-        if main {
-            create_dir(&self.output)?;
-        }
+        // A second run into the same folder would overwrite this one's checkpoints and adapter.
+        let _lock = if main { Some(FolderLock::acquire(&self.output, "--output")?) } else { None };
         let total = self.total_steps();
         let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as usize;
         let mut optimizer = self.optimizer();
         let start = if resume && main { self.restore(&mut optimizer)? } else { 0 };
         let start = self.sync_start(start, &mut optimizer)?;
         let log_path = self.output.join("train_log.csv");
-        let mut log = if main { Some(open_log(&log_path, self.objective.metric_names(), start)?) } else { None };
+        // Opened at the first step's row, so that a run that fails before it leaves no header-only log.
+        let mut log = None;
         let bar = if main { ProgressBar::new(total as u64) } else { ProgressBar::hidden() }.with_position(start as u64);
         bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}").expect("template"));
         let per_micro = self.cfg.batch_size;
@@ -203,10 +203,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
                     .wrapping_add((rank as i64) << 32);
                 let out = self.objective.step(self.model, &picked, 1.0 / self.cfg.grad_accum as f64, seed).map_err(|e| match e {
                     Error::Training(why) => Error::Training(format!(
-                        "{why} at step {} (records {:?}); the last good checkpoint is in {}: lower the learning rate or check those records",
+                        "{why} at step {} (records {:?}); {}: lower the learning rate or check those records",
                         step + 1,
                         picked.iter().map(|(i, _)| i).collect::<Vec<_>>(),
-                        checkpoints_dir(&self.output).display()
+                        self.last_good_checkpoint()
                     )),
                     other => other,
                 })?;
@@ -233,15 +233,18 @@ impl<'a, O: Objective> Trainer<'a, O> {
             if !optimizer.parameters().all(|p| bool::try_from(p.isfinite().all()).unwrap_or(false)) {
                 return Err(Error::Training(format!(
                     "the update of step {} made the weights non-finite (gradient norm {grad_norm:.3e}); nothing of it was \
-                     saved, the last good checkpoint is in {}: lower the learning rate",
+                     saved, {}: lower the learning rate",
                     step + 1,
-                    checkpoints_dir(&self.output).display()
+                    self.last_good_checkpoint()
                 )));
             }
             let seconds = started.elapsed().as_secs_f64();
             let mut row = vec![(step + 1).to_string()];
             row.extend(sums.iter().map(|v| format!("{v:.6}")));
             row.extend([format!("{grad_norm:.6}"), format!("{:.3e}", self.cfg.lr * factor), format!("{:.1}", tokens as f64 / seconds)]);
+            if main && log.is_none() {
+                log = Some(open_log(&log_path, self.objective.metric_names(), start)?);
+            }
             if let Some(log) = log.as_mut() {
                 writeln!(log, "{}", row.join(",")).and_then(|_| log.flush()).map_err(|e| Error::io(&log_path, e))?;
             }
@@ -262,6 +265,15 @@ impl<'a, O: Objective> Trainer<'a, O> {
             self.barrier()?;
         }
         Ok(())
+    }
+
+    /// Where a run that stops on bad numbers can be resumed from, for its message.
+    fn last_good_checkpoint(&self) -> String {
+        let root = checkpoints_dir(&self.output);
+        match std::fs::read_to_string(root.join(LATEST)) {
+            Ok(latest) => format!("the last good checkpoint is {} (--resume continues from it)", root.join(latest.trim()).display()),
+            Err(_) => "there is no checkpoint yet".into(),
+        }
     }
 
     /// Waits for the other ranks (after rank 0 wrote something), so that none runs ahead of a save that fails.
