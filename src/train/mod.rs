@@ -2,5 +2,6 @@ pub mod data;
 pub mod dpo;
 pub mod forward;
 pub mod optim;
+pub mod packing;
 pub mod trainer;
 pub mod sft;
