@@ -307,8 +307,8 @@ fn precompute_reference(model: &stic::model::LlavaNext, objective: &DpoObjective
     let mut out = Vec::with_capacity(examples.len());
     for e in examples {
         let batch = objective.pack(model, &[e])?;
-        let image = stic::train::trainer::load_preprocessed(model, &e.image)?;
-        let logps: Vec<f64> = Vec::try_from(objective.reference_logps(model, &batch, &[&image])?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).expect("f64");
+        let image = stic::train::dpo::PairImage::load(model, &e.image)?;
+        let logps: Vec<f64> = Vec::try_from(objective.reference_logps(model, &batch, &[image])?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).expect("f64");
         out.push((logps[0], logps[1]));
         bar.inc(1);
     }

@@ -63,6 +63,25 @@ pub struct PairExample {
     pub rejected: EncodedRow,
 }
 
+/// A pair's image, preprocessed, with the frozen vision tower's output: the tower runs once for the reference and
+/// the policy pass, which differ only in the projector.
+pub struct PairImage {
+    image: Preprocessed,
+    tower: Tensor,
+}
+
+impl PairImage {
+    pub fn load(model: &LlavaNext, path: &std::path::Path) -> Result<Self> {
+        let image = load_preprocessed(model, path)?;
+        Ok(PairImage { tower: model.tower_features(&image), image })
+    }
+
+    /// The image features with the projector of the adapter's current state (on: trained, off: original).
+    fn features(&self, model: &LlavaNext) -> Result<Tensor> {
+        model.image_features_from_tower(&self.image, &self.tower)
+    }
+}
+
 pub struct DpoObjective {
     pub cfg: DpoConfig,
     pub checkpointing: bool,
@@ -98,11 +117,11 @@ impl DpoObjective {
     }
 
     /// Reference log-probs: the same weights with the adapter switched off.
-    pub fn reference_logps(&self, model: &LlavaNext, batch: &PackedBatch, images: &[&Preprocessed]) -> Result<Tensor> {
+    pub fn reference_logps(&self, model: &LlavaNext, batch: &PackedBatch, images: &[PairImage]) -> Result<Tensor> {
         let switch = model.adapter_switch.clone().ok_or_else(|| Error::Input("DPO needs an adapter on the model".into()))?;
         switch.set_enabled(false);
         let result = tch::no_grad(|| {
-            let features = images.iter().map(|img| model.image_features(img)).collect::<Result<Vec<_>>>()?;
+            let features = images.iter().map(|i| i.features(model)).collect::<Result<Vec<_>>>()?;
             self.logps(model, batch, &features, false, 0).map(|(l, _)| l)
         });
         switch.set_enabled(true);
@@ -126,8 +145,7 @@ impl Objective for DpoObjective {
     fn step(&self, model: &LlavaNext, examples: &[(usize, &PairExample)], loss_scale: f64, seed: i64) -> Result<StepOutput> {
         let device = model.device();
         let batch = self.pack(model, &examples.iter().map(|(_, e)| *e).collect::<Vec<_>>())?;
-        let loaded = examples.iter().map(|(_, e)| load_preprocessed(model, &e.image)).collect::<Result<Vec<_>>>()?;
-        let images: Vec<&Preprocessed> = loaded.iter().collect();
+        let images = examples.iter().map(|(_, e)| PairImage::load(model, &e.image)).collect::<Result<Vec<_>>>()?;
         let pairs = examples.len() as i64;
         let reference = match &self.reference_cache {
             Some(cache) => {
@@ -137,7 +155,7 @@ impl Objective for DpoObjective {
             None => self.reference_logps(model, &batch, &images)?,
         };
         model.adapter_switch.as_ref().expect("adapter present").set_training(true);
-        let features = images.iter().map(|img| model.image_features(img)).collect::<Result<Vec<_>>>()?;
+        let features = images.iter().map(|i| i.features(model)).collect::<Result<Vec<_>>>()?;
         let (policy, recompute) = self.logps(model, &batch, &features, true, seed)?;
         let (pc, pr) = (policy.narrow(0, 0, pairs), policy.narrow(0, pairs, pairs));
         let (rc, rr) = (reference.narrow(0, 0, pairs), reference.narrow(0, pairs, pairs));
