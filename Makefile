@@ -12,9 +12,10 @@ export CARGO_TERM_COLOR ?= never
 
 setup: $(SETUP_STAMP)
 
-$(SETUP_STAMP): requirements.txt
+$(SETUP_STAMP): requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
 	touch $@
 
