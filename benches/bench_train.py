@@ -148,9 +148,10 @@ def lossless_copy(image, work):
     return png
 
 
-def write_pair(path, image):
+def write_pair(path, image, copies=1):
+    """The pair as preference data, `copies` times (a global batch may not exceed the data)."""
     turn = lambda answer: [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": answer}]  # noqa: E731
-    path.write_text(json.dumps({"image": image, "chosen": turn(CHOSEN), "rejected": turn(REJECTED)}) + "\n")
+    path.write_text((json.dumps({"image": image, "chosen": turn(CHOSEN), "rejected": turn(REJECTED)}) + "\n") * copies)
     return path
 
 
@@ -450,23 +451,25 @@ def trl_worker(spec):
 
 
 def write_sft_data(path, image, max_length):
-    """4 conversations, each with the image and long enough to fill max_length (the stage-2 cap)."""
+    """4 conversations about `image`, each long enough to be cut at max_length (the stage-2 cap)."""
     words = (CHOSEN + " " + REJECTED).split()
     entries = [{"id": f"c{i}", "image": image, "conversations": [
-        {"from": "human", "value": "<image>\\n" + PROMPT},
-        {"from": "gpt", "value": " ".join(words[: 120 * (i + 1)] * (1 + max_length // 600))}]} for i in range(4)]
+        {"from": "human", "value": "<image>\n" + PROMPT},
+        {"from": "gpt", "value": " ".join((words * (1 + max_length // len(words)))[: max_length - 100 * i])}]}
+        for i in range(4)]
     path.write_text(json.dumps(entries))
     return path
 
 
-def run_stic_sft(args, stic, folder, images, image_name, work, device, dtype):
-    """Packed SFT micro-batches of 4 conversations of max_length tokens (the step's tokens from the log)."""
-    data = write_sft_data(work / "sft.json", image_name, STAGE2_MAX_LENGTH)
+def run_stic_sft(args, stic, folder, work, device, dtype):
+    """Packed SFT micro-batches of 4 conversations cut at 2,048 tokens, with a photo whose prompt fits in them
+    (data/images/chelsea.png, 1.5k tokens: the anyres prompt of the COCO-sized photo alone is over 2,048)."""
+    data = write_sft_data(work / "sft.json", "chelsea.png", STAGE2_MAX_LENGTH)
     out = work / "stic-sft"
-    cmd = [stic, "train-sft", "--model", folder, "--data", data, "--image-dir", images, "--output", out,
-           "--batch-size", "4", "--grad-accum", "1", "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r,
-           "--max-length", STAGE2_MAX_LENGTH, "--device", device, "--dtype", dtype, "--seed", "0",
-           "--max-steps", args.steps, "--save-steps", 10**9, "--gradient-checkpointing", "true"]
+    cmd = [stic, "train-sft", "--model", folder, "--data", data, "--image-dir", ROOT / "data" / "images",
+           "--output", out, "--batch-size", "4", "--grad-accum", "1", "--lora-r", args.lora_r,
+           "--lora-alpha", 2 * args.lora_r, "--max-length", STAGE2_MAX_LENGTH, "--device", device, "--dtype", dtype,
+           "--seed", "0", "--max-steps", args.steps, "--save-steps", 10**9, "--gradient-checkpointing", "true"]
     wall, rss, gpu, _ = run_measured(cmd, device == "cuda", Path(str(out) + ".log"))
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     tokens_per_s = [float(r["tokens_per_s"]) for r in rows][args.warmup_steps:]
@@ -593,7 +596,7 @@ def main():
             runs.append((ckpt, measured))
         if args.sft or args.full_size:
             print("[bench-train] stic train-sft ...", file=sys.stderr, flush=True)
-            sft = run_stic_sft(args, stic, model_dir, image.parent, image.name, work, device, stic_dtype)
+            sft = run_stic_sft(args, stic, model_dir, work, device, stic_dtype)
     finally:
         if tmp is not None:
             tmp.cleanup()
