@@ -161,7 +161,7 @@ def main():
         folder = Path(args.model_dir) if args.model_dir else work / "model"
         print(f"[bench-ddp] building the random model in {folder} ...", file=sys.stderr, flush=True)
         params = build_model(args.device, folder)
-        data = write_pair(work / "pair.jsonl", image.name)
+        data = write_pair(work / "pair.jsonl", image.name, copies=args.global_batch)
         dump = work / "first-step.safetensors"
         subprocess.run([str(c) for c in train_args(args, stic, folder, data, image.parent, work / "dump-out")
                         + ["--dump-first-step", dump]], check=True, capture_output=True)

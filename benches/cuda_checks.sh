@@ -4,7 +4,7 @@
 #   parity          the transformers / PEFT parity tests with stic on the GPU (STIC_TEST_DEVICE=cuda; the
 #                   reference stays on the CPU in f32)
 #   bench-generate  make bench-generate --full-size (exact 7B shapes, bf16)
-#   bench-train     make bench-train --full-size (exact 7B shapes, r 128, bf16), sharing the 7B model folder
+#   bench-train     make bench-train --full-size (7B shapes, r 128, bf16, beside TRL), sharing the 7B model folder
 # Usage: benches/cuda_checks.sh [OUT_DIR [STEP...]]   (default results/cuda and every step; OUT_DIR gets the logs,
 # summary.txt and the benchmark JSON)
 # Runs with .venv/bin/python where `make setup` made one, else with python3 (a GPU machine with PyTorch, the
@@ -40,6 +40,6 @@ step dist-check 60 "$py" -m torch.distributed.run --nproc-per-node 1 --no-python
 step parity 150 env STIC_TEST_DEVICE=cuda "$py" -m pytest -q -x -n 4 -p no:cacheprovider \
     tests/python/test_parity.py tests/python/test_dpo.py -k "test_parity or peft or reward_accuracy"
 step bench-generate 150 "$py" benches/bench_generate.py --full-size --model-dir "$model_dir"
-step bench-train 220 "$py" benches/bench_train.py --full-size --model-dir "$model_dir"
+step bench-train 900 "$py" benches/bench_train.py --full-size --model-dir "$model_dir"
 cp results/bench/generate-full.json results/bench/train-full.json "$out/" 2>/dev/null
 exit $failed

@@ -4,10 +4,10 @@ use stic::dist::ProcessGroup;
 use stic::lora::Adapter;
 use stic::session::{parse_device, parse_dtype};
 use stic::train::data::{encode_conversation, image_path, image_size, read_records, PreferencePair};
-use stic::train::dpo::{token_batch, DpoObjective, LossType, PairExample, RejectedScoring};
+use stic::train::dpo::{DpoObjective, LossType, PairExample, RejectedScoring};
 use stic::stic::infuse::InstructionEntry;
 use stic::train::sft::{SftExample, SftObjective};
-use stic::train::trainer::{Objective, TrainConfig, Trainer};
+use stic::train::trainer::{check_global_batch, EncodedRow, Objective, TrainConfig, Trainer};
 use stic::{Error, Result};
 
 const STAGE1_DEFAULTS: &str = include_str!("../../configs/stic-stage1.yaml");
@@ -71,6 +71,10 @@ pub struct TrainArgs {
     /// Stop after this many optimizer steps, as if interrupted (tests resume with it).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
+    /// Write the loss, the padded batch and the LoRA gradients of the first micro-batch to this safetensors file
+    /// and exit.
+    #[arg(long, hide = true)]
+    dump_first_step: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -90,9 +94,9 @@ pub struct DpoArgs {
     /// Compute the reference log-probs of every pair once before training.
     #[arg(long)]
     precompute_reference: bool,
-    /// Write the loss, log-probs and LoRA gradients of the first micro-batch to this safetensors file and exit.
-    #[arg(long, hide = true)]
-    dump_first_step: Option<PathBuf>,
+    /// Run each row's prompt on its own instead of once per pair (slower, the same numbers; for comparison).
+    #[arg(long)]
+    no_shared_prefix: bool,
 }
 
 #[derive(clap::Args)]
@@ -164,7 +168,8 @@ impl TrainArgs {
     }
 
     /// Builds the examples of every record, skipping (with `--skip-bad`) or stopping at the first bad one.
-    fn examples<R, E>(&self, what: &str, max_length: usize, quiet: bool, records: &[(usize, R)], skipped: Vec<String>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize), String>) -> Result<Vec<E>> {
+    fn examples<R, E>(&self, what: &str, cfg: &TrainConfig, group: Option<&ProcessGroup>, records: &[(usize, R)], skipped: Vec<String>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize), String>) -> Result<Vec<E>> {
+        let (max_length, quiet) = (cfg.max_length, group.is_some_and(|g| !g.is_main()));
         let mut examples = Vec::new();
         let mut problems = skipped;
         let mut truncated = 0;
@@ -187,6 +192,9 @@ impl TrainArgs {
             }
             eprintln!("{} {what} ({} skipped, {truncated} responses truncated to max_length {max_length})", examples.len(), problems.len());
         }
+        // --dump-first-step runs one micro-batch only
+        let (world, grad_accum) = if self.dump_first_step.is_some() { (1, 1) } else { (stic::dist::rank_and_world(group).1, cfg.grad_accum) };
+        check_global_batch(examples.len(), world, cfg.batch_size, grad_accum, what)?;
         Ok(examples)
     }
 
@@ -229,10 +237,9 @@ pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
     let a = &args.common;
     let cfg = a.config(STAGE1_DEFAULTS, |cfg| set_dpo_flags(&args, cfg))?;
     let group = ProcessGroup::from_env()?;
-    let quiet = group.as_ref().is_some_and(|g| !g.is_main());
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let (records, skipped) = read_records::<PreferencePair>(&a.data, a.skip_bad)?;
-    let examples = a.examples("preference pairs", cfg.max_length, quiet, &records, skipped, |_, pair| {
+    let examples = a.examples("preference pairs", &cfg, group.as_ref(), &records, skipped, |_, pair| {
         let (prompt, chosen, rejected) = pair.parts()?;
         let (path, features) = a.image_features(&model, &pair.image)?;
         let user = stic::session::Session::user_text(prompt, true);
@@ -241,9 +248,11 @@ pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
         Ok((PairExample { image: path, chosen, rejected }, c_cut as usize + r_cut as usize))
     })?;
     let adapter = a.attach_adapter(&mut model, &cfg)?;
-    let mut objective = DpoObjective { cfg: cfg.dpo, checkpointing: cfg.gradient_checkpointing, pad_id: tokenizer.pad_id, reference_cache: None };
-    if let Some(path) = &args.dump_first_step {
-        return dump_first_step(&model, &adapter, &objective, &examples[..cfg.batch_size.min(examples.len())], path);
+    let mut objective = DpoObjective { cfg: cfg.dpo, checkpointing: cfg.gradient_checkpointing, share_prefix: !args.no_shared_prefix, reference_cache: None };
+    if let Some(path) = &a.dump_first_step {
+        let first = &examples[..cfg.batch_size];
+        let rows = first.iter().map(|e| &e.chosen).chain(first.iter().map(|e| &e.rejected)).collect();
+        return dump_first_step(&model, &adapter, &objective, first, rows, tokenizer.pad_id, path);
     }
     if args.precompute_reference {
         objective.reference_cache = Some(precompute_reference(&model, &objective, &examples)?);
@@ -272,11 +281,10 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     let a = &args.common;
     let cfg = a.config(STAGE2_DEFAULTS, |_| Ok(()))?;
     let group = ProcessGroup::from_env()?;
-    let quiet = group.as_ref().is_some_and(|g| !g.is_main());
     let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
     let entries = stic::stic::infuse::load_instruction_data(&a.data)?;
     let records: Vec<(usize, InstructionEntry)> = (1..).zip(entries).collect();
-    let examples = a.examples("conversations", cfg.max_length, quiet, &records, Vec::new(), |_, entry| {
+    let examples = a.examples("conversations", &cfg, group.as_ref(), &records, Vec::new(), |_, entry| {
         let turns = entry.training_turns()?;
         let (image, features) = match &entry.image {
             Some(name) => {
@@ -294,7 +302,11 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
         Ok((SftExample { image, row }, cut as usize))
     })?;
     let adapter = a.attach_adapter(&mut model, &cfg)?;
-    let objective = SftObjective { checkpointing: cfg.gradient_checkpointing, pad_id: tokenizer.pad_id };
+    let objective = SftObjective { checkpointing: cfg.gradient_checkpointing };
+    if let Some(path) = &a.dump_first_step {
+        let first = &examples[..cfg.batch_size];
+        return dump_first_step(&model, &adapter, &objective, first, first.iter().map(|e| &e.row).collect(), tokenizer.pad_id, path);
+    }
     a.train(&model, &adapter, objective, examples, cfg, group)?;
     Ok(())
 }
@@ -303,9 +315,9 @@ fn precompute_reference(model: &stic::model::LlavaNext, objective: &DpoObjective
     let bar = indicatif::ProgressBar::new(examples.len() as u64).with_message("reference log-probs");
     let mut out = Vec::with_capacity(examples.len());
     for e in examples {
-        let batch = token_batch(&[&e.chosen, &e.rejected], objective.pad_id, model.device());
-        let image = stic::train::trainer::load_preprocessed(model, &e.image)?;
-        let logps: Vec<f64> = Vec::try_from(objective.reference_logps(model, &batch, &[&image])?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).expect("f64");
+        let batch = objective.pack(model, &[e])?;
+        let image = stic::train::dpo::PairImage::load(model, &e.image)?;
+        let logps: Vec<f64> = Vec::try_from(objective.reference_logps(model, &batch, &[image])?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).expect("f64");
         out.push((logps[0], logps[1]));
         bar.inc(1);
     }
@@ -313,16 +325,17 @@ fn precompute_reference(model: &stic::model::LlavaNext, objective: &DpoObjective
     Ok(out)
 }
 
-fn dump_first_step(model: &stic::model::LlavaNext, adapter: &Adapter, objective: &DpoObjective, examples: &[PairExample], path: &std::path::Path) -> anyhow::Result<()> {
-    let picked: Vec<(usize, &PairExample)> = examples.iter().enumerate().collect();
+/// Runs the first micro-batch and writes its loss, the same rows right-padded (as the reference implementations
+/// take them) and the adapter's gradients and weights.
+fn dump_first_step<O: Objective>(model: &stic::model::LlavaNext, adapter: &Adapter, objective: &O, examples: &[O::Example], rows: Vec<&EncodedRow>, pad_id: i64, path: &std::path::Path) -> anyhow::Result<()> {
+    let picked: Vec<(usize, &O::Example)> = examples.iter().enumerate().collect();
     let out = objective.step(model, &picked, 1.0, 0)?;
-    let rows: Vec<&stic::train::trainer::EncodedRow> = examples.iter().map(|e| &e.chosen).chain(examples.iter().map(|e| &e.rejected)).collect();
-    let batch = token_batch(&rows, objective.pad_id, tch::Device::Cpu);
+    let (ids, mask, scored) = stic::train::packing::padded(&rows, pad_id);
     let mut tensors = vec![
         ("loss".to_string(), tch::Tensor::from_slice(&[out.metrics[0]])),
-        ("input_ids".to_string(), tch::Tensor::from_slice(&model.cfg.reference_ids(&Vec::<i64>::try_from(batch.ids.flatten(0, 1))?)).view_as(&batch.ids)),
-        ("attention_mask".to_string(), batch.mask),
-        ("scored".to_string(), batch.scored.to_kind(tch::Kind::Int64)),
+        ("input_ids".to_string(), tch::Tensor::from_slice(&model.cfg.reference_ids(&Vec::<i64>::try_from(ids.flatten(0, 1))?)).view_as(&ids)),
+        ("attention_mask".to_string(), mask),
+        ("scored".to_string(), scored),
     ];
     for (name, param) in adapter.parameters() {
         tensors.push((format!("grad.{name}"), param.grad()));

@@ -124,17 +124,16 @@ impl LlavaNext {
         self.image_newline.kind()
     }
 
-    /// Projected image features of every tile, [tiles, patches, text_hidden].
-    pub fn tile_features(&self, pixel_values: &Tensor) -> Tensor {
-        let hidden = tch::no_grad(|| self.vision_tower.forward(&pixel_values.to_device(self.device())));
-        let selected = match self.cfg.feature_select {
+    /// The frozen CLIP tower's selected hidden states of every tile, [tiles, patches, vision_hidden] (no graph; no
+    /// adapter reaches the tower, so the DPO reference and policy passes can share them).
+    pub fn tower_features(&self, image: &Preprocessed) -> Tensor {
+        let pv = &image.pixel_values;
+        let shape: Vec<i64> = pv.shape().iter().map(|&d| d as i64).collect();
+        let pixels = Tensor::from_slice(pv.as_slice().expect("pixel values are contiguous")).view(shape.as_slice());
+        let hidden = tch::no_grad(|| self.vision_tower.forward(&pixels.to_device(self.device())));
+        match self.cfg.feature_select {
             FeatureSelect::Patch => hidden.narrow(1, 1, hidden.size()[1] - 1),
             FeatureSelect::Full => hidden,
-        };
-        let adapter_off = self.adapter_switch.as_ref().is_some_and(|s| !s.enabled());
-        match &self.original_projector {
-            Some(original) if adapter_off => original.forward(&selected),
-            _ => self.multi_modal_projector.forward(&selected),
         }
     }
 
@@ -143,10 +142,16 @@ impl LlavaNext {
     /// mode in LLaVA's code (which hands such images to the tower as one batch and never merges them), the
     /// tiles' features one after the other.
     pub fn image_features(&self, image: &Preprocessed) -> Result<Tensor> {
-        let pv = &image.pixel_values;
-        let shape: Vec<i64> = pv.shape().iter().map(|&d| d as i64).collect();
-        let pixels = Tensor::from_slice(pv.as_slice().expect("pixel values are contiguous")).view(shape.as_slice());
-        let features = self.tile_features(&pixels);
+        self.image_features_from_tower(image, &self.tower_features(image))
+    }
+
+    /// `image_features` from the tower's output (`tower_features`).
+    pub fn image_features_from_tower(&self, image: &Preprocessed, tower: &Tensor) -> Result<Tensor> {
+        let adapter_off = self.adapter_switch.as_ref().is_some_and(|s| !s.enabled());
+        let features = match &self.original_projector {
+            Some(original) if adapter_off => original.forward(tower),
+            _ => self.multi_modal_projector.forward(tower),
+        };
         let (tiles, patches, dim) = features.size3().unwrap();
         let img = &self.cfg.image;
         if matches!((img.aspect_mode, img.patch_merge, img.processing), (AspectMode::Pad, _, Processing::Llava) | (_, PatchMerge::Flat, _)) {

@@ -1,6 +1,7 @@
 //! The Mistral decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, optional sliding window.
 use tch::{Kind, Tensor};
 
+use super::attention::SegmentedAttention;
 use super::config::TextConfig;
 use super::linear::{Linear, RmsNorm};
 use super::weights::Vb;
@@ -61,6 +62,8 @@ pub enum AttnMask {
     Unmasked,
     /// Boolean [batch, 1, queries, keys], true = attend.
     Explicit(Tensor),
+    /// A packed sequence (batch 1) of rows and shared prefixes, one fused call per segment.
+    Segments(SegmentedAttention),
 }
 
 /// The attention mask for `num_queries` queries starting at sequence index `first_query`, over keys
@@ -157,6 +160,7 @@ impl MistralAttention {
             AttnMask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, gqa),
             AttnMask::Unmasked => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, gqa),
             AttnMask::Explicit(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
+            AttnMask::Segments(s) => s.attend(&q, &k, &v, scale, gqa),
         };
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]))
     }

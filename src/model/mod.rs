@@ -1,4 +1,5 @@
 //! LLaVA-v1.6-Mistral: module paths mirror the llava-hf state-dict names.
+pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod linear;

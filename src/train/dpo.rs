@@ -2,7 +2,8 @@
 //! `-log σ(β[(πc - rc) - (πr - rr)]) - α·πc` (plus the hinge and IPO variants).
 use tch::{Kind, Tensor};
 
-use super::forward::{backward, decoder_forward, row_logps, TokenBatch};
+use super::forward::{backward, decoder_forward, row_logps};
+use super::packing::{pack, shared_prefix_len, PackedBatch, RowGroup};
 use super::trainer::{load_preprocessed, EncodedRow, Objective, StepOutput};
 use crate::error::{Error, Result};
 use crate::image::Preprocessed;
@@ -62,52 +63,65 @@ pub struct PairExample {
     pub rejected: EncodedRow,
 }
 
+/// A pair's image, preprocessed, with the frozen vision tower's output: the tower runs once for the reference and
+/// the policy pass, which differ only in the projector.
+pub struct PairImage {
+    image: Preprocessed,
+    tower: Tensor,
+}
+
+impl PairImage {
+    pub fn load(model: &LlavaNext, path: &std::path::Path) -> Result<Self> {
+        let image = load_preprocessed(model, path)?;
+        Ok(PairImage { tower: model.tower_features(&image), image })
+    }
+
+    /// The image features with the projector of the adapter's current state (on: trained, off: original).
+    fn features(&self, model: &LlavaNext) -> Result<Tensor> {
+        model.image_features_from_tower(&self.image, &self.tower)
+    }
+}
+
 pub struct DpoObjective {
     pub cfg: DpoConfig,
     pub checkpointing: bool,
-    pub pad_id: i64,
+    /// Run the common prefix of chosen and rejected once per pair (false: each row runs whole, for comparison).
+    pub share_prefix: bool,
     /// Reference log-probabilities (chosen, rejected) by example index, when precomputed.
     pub reference_cache: Option<Vec<(f64, f64)>>,
 }
 
-/// Right-pads rows into a batch on `device`.
-pub fn token_batch(rows: &[&EncodedRow], pad_id: i64, device: tch::Device) -> TokenBatch {
-    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-    let (mut ids, mut mask, mut scored) = (Vec::new(), Vec::new(), Vec::new());
-    for row in rows {
-        let pad = t - row.ids.len();
-        ids.extend(row.ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
-        mask.extend(std::iter::repeat_n(1i64, row.ids.len()).chain(std::iter::repeat_n(0, pad)));
-        scored.extend(row.scored.iter().copied().chain(std::iter::repeat_n(false, pad)));
-    }
-    let shape = [rows.len() as i64, t as i64];
-    TokenBatch {
-        ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-        mask: Tensor::from_slice(&mask).view(shape).to_device(device),
-        scored: Tensor::from_slice(&scored).view(shape).to_device(device),
-    }
-}
-
 impl DpoObjective {
+    /// The pairs packed into one sequence: rows 0..pairs are the chosen rows, pairs..2·pairs the rejected ones;
+    /// the image features of pair i are image i.
+    pub fn pack(&self, model: &LlavaNext, pairs: &[&PairExample]) -> Result<PackedBatch> {
+        let n = pairs.len();
+        let groups: Vec<RowGroup> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| RowGroup { rows: vec![(i, &e.chosen), (n + i, &e.rejected)], image: Some(i), share_prefix: self.share_prefix })
+            .collect();
+        pack(&groups, model.device())
+    }
+
     /// Summed log-probs of every row ([chosen..., rejected...]); `features` has one entry per pair.
-    fn logps(&self, model: &LlavaNext, batch: &TokenBatch, features: &[Tensor], with_graph: bool, seed: i64) -> Result<(Tensor, Option<super::forward::Recompute>)> {
-        let doubled: Vec<Tensor> = features.iter().chain(features.iter()).map(|f| f.shallow_clone()).collect();
-        let embeds = model.embed_inputs(&batch.ids, &doubled)?;
+    fn logps(&self, model: &LlavaNext, batch: &PackedBatch, features: &[Tensor], with_graph: bool, seed: i64) -> Result<(Tensor, Option<super::forward::Recompute>)> {
+        let runs: Vec<Tensor> = batch.image_runs.iter().map(|&i| features[i].shallow_clone()).collect();
+        let embeds = model.embed_inputs(&batch.ids, &runs)?;
         let pairs = features.len() as i64;
         let own_top = (self.cfg.rejected_scoring == RejectedScoring::OfficialTopToken).then(|| {
             Tensor::arange(2 * pairs, (Kind::Int64, batch.ids.device())).ge(pairs)
         });
-        let (hidden, recompute) = decoder_forward(model, &embeds, &batch.mask, with_graph && self.checkpointing, seed);
-        let (logps, _) = row_logps(model, &hidden, batch, own_top.as_ref());
-        Ok((logps, recompute))
+        let (hidden, recompute) = decoder_forward(model, &embeds, batch, with_graph && self.checkpointing, seed);
+        Ok((row_logps(model, &hidden, &batch.scored, own_top.as_ref()), recompute))
     }
 
     /// Reference log-probs: the same weights with the adapter switched off.
-    pub fn reference_logps(&self, model: &LlavaNext, batch: &TokenBatch, images: &[&Preprocessed]) -> Result<Tensor> {
+    pub fn reference_logps(&self, model: &LlavaNext, batch: &PackedBatch, images: &[PairImage]) -> Result<Tensor> {
         let switch = model.adapter_switch.clone().ok_or_else(|| Error::Input("DPO needs an adapter on the model".into()))?;
         switch.set_enabled(false);
         let result = tch::no_grad(|| {
-            let features = images.iter().map(|img| model.image_features(img)).collect::<Result<Vec<_>>>()?;
+            let features = images.iter().map(|i| i.features(model)).collect::<Result<Vec<_>>>()?;
             self.logps(model, batch, &features, false, 0).map(|(l, _)| l)
         });
         switch.set_enabled(true);
@@ -122,12 +136,16 @@ impl Objective for DpoObjective {
         &["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
     }
 
+    fn tokens(&self, example: &PairExample) -> usize {
+        let (c, r) = (&example.chosen, &example.rejected);
+        let shared = if self.share_prefix { shared_prefix_len(&[c, r]) } else { 0 };
+        c.ids.len() + r.ids.len() - shared
+    }
+
     fn step(&self, model: &LlavaNext, examples: &[(usize, &PairExample)], loss_scale: f64, seed: i64) -> Result<StepOutput> {
         let device = model.device();
-        let rows: Vec<&EncodedRow> = examples.iter().map(|(_, e)| &e.chosen).chain(examples.iter().map(|(_, e)| &e.rejected)).collect();
-        let batch = token_batch(&rows, self.pad_id, device);
-        let loaded = examples.iter().map(|(_, e)| load_preprocessed(model, &e.image)).collect::<Result<Vec<_>>>()?;
-        let images: Vec<&Preprocessed> = loaded.iter().collect();
+        let batch = self.pack(model, &examples.iter().map(|(_, e)| *e).collect::<Vec<_>>())?;
+        let images = examples.iter().map(|(_, e)| PairImage::load(model, &e.image)).collect::<Result<Vec<_>>>()?;
         let pairs = examples.len() as i64;
         let reference = match &self.reference_cache {
             Some(cache) => {
@@ -137,7 +155,7 @@ impl Objective for DpoObjective {
             None => self.reference_logps(model, &batch, &images)?,
         };
         model.adapter_switch.as_ref().expect("adapter present").set_training(true);
-        let features = images.iter().map(|img| model.image_features(img)).collect::<Result<Vec<_>>>()?;
+        let features = images.iter().map(|i| i.features(model)).collect::<Result<Vec<_>>>()?;
         let (policy, recompute) = self.logps(model, &batch, &features, true, seed)?;
         let (pc, pr) = (policy.narrow(0, 0, pairs), policy.narrow(0, pairs, pairs));
         let (rc, rr) = (reference.narrow(0, 0, pairs), reference.narrow(0, pairs, pairs));
@@ -159,7 +177,7 @@ impl Objective for DpoObjective {
                 mean(&pc.detach()),
                 mean(&pr.detach()),
             ],
-            tokens: rows.iter().map(|r| r.ids.len()).sum(),
+            tokens: batch.row_tokens,
         })
     }
 }

@@ -1,20 +1,11 @@
-//! Training forward passes over right-padded batches, with optional activation checkpointing per decoder layer:
-//! tch has no `torch.utils.checkpoint`, so the layers run without a graph, their inputs are kept, and the
-//! backward pass recomputes each layer from its input and feeds it the gradient from the layer above.
+//! Training forward passes over packed micro-batches (see `packing`), with optional activation checkpointing per
+//! decoder layer: tch has no `torch.utils.checkpoint`, so the layers run without a graph, their inputs are kept,
+//! and the backward pass recomputes each layer from its input and feeds it the gradient from the layer above.
 use tch::{Kind, Tensor};
 
-use crate::model::mistral::{attention_mask, AttnMask};
+use super::packing::{PackedBatch, ScoredTokens};
+use crate::model::mistral::AttnMask;
 use crate::model::LlavaNext;
-
-/// Token rows of one training batch (right-padded).
-pub struct TokenBatch {
-    /// [rows, t]
-    pub ids: Tensor,
-    /// [rows, t], 1 for real tokens.
-    pub mask: Tensor,
-    /// [rows, t], true where the token is scored (a response token).
-    pub scored: Tensor,
-}
 
 /// Dropout masks are drawn from a generator reseeded before each layer, so that a recomputed layer sees the same
 /// masks as its first run and a resumed run the same as an uninterrupted one.
@@ -32,13 +23,12 @@ pub struct Recompute {
     seed: i64,
 }
 
-/// Runs the decoder and returns the final-normed hidden states [rows, t, d] (with a graph to whatever requires
-/// grad) and, when checkpointing, what `backward` needs.
-pub fn decoder_forward(model: &LlavaNext, embeds: &Tensor, mask: &Tensor, checkpointing: bool, seed: i64) -> (Tensor, Option<Recompute>) {
+/// Runs the decoder over the packed `embeds` [1, n, d] and returns the final-normed hidden states (with a graph
+/// to whatever requires grad) and, when checkpointing, what `backward` needs.
+pub fn decoder_forward(model: &LlavaNext, embeds: &Tensor, batch: &PackedBatch, checkpointing: bool, seed: i64) -> (Tensor, Option<Recompute>) {
     let lm = &model.language_model;
-    let positions = crate::generate::positions_from_mask(mask);
-    let attn = attention_mask(mask, 0, embeds.size()[1], lm.cfg.sliding_window);
-    let rope = lm.rotary.cos_sin(&positions, embeds.kind());
+    let attn = AttnMask::Segments(batch.layout.attention(lm.cfg.sliding_window, embeds.device()));
+    let rope = lm.rotary.cos_sin(&batch.positions, embeds.kind());
     if !checkpointing {
         let mut h = embeds.shallow_clone();
         for (i, layer) in lm.layers.iter().enumerate() {
@@ -81,25 +71,19 @@ pub fn backward(model: &LlavaNext, loss: &Tensor, recompute: Option<Recompute>) 
     }
 }
 
-/// Summed log-probabilities of the scored tokens of each row, [rows], with the number of scored tokens.
+/// Summed log-probabilities of the scored tokens of each row, [rows].
 /// Rows flagged in `own_top_rows` are scored as the official STIC code scores rejected responses (a quirk kept
 /// behind a flag): with the log-probability of the model's own top-1 token, or its top-2 where top-1 is the label.
-pub fn row_logps(model: &LlavaNext, hidden: &Tensor, batch: &TokenBatch, own_top_rows: Option<&Tensor>) -> (Tensor, Vec<i64>) {
-    let (rows, t, _) = hidden.size3().unwrap();
-    let scored = batch.scored.narrow(1, 1, t - 1);
-    let positions = scored.nonzero();
-    let (row_idx, col_idx) = (positions.select(1, 0), positions.select(1, 1));
-    let prev = hidden.narrow(1, 0, t - 1).index(&[Some(&row_idx), Some(&col_idx)]);
-    let labels = batch.ids.narrow(1, 1, t - 1).index(&[Some(&row_idx), Some(&col_idx)]);
+pub fn row_logps(model: &LlavaNext, hidden: &Tensor, scored: &ScoredTokens, own_top_rows: Option<&Tensor>) -> Tensor {
+    let prev = hidden.squeeze_dim(0).index_select(0, &scored.prev);
     let logp = model.language_model.logits(&prev).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-    let mut picked = logp.gather(1, &labels.unsqueeze(1), false).squeeze_dim(1);
+    let mut picked = logp.gather(1, &scored.label.unsqueeze(1), false).squeeze_dim(1);
     if let Some(flags) = own_top_rows {
         let (values, indices) = logp.topk(2, -1, true, true);
-        let top1_is_label = indices.select(1, 0).eq_tensor(&labels);
+        let top1_is_label = indices.select(1, 0).eq_tensor(&scored.label);
         let own_top = values.select(1, 1).where_self(&top1_is_label, &values.select(1, 0));
-        picked = own_top.where_self(&flags.index_select(0, &row_idx), &picked);
+        picked = own_top.where_self(&flags.index_select(0, &scored.row), &picked);
     }
-    let sums = Tensor::zeros([rows], (Kind::Float, hidden.device())).index_add(0, &row_idx, &picked);
-    let counts: Vec<i64> = Vec::try_from(scored.sum_dim_intlist(1, false, Kind::Int64).to_device(tch::Device::Cpu)).expect("counts");
-    (sums, counts)
+    let rows = scored.counts.len() as i64;
+    Tensor::zeros([rows], (Kind::Float, hidden.device())).index_add(0, &scored.row, &picked)
 }

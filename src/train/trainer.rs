@@ -2,8 +2,8 @@
 //! accumulation and clipping, crash-safe checkpoints that resume bit for bit, a CSV log and a progress bar.
 //!
 //! Data-parallel under torchrun (`group`): `batch_size` is per rank, so a step sees world × batch_size × grad_accum
-//! examples; each micro-batch group of world × batch_size consecutive stream positions is split by rank, the
-//! gradients are averaged across ranks before clipping, metrics are averaged across ranks, and only rank 0 writes
+//! examples: the step's consecutive stream positions, dealt into world × grad_accum micro-batches of even token
+//! counts (`even_chunks`), micro-batch m of rank r being chunk m × world + r; the gradients are averaged across ranks before clipping, metrics are averaged across ranks, and only rank 0 writes
 //! the log, checkpoints and the adapter. Rank 0 also restores a checkpoint and sends it to the others.
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
@@ -38,6 +38,8 @@ pub struct StepOutput {
 pub trait Objective {
     type Example;
     fn metric_names(&self) -> &'static [&'static str];
+    /// Tokens the model runs for this example (what a micro-batch costs).
+    fn tokens(&self, example: &Self::Example) -> usize;
     /// Forward and backward over one micro-batch (gradients accumulate, the loss is multiplied by `loss_scale`).
     fn step(&self, model: &LlavaNext, examples: &[(usize, &Self::Example)], loss_scale: f64, seed: i64) -> Result<StepOutput>;
 }
@@ -148,7 +150,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         self.cfg.max_steps.unwrap_or(((self.examples.len() as f64 * self.cfg.epochs) / per_step as f64).ceil() as usize).max(1)
     }
 
-    /// Example indices of the stream position `p` (epochs follow each other, each in its own seeded order).
+    /// The example order of one epoch (epochs follow each other in the stream, each in its own seeded order).
     fn order(&self, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.examples.len()).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_add(epoch as u64 * 7919));
@@ -178,25 +180,22 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let mut log = None;
         let bar = if main { ProgressBar::new(total as u64) } else { ProgressBar::hidden() }.with_position(start as u64);
         bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}").expect("template"));
-        let per_micro = self.cfg.batch_size;
         let (rank, world) = crate::dist::rank_and_world(self.group);
-        let n = self.examples.len();
+        let (n, global) = (self.examples.len(), self.global_batch());
+        let tokens_of: Vec<usize> = self.examples.iter().map(|e| self.objective.tokens(e)).collect();
         let mut orders: std::collections::HashMap<usize, Vec<usize>> = Default::default();
         let end = self.stop_after.map_or(total, |s| (start + s).min(total));
         for step in start..end {
             let started = Instant::now();
             let mut sums = vec![0.0; self.objective.metric_names().len()];
             let mut tokens = 0;
+            // The step's examples, dealt into micro-batches (of all ranks) with even token counts.
+            let batch: Vec<usize> = (step * global..(step + 1) * global)
+                .map(|p| orders.entry(p / n).or_insert_with(|| self.order(p / n))[p % n])
+                .collect();
+            let chunks = even_chunks(&batch, &tokens_of, world * self.cfg.grad_accum);
             for micro in 0..self.cfg.grad_accum {
-                // This rank's share of the micro-batch group of world × per_micro stream positions.
-                let first = ((step * self.cfg.grad_accum + micro) * world + rank) * per_micro;
-                let picked: Vec<(usize, &O::Example)> = (first..first + per_micro)
-                    .map(|p| {
-                        let order = orders.entry(p / n).or_insert_with(|| self.order(p / n));
-                        let idx = order[p % n];
-                        (idx, &self.examples[idx])
-                    })
-                    .collect();
+                let picked: Vec<(usize, &O::Example)> = chunks[micro * world + rank].iter().map(|&i| (i, &self.examples[i])).collect();
                 let seed = (self.cfg.seed as i64)
                     .wrapping_mul(1_000_000_007)
                     .wrapping_add((step * self.cfg.grad_accum + micro) as i64)
@@ -372,6 +371,35 @@ impl<'a, O: Objective> Trainer<'a, O> {
     }
 }
 
+/// Splits `batch` into `chunks` chunks of equal size with token totals as even as a greedy deal makes them
+/// (LLaVA's `split_to_even_chunks`, what the official scripts' `group_by_modality_length` does within a global
+/// batch): longest first, each to the chunk with the fewest tokens that still has room.
+fn even_chunks(batch: &[usize], tokens: &[usize], chunks: usize) -> Vec<Vec<usize>> {
+    let per_chunk = batch.len() / chunks;
+    let mut by_length = batch.to_vec();
+    by_length.sort_by_key(|&i| std::cmp::Reverse(tokens[i]));
+    let mut out = vec![Vec::with_capacity(per_chunk); chunks];
+    let mut totals = vec![0usize; chunks];
+    for i in by_length {
+        let c = (0..chunks).filter(|&c| out[c].len() < per_chunk).min_by_key(|&c| totals[c]).expect("a chunk with room");
+        out[c].push(i);
+        totals[c] += tokens[i];
+    }
+    out
+}
+
+/// Refuses a global batch larger than the data: it would repeat examples within one optimizer step.
+pub fn check_global_batch(examples: usize, world: usize, batch_size: usize, grad_accum: usize, what: &str) -> Result<()> {
+    let global = world * batch_size * grad_accum;
+    if global > examples {
+        return Err(Error::Input(format!(
+            "the global batch ({world} rank(s) x batch_size {batch_size} x grad_accum {grad_accum} = {global}) is larger \
+             than the {examples} {what}: lower --batch-size or --grad-accum so that their product is at most {examples}"
+        )));
+    }
+    Ok(())
+}
+
 trait CloneHandles {
     fn clone_handles(&self) -> Vec<(String, Tensor)>;
 }
@@ -399,4 +427,22 @@ fn open_log(path: &Path, metrics: &[&str], keep_steps: usize) -> Result<std::fs:
     }
     write_atomic(path, text.as_bytes())?;
     std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn even_chunks_balance_tokens_and_keep_every_example_once() {
+        let tokens = [100, 10, 90, 20, 50, 50, 60, 40];
+        let chunks = even_chunks(&(0..8).collect::<Vec<_>>(), &tokens, 4);
+        assert!(chunks.iter().all(|c| c.len() == 2));
+        let totals: Vec<usize> = chunks.iter().map(|c| c.iter().map(|&i| tokens[i]).sum()).collect();
+        assert_eq!(totals, vec![110, 110, 100, 100]);
+        let mut all: Vec<usize> = chunks.concat();
+        all.sort();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        assert_eq!(even_chunks(&[3, 1], &tokens, 1), vec![vec![3, 1]]);
+    }
 }
