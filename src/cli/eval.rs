@@ -71,8 +71,8 @@ pub struct Args {
     /// scored). Under torchrun each rank takes shard RANK/WORLD_SIZE by itself and rank 0 joins and scores them.
     #[arg(long)]
     shard: Option<String>,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    #[command(flatten)]
+    engine: super::prefs::EngineArgs,
     /// Default: 128 for short-answer benchmarks, 1024 for LLaVA-Bench, MM-Vet and MathVista.
     #[arg(long)]
     max_new_tokens: Option<usize>,
@@ -106,9 +106,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         output: shard_path(path, shard),
         key_field: "id",
         shard,
-        batch_size: args.batch_size,
         limit: args.limit,
-        sampling: SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 },
+        sampling: SamplingConfig { max_new_tokens: tokens, ..SamplingConfig::default() },
+        engine: args.engine.options(),
         template: Template::MistralInstruct,
         unit: "items",
         progress: sharding.is_main(),
