@@ -165,7 +165,7 @@ impl Run<'_> {
         let (mut submitted, mut next) = (0, 0);
         let mut done: BTreeMap<usize, Generated> = BTreeMap::new();
         loop {
-            while engine.waiting() < opts.slots {
+            while engine.queued() < opts.slots {
                 let Some(spec) = specs.next().transpose()? else { break };
                 let started = Instant::now();
                 let (prompt, images) = prepare(self.session, &spec, &mut features)?;

@@ -225,9 +225,9 @@ impl<'m, T> Engine<'m, T> {
         })
     }
 
-    /// Requests queued and not yet given a slot.
-    pub fn waiting(&self) -> usize {
-        self.waiting.len()
+    /// Requests queued and not yet given a slot, or done without one (no new tokens to write).
+    pub fn queued(&self) -> usize {
+        self.waiting.len() + self.ready.len()
     }
 
     /// Nothing queued, nothing running.
@@ -605,5 +605,163 @@ impl<T> Drop for Engine<'_, T> {
     fn drop(&mut self) {
         // Graphs hold pointers into the cache: release them first.
         self.graphs = None;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::session::Session;
+    use rand::{Rng, SeedableRng};
+    use tch::Device;
+
+    /// The tiny random model with its embeddings and output layer scaled up, so that its greedy and sampled
+    /// tokens depend on the prompt (at the init scale its logits are nearly flat and it repeats one token).
+    pub(crate) fn tiny_session() -> (tempfile::TempDir, Session) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::model::tiny::write_tiny_model(dir.path(), 7).unwrap();
+        let session = Session::load(dir.path(), None, Kind::Float, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            let lm = &session.model.language_model;
+            let _ = lm.embed_tokens.shallow_clone().g_mul_scalar_(40.0);
+            let _ = lm.lm_head.weight.shallow_clone().g_mul_scalar_(40.0);
+        });
+        (dir, session)
+    }
+
+    struct Case {
+        ids: Vec<i64>,
+        /// (seed of the feature values, features) per image placeholder run
+        image: Option<u64>,
+        max_new_tokens: usize,
+    }
+
+    const IMAGE_TOKENS: usize = 40;
+
+    fn request(session: &Session, case: &Case, row_seed: u64) -> Request {
+        let image_id = session.model.cfg.image_token_id;
+        let hidden = session.model.cfg.text.hidden_size as i64;
+        let (ids, features, images) = match case.image {
+            Some(seed) => {
+                let mut ids = vec![1, 733, 16289, 28793];
+                ids.extend(std::iter::repeat_n(image_id, IMAGE_TOKENS));
+                ids.extend(&case.ids);
+                tch::manual_seed(seed as i64);
+                let features = Tensor::randn([IMAGE_TOKENS as i64, hidden], (Kind::Float, Device::Cpu));
+                let key = ImageKey::of(&::image::RgbImage::from_pixel(1, 1, ::image::Rgb([seed as u8, 0, 0])));
+                (ids, vec![features], vec![key])
+            }
+            None => (case.ids.clone(), Vec::new(), Vec::new()),
+        };
+        Request { prompt: PreparedPrompt { ids, image_features: features }, images, row_seed, max_new_tokens: case.max_new_tokens }
+    }
+
+    fn run(session: &Session, cases: &[Case], sampling: &SamplingConfig, eos: i64, opts: EngineOptions) -> (Vec<Vec<i64>>, EngineStats) {
+        let mut engine: Engine<usize> = Engine::new(&session.model, sampling.clone(), eos, opts).unwrap();
+        for (i, case) in cases.iter().enumerate() {
+            engine.submit(i, request(session, case, 1000 + i as u64)).map_err(|_| "refused").unwrap();
+        }
+        let mut out = vec![Vec::new(); cases.len()];
+        let mut steps = 0;
+        while !engine.is_idle() {
+            for (i, generated) in engine.step().unwrap() {
+                assert_eq!(generated.prompt_tokens, request(session, &cases[i], 0).prompt.ids.len());
+                out[i] = generated.tokens;
+            }
+            steps += 1;
+            assert!(steps < 10_000, "the engine makes no progress");
+        }
+        (out, engine.stats.clone())
+    }
+
+    fn serial(session: &Session, cases: &[Case], sampling: &SamplingConfig, eos: i64) -> Vec<Vec<i64>> {
+        (0..cases.len())
+            .map(|i| {
+                let opts = EngineOptions { slots: 1, ..Default::default() };
+                let mut engine: Engine<()> = Engine::new(&session.model, sampling.clone(), eos, opts).unwrap();
+                engine.submit((), request(session, &cases[i], 1000 + i as u64)).map_err(|_| "refused").unwrap();
+                let mut out = None;
+                while !engine.is_idle() {
+                    out = engine.step().unwrap().pop().map(|x| x.1.tokens).or(out);
+                }
+                out.unwrap()
+            })
+            .collect()
+    }
+
+    fn cases() -> Vec<Case> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut words = |n: usize| -> Vec<i64> { (0..n).map(|_| rng.random_range(3..32000)).collect() };
+        let system = words(50);
+        let with_system = |suffix: Vec<i64>| [vec![1], system.clone(), suffix].concat();
+        vec![
+            Case { ids: with_system(words(9)), image: None, max_new_tokens: 9 },
+            Case { ids: words(3), image: Some(1), max_new_tokens: 4 },
+            Case { ids: words(5), image: Some(1), max_new_tokens: 12 },
+            Case { ids: with_system(words(4)), image: None, max_new_tokens: 3 },
+            // the same text as the last one but with another image: must not share its prefix
+            Case { ids: vec![], image: Some(2), max_new_tokens: 7 },
+            Case { ids: [vec![1], words(300)].concat(), image: None, max_new_tokens: 5 },
+            Case { ids: words(6), image: Some(1), max_new_tokens: 1 },
+            Case { ids: with_system(words(20)), image: None, max_new_tokens: 10 },
+            Case { ids: vec![], image: Some(1), max_new_tokens: 6 },
+        ]
+    }
+
+    #[test]
+    fn engine_output_equals_one_by_one_under_every_reshaping() {
+        let (_dir, session) = tiny_session();
+        let cases = cases();
+        let greedy = SamplingConfig::default();
+        let sampled = SamplingConfig { temperature: 1.0, top_p: 0.9, top_k: 20, seed: 3, ..Default::default() };
+        for sampling in [&greedy, &sampled] {
+            // EOS is a token the serial run writes part-way, so that rows stop at different steps
+            let reference = serial(&session, &cases, sampling, -1);
+            let eos = reference[2][5];
+            let expected = serial(&session, &cases, sampling, eos);
+            let lengths: std::collections::BTreeSet<usize> = expected.iter().map(Vec::len).collect();
+            assert!(lengths.len() >= 4, "rows should stop at different steps: {expected:?}");
+            let distinct: std::collections::BTreeSet<&Vec<i64>> = expected.iter().collect();
+            assert!(distinct.len() >= 6, "the tiny model should not write the same for every prompt: {expected:?}");
+            for opts in [
+                EngineOptions { slots: 3, prefill_chunk: 16, ..Default::default() },
+                EngineOptions { slots: 8, prefill_chunk: 7, ..Default::default() },
+                EngineOptions { slots: 2, max_batch_tokens: Some(900), ..Default::default() },
+            ] {
+                let (got, stats) = run(&session, &cases, sampling, eos, opts.clone());
+                assert_eq!(got, expected, "{opts:?}");
+                assert!(stats.reused_prefix_tokens >= 44, "prefixes shared: {stats:?}");
+                assert!(stats.cache_budget.is_none_or(|b| stats.cache_slots * (stats.cache_capacity + 1) <= b), "{stats:?}");
+            }
+            let prompts: Vec<PreparedPrompt> = cases.iter().enumerate().map(|(i, c)| request(&session, c, i as u64).prompt).collect();
+            let seeds: Vec<u64> = (0..cases.len()).map(|i| 1000 + i as u64).collect();
+            let limits: Vec<usize> = cases.iter().map(|c| c.max_new_tokens).collect();
+            let (outputs, _) = super::super::static_batch::generate(&session.model, &prompts, &seeds, &limits, sampling, eos, 0).unwrap();
+            assert_eq!(outputs.into_iter().map(|o| o.tokens).collect::<Vec<_>>(), expected, "static batches");
+        }
+    }
+
+    #[test]
+    fn prompts_that_do_not_fit_are_refused() {
+        let (_dir, mut session) = tiny_session();
+        let context = 200;
+        session.model.cfg.text.max_position_embeddings = context;
+        let mut engine: Engine<()> = Engine::new(&session.model, SamplingConfig::default(), -1, EngineOptions { max_batch_tokens: Some(100), ..Default::default() }).unwrap();
+        let prompt = |n: usize| PreparedPrompt { ids: vec![5; n], image_features: Vec::new() };
+        let long = Request { prompt: prompt(context), images: Vec::new(), row_seed: 0, max_new_tokens: 4 };
+        assert!(matches!(engine.submit((), long), Err(Refusal::TooLong(_))));
+        let big = Request { prompt: prompt(90), images: Vec::new(), row_seed: 0, max_new_tokens: 20 };
+        match engine.submit((), big) {
+            Err(Refusal::CannotFit(e)) => assert!(e.to_string().contains("--max-batch-tokens"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // near the context: the row stops there, and says so
+        let mut engine: Engine<()> = Engine::new(&session.model, SamplingConfig::default(), -1, EngineOptions::default()).unwrap();
+        engine.submit((), Request { prompt: prompt(context - 3), images: Vec::new(), row_seed: 0, max_new_tokens: 10 }).unwrap();
+        let mut out = Vec::new();
+        while !engine.is_idle() {
+            out.extend(engine.step().unwrap());
+        }
+        assert_eq!((out[0].1.tokens.len(), out[0].1.stop), (3, StopReason::Context));
     }
 }

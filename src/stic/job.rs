@@ -105,13 +105,15 @@ pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item]
     let tokenizer = &session.tokenizer;
     let mut engine: Engine<(usize, usize)> = Engine::new(&session.model, opts.sampling.clone(), tokenizer.eos_id, opts.engine.clone())?;
     let lookahead = opts.engine.slots.max(1);
+    // Items done but waiting for an earlier one to be written, at most: a bound on memory when one row runs long.
+    let reorder_window = 64 * lookahead;
     let mut features = FeatureCache::new(2 * lookahead + 2);
     // pending[i] is todo[first + i]; tags are (index in todo, request of the item)
     let mut pending: VecDeque<Pending<T::Plan>> = VecDeque::new();
     let mut first = 0;
     let mut planned = 0;
     loop {
-        while engine.waiting() < lookahead && planned < todo.len() {
+        while engine.queued() < lookahead && pending.len() < reorder_window && planned < todo.len() {
             let position = todo[planned];
             pending.push_back(plan_item(session, task, &items[position], position, planned, opts, &mut engine, &mut features)?);
             planned += 1;
@@ -200,4 +202,67 @@ fn plan_item<T: GenerationTask>(
         }
     }
     Ok(pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Items are numbers; counts how many are planned and not yet recorded.
+    struct Counting {
+        planned: Cell<usize>,
+        recorded: Cell<usize>,
+        most_in_flight: Cell<usize>,
+    }
+
+    impl GenerationTask for Counting {
+        type Item = usize;
+        type Plan = ();
+
+        fn key(&self, item: &usize) -> String {
+            item.to_string()
+        }
+
+        fn plan(&self, _position: usize, item: &usize) -> std::result::Result<((), Vec<Request>), String> {
+            self.planned.set(self.planned.get() + 1);
+            self.most_in_flight.set(self.most_in_flight.get().max(self.planned.get() - self.recorded.get()));
+            Ok(((), vec![Request { user_text: format!("Count to {item}."), image: None }]))
+        }
+
+        fn record(&self, _position: usize, item: &usize, _plan: (), outputs: Vec<String>) -> serde_json::Value {
+            self.recorded.set(self.recorded.get() + 1);
+            serde_json::json!({"id": item, "text": outputs[0]})
+        }
+    }
+
+    fn options(dir: &std::path::Path, max_new_tokens: usize) -> JobOptions<'static> {
+        JobOptions {
+            output: dir.join(format!("out-{max_new_tokens}.jsonl")),
+            key_field: "id",
+            shard: Shard::default(),
+            limit: None,
+            sampling: SamplingConfig { max_new_tokens, ..Default::default() },
+            engine: EngineOptions { slots: 4, ..Default::default() },
+            template: Template::MistralInstruct,
+            unit: "items",
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn ten_thousand_queued_items_are_prepared_a_few_at_a_time() {
+        let (_model, session) = crate::generate::engine::tests::tiny_session();
+        // tmpfs where there is one: each record is fsynced
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
+        // 10,000 prompts with no tokens to write (the queue and the window alone), then 300 that generate
+        for (count, max_new_tokens) in [(10_000, 0), (300, 1)] {
+            let items: Vec<usize> = (0..count).collect();
+            let task = Counting { planned: Cell::new(0), recorded: Cell::new(0), most_in_flight: Cell::new(0) };
+            let summary = run_job(&session, &task, &items, &options(dir.path(), max_new_tokens)).unwrap();
+            assert_eq!((summary.written, task.recorded.get()), (count, count));
+            assert!(task.most_in_flight.get() <= 3 * 4, "{} items prepared at once", task.most_in_flight.get());
+        }
+    }
 }
