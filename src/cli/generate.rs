@@ -135,6 +135,8 @@ struct RunStats {
     prompt_tokens: usize,
     generated_tokens: usize,
     seconds: f64,
+    /// CPU time of the run (all threads), firmer than wall time on a shared machine.
+    cpu_seconds: f64,
     /// Reading, encoding and tokenising the prompts' images and texts.
     prepare_seconds: f64,
     /// The prompts' forward passes and first tokens.
@@ -252,6 +254,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut stats = RunStats { mode: if args.static_batching { "static" } else { "engine" }, ..Default::default() };
     let started = Instant::now();
+    let cpu_started = cpu_seconds();
     let mut outputs = Vec::new();
     let mut emit = |output: Generated| -> Result<()> {
         if !args.json {
@@ -262,6 +265,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     run.all(specs, &mut emit, &mut stats)?;
     stats.seconds = started.elapsed().as_secs_f64();
+    stats.cpu_seconds = cpu_seconds() - cpu_started;
     stats.peak_rss_gib = peak_rss_gib();
     stats.gpu_memory_gib = gpu_memory_gib();
     if args.json {
@@ -289,6 +293,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn write_stats(path: &Path, stats: &RunStats) -> Result<()> {
     stic::fsutil::write_atomic(path, serde_json::to_string_pretty(stats).expect("stats serialise").as_bytes())
+}
+
+/// User and system CPU time of this process so far.
+fn cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// The most resident memory this process has held (Linux).
