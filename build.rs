@@ -1,7 +1,8 @@
 //! Links the `stic` binary against the libtorch that torch-sys found, so that it runs without LD_LIBRARY_PATH
-//! and sees CUDA when the libtorch build has it, and compiles the c10d shim behind `stic::dist`
-//! (src/dist/shim.cpp: gloo; src/dist/shim_nccl.cpp: NCCL, when the CUDA and NCCL headers are there), and the
-//! JPEG decoder's C side (src/image/jpeg.c) against the libjpeg-turbo that turbojpeg-sys builds.
+//! and sees CUDA when the libtorch build has it, and compiles the C and C++ shims: c10d behind `stic::dist`
+//! (src/dist/shim.cpp: gloo; src/dist/shim_nccl.cpp: NCCL, when the CUDA and NCCL headers are there), CUDA graphs
+//! behind `stic::generate::cuda_graph` (src/generate/cuda_graph.cpp, when the CUDA headers are there), and the JPEG
+//! decoder's C side (src/image/jpeg.c) against the libjpeg-turbo that turbojpeg-sys builds.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -14,8 +15,11 @@ fn main() {
     println!("cargo:rerun-if-changed=src/dist/shim.cpp");
     println!("cargo:rerun-if-changed=src/dist/shim_nccl.cpp");
     println!("cargo:rerun-if-changed=src/dist/gloo_decls");
+    println!("cargo:rerun-if-changed=src/generate/cuda_graph.cpp");
     // Set when the shim is compiled: without it `stic::dist` reports that distributed runs are unavailable.
     println!("cargo::rustc-check-cfg=cfg(stic_dist_shim)");
+    // Set when the CUDA graph shim is compiled: without it the generation engine runs every step eagerly.
+    println!("cargo::rustc-check-cfg=cfg(stic_cuda_graphs)");
     build_jpeg_decoder();
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set: run `make setup` or point LIBTORCH at a libtorch 2.11 folder");
@@ -36,6 +40,52 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     build_dist_shim(&libtorch, has_cuda);
+    if has_cuda {
+        build_cuda_graph_shim(&libtorch);
+    }
+}
+
+/// The compiler settings both shims share: C++17, libtorch's headers and ABI.
+fn libtorch_build(include: &Path) -> cc::Build {
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-interference-size")
+        .warnings(false);
+    build
+}
+
+/// Compiles src/generate/cuda_graph.cpp (at::cuda::CUDAGraph and the allocator's memory figures behind a C ABI)
+/// when the CUDA runtime headers are there; it calls only libtorch_cuda and libc10_cuda.
+fn build_cuda_graph_shim(libtorch: &Path) {
+    let include = libtorch.join("include");
+    if !include.join("ATen/cuda/CUDAGraph.h").exists() {
+        return;
+    }
+    let dirs = match cuda_include_dirs(libtorch, &["cuda_runtime_api.h", "crt/host_config.h", "nv/target", "cublas_v2.h", "cusparse.h", "cusolverDn.h"]) {
+        Ok(dirs) => dirs,
+        Err(why) => {
+            println!("cargo:warning=CUDA graphs are not built ({why}): the generation engine runs its decode steps eagerly");
+            return;
+        }
+    };
+    let mut build = libtorch_build(&include);
+    build.file("src/generate/cuda_graph.cpp");
+    for dir in &dirs {
+        build.include(dir);
+    }
+    build.compile("stic_cuda_graph_shim");
+    println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
+    println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=stic_cuda_graphs");
 }
 
 /// Compiles src/image/jpeg.c with the headers of the libjpeg-turbo built by turbojpeg-sys (whose static library
@@ -61,20 +111,7 @@ fn build_dist_shim(libtorch: &Path, has_cuda: bool) {
         );
         return;
     }
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    let base = || {
-        let mut build = cc::Build::new();
-        build
-            .cpp(true)
-            .std("c++17")
-            .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-            .include(&include)
-            .include(include.join("torch/csrc/api/include"))
-            .flag_if_supported("-Wno-unused-parameter")
-            .flag_if_supported("-Wno-interference-size")
-            .warnings(false);
-        build
-    };
+    let base = || libtorch_build(&include);
     let nccl_includes = if has_cuda && std::env::var_os("STIC_NO_NCCL").is_none() { nccl_include_dirs(libtorch) } else { Err(String::new()) };
     let mut build = base();
     build.define("USE_C10D_GLOO", None).include("src/dist/gloo_decls").file("src/dist/shim.cpp");
@@ -103,9 +140,15 @@ fn build_dist_shim(libtorch: &Path, has_cuda: bool) {
     println!("cargo:rustc-cfg=stic_dist_shim");
 }
 
-/// The folders holding nccl.h and a complete set of CUDA runtime headers, looked for in CUDA_HOME, NCCL_HOME,
-/// /usr/local/cuda and the nvidia-* wheels beside the torch wheel; or what is missing.
+/// The folders holding nccl.h and a complete set of CUDA runtime headers; or what is missing.
 fn nccl_include_dirs(libtorch: &Path) -> Result<Vec<PathBuf>, String> {
+    // cuda_runtime_api.h: runtime; crt/host_config.h: nvidia-cuda-crt; nv/target: nvidia-cuda-cccl.
+    cuda_include_dirs(libtorch, &["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target"])
+}
+
+/// The folders holding `headers`, looked for in CUDA_HOME, NCCL_HOME, /usr/local/cuda and the nvidia-* wheels
+/// beside the torch wheel; or what is missing.
+fn cuda_include_dirs(libtorch: &Path, headers: &[&str]) -> Result<Vec<PathBuf>, String> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     for var in ["NCCL_HOME", "CUDA_HOME", "CUDA_PATH"] {
         if let Some(dir) = std::env::var_os(var) {
@@ -122,8 +165,7 @@ fn nccl_include_dirs(libtorch: &Path) -> Result<Vec<PathBuf>, String> {
     candidates.retain(|d| d.is_dir());
     let mut dirs: Vec<PathBuf> = Vec::new();
     let mut missing = Vec::new();
-    // cuda_runtime_api.h: runtime; crt/host_config.h: nvidia-cuda-crt; nv/target: nvidia-cuda-cccl.
-    for header in ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target"] {
+    for &header in headers {
         match candidates.iter().find(|d| d.join(header).exists()) {
             Some(dir) if dirs.contains(dir) => {}
             Some(dir) => dirs.push(dir.clone()),

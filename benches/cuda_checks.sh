@@ -2,7 +2,7 @@
 # `make check-cuda`: the checks that need a CUDA GPU, in one run, each under its own time limit:
 #   dist-check      NCCL under torchrun (world size 1 on a one-GPU machine)
 #   parity          the transformers / PEFT parity tests with stic on the GPU (STIC_TEST_DEVICE=cuda; the
-#                   reference stays on the CPU in f32)
+#                   reference stays on the CPU in f32), and the engine (CUDA graphs) against one-by-one generation
 #   bench-generate  make bench-generate --full-size (exact 7B shapes, bf16)
 #   bench-train     make bench-train --full-size (7B shapes, r 128, bf16, beside TRL), sharing the 7B model folder
 # Usage: benches/cuda_checks.sh [OUT_DIR [STEP...]]   (default results/cuda and every step; OUT_DIR gets the logs,
@@ -38,8 +38,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 step dist-check 60 "$py" -m torch.distributed.run --nproc-per-node 1 --no-python target/release/stic dist-check \
     --device cuda
 step parity 150 env STIC_TEST_DEVICE=cuda "$py" -m pytest -q -x -n 4 -p no:cacheprovider \
-    tests/python/test_parity.py tests/python/test_dpo.py -k "test_parity or peft or reward_accuracy"
-step bench-generate 150 "$py" benches/bench_generate.py --full-size --model-dir "$model_dir"
+    tests/python/test_parity.py tests/python/test_dpo.py tests/python/test_engine.py \
+    -k "test_parity or peft or reward_accuracy or one_by_one"
+step bench-generate 300 "$py" benches/bench_generate.py --full-size --model-dir "$model_dir"
 step bench-train 900 "$py" benches/bench_train.py --full-size --model-dir "$model_dir"
 cp results/bench/generate-full.json results/bench/train-full.json "$out/" 2>/dev/null
 exit $failed

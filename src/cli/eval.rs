@@ -83,8 +83,8 @@ pub struct Args {
     /// scored). Under torchrun each rank takes shard RANK/WORLD_SIZE by itself and rank 0 joins and scores them.
     #[arg(long)]
     shard: Option<String>,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    #[command(flatten)]
+    engine: super::prefs::EngineArgs,
     /// Default: 128 for the short-answer benchmarks (scienceqa, textvqa, chartqa, mmbench), 1024 for llava-bench,
     /// mm-vet and mathvista. The official scripts allow 1024 everywhere: pass 1024 to match them.
     #[arg(long)]
@@ -193,15 +193,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "task": "eval", "benchmark": bench.name(), "template": template.name(), "dar_image_blind": args.dar_image_blind,
     });
     let options = |path: &Path, key_field, shard, tokens| {
-        let sampling = SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 };
+        let sampling = SamplingConfig { max_new_tokens: tokens, ..SamplingConfig::default() };
         JobOptions {
             output: shard_path(path, sharding.shard()),
             key_field,
             shard,
-            batch_size: args.batch_size,
             limit: Some(limit),
             settings: args.model.job_settings(&sampling, task.clone()),
             sampling,
+            engine: args.engine.options(),
             template,
             unit: "items",
             progress: sharding.is_main(),

@@ -1,6 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use super::model_args::ModelArgs;
+use stic::generate::engine::EngineOptions;
 use stic::generate::SamplingConfig;
 use stic::stic::job::{run_job, JobOptions, JobSummary};
 use stic::stic::jsonl::{merge_shards, MissingKeys};
@@ -9,6 +10,40 @@ use stic::stic::sharding::{JobOutput, Sharding};
 use stic::text::Template;
 use stic::{Error, Result};
 
+/// How the generation engine batches and sizes its cache (`generate`, `prefs`, `describe`, `eval`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Rows generated together: the engine's slots (a row that stops gives its slot to the next prompt).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Key/value cache positions for all rows together. Default: what --gpu-memory-fraction leaves on a GPU,
+    /// as many as the rows need on the CPU. A prompt and its answer that need more stop the run (exit 2).
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// Share of the GPU's memory that the model, the cache and a step's work may take together.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_fraction: f64,
+    /// Prompt tokens prefilled per chunk; a longer prompt is prefilled over several steps, between decode steps
+    /// (smaller chunks bound the step's memory and latency, at some cost in throughput).
+    #[arg(long, default_value_t = 4096)]
+    pub prefill_chunk: usize,
+    /// Run decode steps eagerly on a GPU instead of replaying CUDA graphs.
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
+}
+
+impl EngineArgs {
+    pub fn options(&self) -> EngineOptions {
+        EngineOptions {
+            slots: self.batch_size,
+            max_batch_tokens: self.max_batch_tokens,
+            gpu_memory_fraction: self.gpu_memory_fraction,
+            prefill_chunk: self.prefill_chunk,
+            cuda_graphs: !self.no_cuda_graphs,
+        }
+    }
+}
+
 /// Sampling flags of the generation jobs; unset values come from third_party/stic/prompts.json.
 #[derive(clap::Args, Debug)]
 pub struct JobArgs {
@@ -16,9 +51,8 @@ pub struct JobArgs {
     /// `stic prefs-merge`). Under torchrun each rank takes shard RANK/WORLD_SIZE by itself.
     #[arg(long)]
     pub shard: Option<String>,
-    /// Items per generation batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Only the first N items of the list.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -30,6 +64,12 @@ pub struct JobArgs {
     /// Default: 0.2, as the official scripts.
     #[arg(long, value_parser = super::values::temperature)]
     pub temperature: Option<f64>,
+    /// Default: the prompts file's (1: off).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Default: the prompts file's (0: off; transformers' `generate`, which the official scripts call, uses 50).
+    #[arg(long)]
+    pub top_k: Option<usize>,
 }
 
 impl JobArgs {
@@ -43,7 +83,8 @@ impl JobArgs {
         let sampling = SamplingConfig {
             max_new_tokens: self.max_new_tokens.unwrap_or(defaults.max_new_tokens),
             temperature: self.temperature.unwrap_or(defaults.temperature),
-            top_p: defaults.top_p.unwrap_or(1.0),
+            top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
+            top_k: self.top_k.or(defaults.top_k).unwrap_or(0),
             seed: self.seed,
         };
         let template = Template::MistralInstruct;
@@ -51,10 +92,10 @@ impl JobArgs {
             output: sharding.part(output),
             key_field,
             shard: sharding.shard(),
-            batch_size: self.batch_size,
             limit: self.limit,
             settings: model.job_settings(&sampling, serde_json::json!({"task": task, "template": template, "prompts": prompts})),
             sampling,
+            engine: self.engine.options(),
             template,
             unit,
             progress: sharding.is_main(),
@@ -72,6 +113,19 @@ pub fn report(summary: &JobSummary, output: &Path) {
     );
     for s in &summary.skipped {
         eprintln!("  skipped {s}");
+    }
+    let stops = &summary.context_stops;
+    if !stops.is_empty() {
+        let shown: Vec<&str> = stops.iter().take(10).map(String::as_str).collect();
+        let more = if stops.len() > 10 { format!(" …and {} more", stops.len() - 10) } else { String::new() };
+        eprintln!("  {} stopped at the context limit (prompt and response fill the model's context): {}{more}", stops.len(), shown.join(", "));
+    }
+    let e = &summary.engine;
+    if e.finished_rows > 0 {
+        eprintln!(
+            "  {} rows, {} tokens generated, {} prompt tokens computed and {} shared from other rows' prefixes; {} images encoded, {} reused",
+            e.finished_rows, e.generated_tokens, e.prefill_tokens, e.reused_prefix_tokens, summary.images_encoded, summary.images_reused
+        );
     }
 }
 

@@ -6,6 +6,13 @@ use super::config::TextConfig;
 use super::linear::{Linear, RmsNorm};
 use super::weights::Vb;
 
+/// Where attention keeps the keys and values of the tokens it has seen.
+pub trait KvStore {
+    /// Stores `k`, `v` [b, kv_heads, t, head_dim] of `layer` after what the store holds for it and returns the keys
+    /// and values to attend to, [b, kv_heads, keys, head_dim].
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor);
+}
+
 /// Keys and values of the tokens seen so far, per layer, in buffers [b, kv_heads, capacity, head_dim] that grow
 /// by whole chunks: appending a decode step writes one slot instead of copying the whole cache.
 pub struct KvCache {
@@ -23,9 +30,11 @@ impl KvCache {
     pub fn seen(&self) -> i64 {
         self.len
     }
+}
 
-    /// Writes `k`, `v` [b, kv_heads, t, head_dim] after the cached tokens of `layer` and returns views of all of
-    /// them. The token count advances once the last layer has appended.
+impl KvStore for KvCache {
+    /// Writes `k`, `v` after the cached tokens of `layer` and returns views of all of them. The token count
+    /// advances once the last layer has appended.
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
         let (start, t) = (self.len, k.size()[2]);
         let needed = start + t;
@@ -144,7 +153,7 @@ impl MistralAttention {
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &AttnMask, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &AttnMask, cache: Option<(&mut dyn KvStore, usize)>) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
         let q = apply_rotary(&split(self.q_proj.forward(x), self.num_heads), &rope.0, &rope.1);
@@ -214,7 +223,7 @@ impl DecoderLayer {
         ]
     }
 
-    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &AttnMask, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &AttnMask, cache: Option<(&mut dyn KvStore, usize)>) -> Tensor {
         let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask, cache);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
@@ -259,14 +268,24 @@ impl MistralModel {
 
     /// Runs the decoder over `embeds` [b, t, d] at `positions` [b, t]; `key_is_token` [b, cached + t] marks real
     /// tokens (not padding). Returns the final-normed hidden states.
-    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, key_is_token: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, key_is_token: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
         let t = embeds.size()[1];
         let first = cache.as_ref().map_or(0, |c| c.seen());
         let mask = attention_mask(key_is_token, first, t, self.cfg.sliding_window);
+        self.forward_with_mask(embeds, positions, &mask, cache.map(|c| c as &mut dyn KvStore))
+    }
+
+    /// The decoder over `embeds` [b, t, d] at `positions` [b, t] with the caller's attention mask and key/value
+    /// store (the generation engine's slots). Returns the final-normed hidden states.
+    pub fn forward_with_mask(&self, embeds: &Tensor, positions: &Tensor, mask: &AttnMask, mut cache: Option<&mut dyn KvStore>) -> Tensor {
         let rope = self.rotary.cos_sin(positions, embeds.kind());
         let mut h = embeds.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, &rope, &mask, cache.as_deref_mut().map(|c| (c, i)));
+            let store: Option<(&mut dyn KvStore, usize)> = match cache.as_mut() {
+                Some(c) => Some((&mut **c, i)),
+                None => None,
+            };
+            h = layer.forward(&h, &rope, mask, store);
         }
         self.norm.forward(&h)
     }

@@ -1,10 +1,19 @@
-//! The batched, resumable, shardable generation loop shared by `stic prefs` and `stic describe`.
+//! The resumable, shardable generation loop of `stic prefs`, `stic describe` and `stic eval`, on the
+//! continuous-batching engine.
+//!
+//! Items are prepared lazily, a few ahead of the engine (images decoded, encoded and tokenised only when their
+//! requests are about to run), so a job of any length holds a bounded window in memory. Each distinct image is
+//! encoded once while its requests are near. Records are written in input order as soon as an item and every
+//! item before it are done.
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use super::jsonl::{ResumableJsonl, Shard};
 use crate::error::Result;
-use crate::generate::{generate, PreparedPrompt, SamplingConfig};
+use crate::generate::engine::{Engine, EngineOptions, EngineStats, Refusal, Request as EngineRequest};
+use crate::generate::images::{FeatureCache, ImageKey};
+use crate::generate::{SamplingConfig, StopReason};
 use crate::session::Session;
 use crate::text::Template;
 
@@ -28,9 +37,9 @@ pub struct JobOptions<'a> {
     pub output: PathBuf,
     pub key_field: &'a str,
     pub shard: Shard,
-    pub batch_size: usize,
     pub limit: Option<usize>,
     pub sampling: SamplingConfig,
+    pub engine: EngineOptions,
     pub template: Template,
     pub unit: &'a str,
     /// Draw a progress bar (off on the ranks other than 0 under torchrun).
@@ -43,15 +52,41 @@ pub struct JobSummary {
     pub written: usize,
     pub already_done: usize,
     pub skipped: Vec<String>,
+    /// Keys of the written items with a response that the model's context cut short.
+    pub context_stops: Vec<String>,
+    pub engine: EngineStats,
+    /// Images run through the vision tower, and requests that reused an image encoded for another.
+    pub images_encoded: usize,
+    pub images_reused: usize,
 }
 
-/// Runs `task` over the items this shard owns that are not in the output yet, `batch_size` items per batch.
-/// Every request of an item samples from a generator seeded by the item's position, so the output does not
-/// depend on batching, sharding or resumption.
+/// The row seed of request `k` of the item at `position`: the item's place in the whole list, so that its
+/// samples do not depend on batching, sharding or resumption.
+pub fn row_seed(position: usize, k: usize) -> u64 {
+    ((position as u64) << 8) | k as u64
+}
+
+/// An item between planning and writing.
+struct Pending<P> {
+    position: usize,
+    plan: Option<P>,
+    outputs: Vec<Option<String>>,
+    /// Why it is skipped, once it is.
+    skipped: Option<String>,
+    context_stop: bool,
+}
+
+impl<P> Pending<P> {
+    fn complete(&self) -> bool {
+        self.skipped.is_some() || self.outputs.iter().all(Option::is_some)
+    }
+}
+
+/// Runs `task` over the items this shard owns that are not in the output yet. A key listed twice is generated
+/// once, at its first position.
 pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item], opts: &JobOptions) -> Result<JobSummary> {
     let mut out = ResumableJsonl::open(&opts.output, opts.key_field, &opts.settings)?;
     let limit = opts.limit.unwrap_or(items.len()).min(items.len());
-    // A key listed twice (the paper's COCO list repeats 174 names) is generated once, at its first position.
     let mut seen = std::collections::HashSet::new();
     let first_listing: Vec<bool> = items[..limit].iter().map(|item| seen.insert(task.key(item))).collect();
     let repeated = first_listing.iter().filter(|&&first| !first).count();
@@ -67,45 +102,171 @@ pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item]
             .expect("template"),
     );
     bar.set_message(format!("shard {}", opts.shard));
-    let mut summary = JobSummary { written: 0, already_done, skipped: Vec::new() };
-    for chunk in todo.chunks(opts.batch_size.max(1)) {
-        let mut planned = Vec::new();
-        let mut prompts: Vec<PreparedPrompt> = Vec::new();
-        let mut seeds = Vec::new();
-        for &p in chunk {
-            let item = &items[p];
-            let (plan, requests) = match task.plan(p, item) {
-                Ok(x) => x,
-                Err(why) => {
-                    summary.skipped.push(format!("{}: {}", task.key(item), why.trim()));
-                    bar.inc(1);
-                    continue;
-                }
-            };
-            for (k, req) in requests.iter().enumerate() {
-                let features = match &req.image {
-                    Some(image) => session.image_features(&[&crate::image::preprocess(image, &session.model.cfg.image)])?,
-                    None => Vec::new(),
-                };
-                let text = opts.template.prompt(&Session::user_text(&req.user_text, req.image.is_some()));
-                prompts.push(session.prepare(&text, features)?);
-                seeds.push(((p as u64) << 8) | k as u64);
+    let mut summary =
+        JobSummary { written: 0, already_done, skipped: Vec::new(), context_stops: Vec::new(), engine: EngineStats::default(), images_encoded: 0, images_reused: 0 };
+    let tokenizer = &session.tokenizer;
+    let mut engine: Engine<(usize, usize)> = Engine::new(&session.model, opts.sampling.clone(), tokenizer.eos_id, opts.engine.clone())?;
+    let lookahead = opts.engine.slots.max(1);
+    // Items done but waiting for an earlier one to be written, at most: a bound on memory when one row runs long.
+    let reorder_window = 64 * lookahead;
+    let mut features = FeatureCache::new(2 * lookahead + 2);
+    // pending[i] is todo[first + i]; tags are (index in todo, request of the item)
+    let mut pending: VecDeque<Pending<T::Plan>> = VecDeque::new();
+    let mut first = 0;
+    let mut planned = 0;
+    loop {
+        while engine.queued() < lookahead && pending.len() < reorder_window && planned < todo.len() {
+            let position = todo[planned];
+            pending.push_back(plan_item(session, task, &items[position], position, planned, opts, &mut engine, &mut features)?);
+            planned += 1;
+        }
+        if engine.is_idle() && planned == todo.len() && pending.is_empty() {
+            break;
+        }
+        for ((index, k), generated) in engine.step()? {
+            let Some(item) = index.checked_sub(first).and_then(|i| pending.get_mut(i)) else { continue };
+            if item.skipped.is_some() {
+                continue;
             }
-            planned.push((p, plan, requests.len()));
+            item.context_stop |= generated.stop == StopReason::Context;
+            item.outputs[k] = Some(tokenizer.decode(&generated.tokens, true)?.trim().to_string());
         }
-        if prompts.is_empty() {
-            continue;
-        }
-        let (outputs, _) = generate(&session.model, &prompts, &seeds, &opts.sampling, session.tokenizer.eos_id, session.tokenizer.pad_id)?;
-        let mut texts = outputs.into_iter().map(|o| session.tokenizer.decode(&o.tokens, true).map(|t| t.trim().to_string()));
-        for (p, plan, n) in planned {
-            let generated = (&mut texts).take(n).collect::<Result<Vec<_>>>()?;
-            out.append(&task.record(p, &items[p], plan, generated))?;
-            summary.written += 1;
+        while pending.front().is_some_and(Pending::complete) {
+            let item = pending.pop_front().expect("front");
+            first += 1;
+            let key = task.key(&items[item.position]);
+            match item.skipped {
+                Some(why) => summary.skipped.push(format!("{key}: {}", why.trim())),
+                None => {
+                    let outputs = item.outputs.into_iter().map(|o| o.expect("complete")).collect();
+                    out.append(&task.record(item.position, &items[item.position], item.plan.expect("planned"), outputs))?;
+                    summary.written += 1;
+                    if item.context_stop {
+                        summary.context_stops.push(key);
+                    }
+                }
+            }
             bar.inc(1);
         }
     }
     bar.finish();
     out.keep();
+    summary.engine = engine.stats.clone();
+    summary.images_encoded = features.encoded;
+    summary.images_reused = features.reused;
     Ok(summary)
+}
+
+/// Plans the item at `position` (todo index `index`) and queues its requests; an item that cannot run is
+/// returned skipped.
+#[allow(clippy::too_many_arguments)]
+fn plan_item<T: GenerationTask>(
+    session: &Session,
+    task: &T,
+    item: &T::Item,
+    position: usize,
+    index: usize,
+    opts: &JobOptions,
+    engine: &mut Engine<(usize, usize)>,
+    features: &mut FeatureCache,
+) -> Result<Pending<T::Plan>> {
+    let mut pending = Pending { position, plan: None, outputs: Vec::new(), skipped: None, context_stop: false };
+    let (plan, requests) = match task.plan(position, item) {
+        Ok(x) => x,
+        Err(why) => {
+            pending.skipped = Some(why);
+            return Ok(pending);
+        }
+    };
+    pending.plan = Some(plan);
+    pending.outputs = (0..requests.len()).map(|_| None).collect();
+    for (k, req) in requests.iter().enumerate() {
+        let (image_features, images) = match &req.image {
+            Some(image) => {
+                let key = ImageKey::of(image);
+                let encoded = features.get_or_encode(key, || {
+                    let mut encoded = session.image_features(&[&crate::image::preprocess(image, &session.model.cfg.image)])?;
+                    Ok(encoded.pop().expect("one image"))
+                })?;
+                (vec![encoded], vec![key])
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let text = opts.template.prompt(&Session::user_text(&req.user_text, req.image.is_some()));
+        let prompt = session.prepare(&text, image_features)?;
+        let request = EngineRequest { prompt, images, row_seed: row_seed(position, k), max_new_tokens: opts.sampling.max_new_tokens };
+        match engine.submit((index, k), request) {
+            Ok(()) => {}
+            Err(Refusal::TooLong(e)) => {
+                pending.skipped = Some(e.to_string());
+                return Ok(pending);
+            }
+            Err(Refusal::CannotFit(e)) => return Err(e),
+        }
+    }
+    Ok(pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Items are numbers; counts how many are planned and not yet recorded.
+    struct Counting {
+        planned: Cell<usize>,
+        recorded: Cell<usize>,
+        most_in_flight: Cell<usize>,
+    }
+
+    impl GenerationTask for Counting {
+        type Item = usize;
+        type Plan = ();
+
+        fn key(&self, item: &usize) -> String {
+            item.to_string()
+        }
+
+        fn plan(&self, _position: usize, item: &usize) -> std::result::Result<((), Vec<Request>), String> {
+            self.planned.set(self.planned.get() + 1);
+            self.most_in_flight.set(self.most_in_flight.get().max(self.planned.get() - self.recorded.get()));
+            Ok(((), vec![Request { user_text: format!("Count to {item}."), image: None }]))
+        }
+
+        fn record(&self, _position: usize, item: &usize, _plan: (), outputs: Vec<String>) -> serde_json::Value {
+            self.recorded.set(self.recorded.get() + 1);
+            serde_json::json!({"id": item, "text": outputs[0]})
+        }
+    }
+
+    fn options(dir: &std::path::Path, max_new_tokens: usize) -> JobOptions<'static> {
+        JobOptions {
+            output: dir.join(format!("out-{max_new_tokens}.jsonl")),
+            key_field: "id",
+            shard: Shard::default(),
+            limit: None,
+            settings: serde_json::json!({"max_new_tokens": max_new_tokens}),
+            sampling: SamplingConfig { max_new_tokens, ..Default::default() },
+            engine: EngineOptions { slots: 4, ..Default::default() },
+            template: Template::MistralInstruct,
+            unit: "items",
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn ten_thousand_queued_items_are_prepared_a_few_at_a_time() {
+        let (_model, session) = crate::generate::engine::tests::tiny_session();
+        // tmpfs where there is one: each record is fsynced
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
+        // 10,000 prompts with no tokens to write (the queue and the window alone), then 300 that generate
+        for (count, max_new_tokens) in [(10_000, 0), (300, 1)] {
+            let items: Vec<usize> = (0..count).collect();
+            let task = Counting { planned: Cell::new(0), recorded: Cell::new(0), most_in_flight: Cell::new(0) };
+            let summary = run_job(&session, &task, &items, &options(dir.path(), max_new_tokens)).unwrap();
+            assert_eq!((summary.written, task.recorded.get()), (count, count));
+            assert!(task.most_in_flight.get() <= 3 * 4, "{} items prepared at once", task.most_in_flight.get());
+        }
+    }
 }

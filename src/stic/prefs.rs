@@ -22,6 +22,8 @@ pub struct SticPrompts {
 pub struct GenerationDefaults {
     pub temperature: f64,
     pub top_p: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
     pub max_new_tokens: usize,
 }
 
