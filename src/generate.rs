@@ -20,12 +20,15 @@ pub struct SamplingConfig {
     /// 0 means greedy.
     pub temperature: f64,
     pub top_p: f64,
+    /// Sample among the `top_k` most likely tokens only (before top-p, as transformers); 0 means no limit.
+    #[serde(default)]
+    pub top_k: usize,
     pub seed: u64,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig { max_new_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0 }
+        SamplingConfig { max_new_tokens: 256, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
     }
 }
 
@@ -94,13 +97,21 @@ fn choose(logits: &Tensor, cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> i64 {
     let logp = (logits.to_kind(Kind::Double) / cfg.temperature).log_softmax(-1, Kind::Double);
     let logp: Vec<f64> = Vec::try_from(&logp).expect("f64 log-probabilities");
     let mut order: Vec<usize> = (0..logp.len()).collect();
-    order.sort_by(|&a, &b| logp[b].total_cmp(&logp[a]));
-    // The smallest prefix whose mass reaches top_p (at least one token), as transformers' TopPLogitsWarper.
+    let descending = |a: &usize, b: &usize| logp[*b].total_cmp(&logp[*a]);
+    let mut total = 1.0;
+    if cfg.top_k > 0 && cfg.top_k < order.len() {
+        order.select_nth_unstable_by(cfg.top_k - 1, descending);
+        order.truncate(cfg.top_k);
+        total = order.iter().map(|&i| logp[i].exp()).sum();
+    }
+    order.sort_by(descending);
+    // The smallest prefix whose mass reaches top_p (at least one token), as transformers' TopPLogitsWarper, over
+    // the probabilities renormalised after the top-k cut.
     let mut kept = 0;
     let mut mass = 0.0f64;
     for &i in &order {
         kept += 1;
-        mass += logp[i].exp();
+        mass += logp[i].exp() / total;
         if mass >= cfg.top_p {
             break;
         }
@@ -207,5 +218,21 @@ mod tests {
         let cfg = SamplingConfig { temperature: 1.0, top_p: 0.999, ..Default::default() };
         let seen: std::collections::HashSet<i64> = (0..200).map(|_| choose(&logits, &cfg, &mut rng)).collect();
         assert_eq!(seen, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_most_likely_tokens() {
+        let logits = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 2.5, -1.0]);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let sample = |cfg: &SamplingConfig, rng: &mut ChaCha8Rng| (0..400).map(|_| choose(&logits, cfg, rng)).collect::<std::collections::HashSet<i64>>();
+        let top1 = SamplingConfig { temperature: 5.0, top_k: 1, ..Default::default() };
+        assert_eq!(sample(&top1, &mut rng), [1].into_iter().collect());
+        let top3 = SamplingConfig { temperature: 5.0, top_k: 3, ..Default::default() };
+        assert_eq!(sample(&top3, &mut rng), [1, 2, 3].into_iter().collect());
+        let unlimited = SamplingConfig { temperature: 5.0, top_k: 0, ..Default::default() };
+        assert_eq!(sample(&unlimited, &mut rng).len(), 5);
+        // top-p applies to the renormalised top-k mass: of the top 2 (p ∝ e^3, e^2.5), 0.6 needs only the first.
+        let both = SamplingConfig { temperature: 1.0, top_k: 2, top_p: 0.6, ..Default::default() };
+        assert_eq!(sample(&both, &mut rng), [1].into_iter().collect());
     }
 }

@@ -108,7 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         shard,
         batch_size: args.batch_size,
         limit: args.limit,
-        sampling: SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, seed: 0 },
+        sampling: SamplingConfig { max_new_tokens: tokens, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 },
         template: Template::MistralInstruct,
         unit: "items",
         progress: sharding.is_main(),

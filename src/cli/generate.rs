@@ -68,7 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prompts.push(session.prepare(text, session.image_features(&[image])?)?);
         }
         let encode_seconds = started.elapsed().as_secs_f64();
-        let cfg = SamplingConfig { max_new_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+        let cfg = SamplingConfig { max_new_tokens, temperature: args.temperature, top_p: args.top_p, top_k: 0, seed: args.seed };
         let (outputs, timing) = generate(&session.model, &prompts, &seeds, &cfg, eos, session.tokenizer.pad_id)?;
         Ok((outputs, encode_seconds + timing.prefill_seconds, timing.decode_seconds, started.elapsed().as_secs_f64()))
     };
