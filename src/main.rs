@@ -1,5 +1,5 @@
 //! The `stic` command line: one subcommand per job.
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 mod cli;
@@ -42,6 +42,9 @@ enum Command {
     DistCheck(cli::dist_check::Args),
     /// Write a small random LLaVA-NeXT-Mistral checkpoint (llava-hf layout) with the shipped tokenizer.
     InitTiny(cli::init_tiny::Args),
+    /// The STIC paper end to end from a profile (official: the released code as it ran; paper: the method as
+    /// stated): resumable steps, a report beside the paper's numbers.
+    Reproduce(cli::reproduce::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cli::eval::run(args),
         Command::EvalScore(args) => cli::eval::run_score(args),
         Command::DistCheck(args) => cli::dist_check::run(args),
+        Command::Reproduce(args) => cli::reproduce::run(args, &Cli::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,7 @@ pub enum RejectedScoring {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DpoConfig {
     pub beta: f64,
     /// Weight of the chosen response's log-likelihood term.
@@ -55,9 +56,10 @@ pub fn dpo_loss(cfg: &DpoConfig, policy_chosen: &Tensor, policy_rejected: &Tenso
     (losses, chosen_rewards, rejected_rewards)
 }
 
-/// One preference pair ready for the model: the shared image, then the chosen and the rejected row.
+/// One preference pair ready for the model: the shared image (none for text-only prompts), then the chosen and
+/// the rejected row.
 pub struct PairExample {
-    pub image: PathBuf,
+    pub image: Option<PathBuf>,
     pub chosen: EncodedRow,
     pub rejected: EncodedRow,
 }
@@ -89,7 +91,7 @@ pub fn token_batch(rows: &[&EncodedRow], pad_id: i64, device: tch::Device) -> To
 }
 
 impl DpoObjective {
-    /// Summed log-probs of every row ([chosen..., rejected...]); `features` has one entry per pair.
+    /// Summed log-probs of every row ([chosen..., rejected...]); `features` has one entry per pair with an image.
     fn logps(&self, model: &LlavaNext, batch: &TokenBatch, features: &[Tensor], with_graph: bool, seed: i64) -> Result<(Tensor, Option<super::forward::Recompute>)> {
         let doubled: Vec<Tensor> = features.iter().chain(features.iter()).map(|f| f.shallow_clone()).collect();
         let embeds = model.embed_inputs(&batch.ids, &doubled)?;
@@ -126,7 +128,7 @@ impl Objective for DpoObjective {
         let device = model.device();
         let rows: Vec<&EncodedRow> = examples.iter().map(|(_, e)| &e.chosen).chain(examples.iter().map(|(_, e)| &e.rejected)).collect();
         let batch = token_batch(&rows, self.pad_id, device);
-        let loaded = examples.iter().map(|(_, e)| load_preprocessed(model, &e.image)).collect::<Result<Vec<_>>>()?;
+        let loaded = examples.iter().filter_map(|(_, e)| e.image.as_ref()).map(|path| load_preprocessed(model, path)).collect::<Result<Vec<_>>>()?;
         let images: Vec<&Preprocessed> = loaded.iter().collect();
         let pairs = examples.len() as i64;
         let reference = match &self.reference_cache {
