@@ -12,9 +12,10 @@ export CARGO_TERM_COLOR ?= never
 
 setup: $(SETUP_STAMP)
 
-$(SETUP_STAMP): requirements.txt
+$(SETUP_STAMP): requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
 	touch $@
 
@@ -34,8 +35,10 @@ test-python: build
 demo: build
 	scripts/demo.sh
 
+# make reproduce PROFILE=official|paper (REPRODUCE_ARGS=--plan prints the steps and what is missing).
+PROFILE ?= official
 reproduce: build
-	$(PY) tools/reproduce.py configs/reproduce.yaml
+	$(STIC) reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)
 
 bench-generate: build
 	$(PY) benches/bench_generate.py $(BENCH_ARGS)

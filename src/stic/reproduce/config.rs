@@ -169,6 +169,7 @@ pub struct Stage2 {
 #[serde(rename_all = "snake_case")]
 pub enum Subset {
     /// `paths.instruction_json` is STIC's released 5k subset (`mixed_5k.json`), used as it is.
+    #[serde(rename = "official_5k")]
     Official5k,
     /// A seeded random sample of the entries with an image of `paths.instruction_json` (LLaVA's mix665k).
     SeededSample,
