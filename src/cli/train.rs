@@ -151,7 +151,7 @@ impl TrainArgs {
         let kind = parse_dtype(&cfg.dtype, device)?;
         let mut session = stic::session::Session::load(&self.model, None, kind, device)?;
         if cfg.image_layout == ImageLayout::PadFlat {
-            // LEAD: with model-orig's patch-merge field, also set it to flat here (576 features, no image_newline).
+            // The flat merge (576 features, no image_newline) also needs the image config's patch-merge field set to flat.
             session.model.cfg.image.aspect_mode = stic::image::AspectMode::Pad;
         }
         Ok((session.model, session.tokenizer))

@@ -112,3 +112,51 @@ impl GenerationTask for PrefsTask<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(dir: &Path, apply_corruption: bool) -> PrefsTask<'_> {
+        PrefsTask {
+            prompts: SticPrompts::shipped(),
+            image_dir: dir,
+            seed: 1,
+            model_name: "m".into(),
+            max_pixels: crate::image::DEFAULT_MAX_PIXELS,
+            apply_corruption,
+            resize_filter: Filter::Bilinear,
+        }
+    }
+
+    /// The rejected request sees the corrupted image when corruption is applied, the clean one when only
+    /// flagged; everything else (prompts, which half) is the same.
+    #[test]
+    fn flag_only_keeps_the_clean_image_and_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let clean = ::image::RgbImage::from_fn(64, 48, |x, y| ::image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+        clean.save(dir.path().join("a.png")).unwrap();
+        let (applied, flagged) = (task(dir.path(), true), task(dir.path(), false));
+        let mut corrupted_positions = 0;
+        for position in 0..16 {
+            let (plan_a, requests_a) = applied.plan(position, &"a.png".to_string()).unwrap();
+            let (plan_f, requests_f) = flagged.plan(position, &"a.png".to_string()).unwrap();
+            assert_eq!(requests_a[0].image.as_ref(), Some(&clean));
+            assert_eq!(requests_f[0].image.as_ref(), Some(&clean));
+            assert_eq!(requests_a[1].user_text, requests_f[1].user_text);
+            assert_eq!(plan_a.corrupted.is_some(), plan_f.corrupted.is_some());
+            assert_eq!(requests_f[1].image.as_ref(), Some(&clean));
+            match plan_a.corrupted {
+                Some(corruption) => {
+                    corrupted_positions += 1;
+                    assert!(corruption.is_some() && plan_f.corrupted == Some(None));
+                    assert_ne!(requests_a[1].image.as_ref(), Some(&clean));
+                    let record = flagged.record(position, &"a.png".to_string(), plan_f, vec!["c".into(), "r".into()]);
+                    assert_eq!((record["image_corruption"].as_bool(), record["corruption"].is_null()), (Some(true), true));
+                }
+                None => assert_eq!(requests_a[1].image.as_ref(), Some(&clean)),
+            }
+        }
+        assert!((3..=13).contains(&corrupted_positions), "{corrupted_positions} of 16 corrupted");
+    }
+}

@@ -95,7 +95,7 @@ impl DpoObjective {
     fn logps(&self, model: &LlavaNext, batch: &TokenBatch, features: &[Tensor], with_graph: bool, seed: i64) -> Result<(Tensor, Option<super::forward::Recompute>)> {
         let doubled: Vec<Tensor> = features.iter().chain(features.iter()).map(|f| f.shallow_clone()).collect();
         let embeds = model.embed_inputs(&batch.ids, &doubled)?;
-        let pairs = features.len() as i64;
+        let pairs = batch.ids.size()[0] / 2;
         let own_top = (self.cfg.rejected_scoring == RejectedScoring::OfficialTopToken).then(|| {
             Tensor::arange(2 * pairs, (Kind::Int64, batch.ids.device())).ge(pairs)
         });

@@ -1,8 +1,8 @@
 """`stic reproduce` and the switches of its two profiles (configs/official, configs/paper), on the tiny random model.
 
 The shipped profiles run as they are: only their paths change (through the STIC_* environment variables) and the
-data is small (two stage-1 images, a two-entry instruction set, a ScienceQA and an MMBench folder of one or two
-questions), on COCO-sized JPEGs made from the real photos of data/images (640x480, 480x640, 640x427, 500x375,
+data is small (one stage-1 image, a two-entry instruction set, a ScienceQA folder of two questions and an MMBench
+folder of one), on COCO-sized JPEGs made from the real photos of data/images (640x480, 480x640, 640x427, 500x375,
 300x200). Each switch is also checked for its effect, with the shipped stage configs.
 """
 import base64
@@ -57,7 +57,7 @@ def world(tmp_path_factory):
     for name, photo, w, h in COCO_SIZES:
         coco_sized(photo, w, h).save(images / name, quality=90)
     run_stic("init-tiny", "--output", root / "model")
-    (root / "stage1.json").write_text(json.dumps(["wide.jpg", "tall.jpg"]))
+    (root / "stage1.json").write_text(json.dumps(["wide.jpg"]))
     instructions = [
         {"id": "a", "image": "rocket.jpg", "conversations": [
             {"from": "human", "value": "What is in the sky?\n<image>"}, {"from": "gpt", "value": "A rocket."},
@@ -78,7 +78,7 @@ def world(tmp_path_factory):
     ]))
     mmb = root / "eval" / "mmbench"
     mmb.mkdir()
-    photo = base64.b64encode((images / "wide.jpg").read_bytes()).decode()
+    photo = base64.b64encode((images / "tall.jpg").read_bytes()).decode()
     row = [0, "What is shown?", "nan", "a lake", "a desert", "a city", "", "A", "scene", photo, "synthetic",
            "coarse_perception", "nan", "dev"]
     (mmb / "mmbench_dev_20230712.tsv").write_text("\t".join(MMBENCH_HEADER) + "\n" + "\t".join(map(str, row)) + "\n")
@@ -253,7 +253,7 @@ def test_paper_profile_runs_to_the_end_and_resumes_after_a_kill(world, tmp_path)
     proc = run_killed_then_resumed(world, tmp_path, "paper", *(["--until", "train-sft"] if lacking else []))
     run = tmp_path / "run"
     prefs = records(run / "stage1" / "prefs.jsonl")
-    assert [r["image"] for r in prefs] == ["wide.jpg", "tall.jpg"]
+    assert [r["image"] for r in prefs] == ["wide.jpg"]
     for r in prefs:
         assert (r["corruption"] is not None) == r["image_corruption"]  # applied, not only flagged
     # Anyres features of COCO sizes and 1,024-token responses: nothing is cut at max_length 4096 / 4416.
@@ -263,6 +263,12 @@ def test_paper_profile_runs_to_the_end_and_resumes_after_a_kill(world, tmp_path)
     assert any("multi_modal_projector" in k for k in adapter)
     assert (run / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
     assert len(json.loads((run / "stage2" / "instructions.json").read_text())) == 2
+    # A done step whose command the profile no longer gives is not silently reused.
+    changed = yaml.safe_load((ROOT / "configs" / "paper" / "reproduce.yaml").read_text())
+    changed["generation"]["top_k"] = 5
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    assert_clean_failure(reproduce("--config", tmp_path / "changed.yaml", "--plan", env=env_for(world, tmp_path)),
+                         "step prefs was done with another command line", "prefs.jsonl")
     if lacking:
         pytest.xfail(f"the evaluation steps need {', '.join(lacking)} (branch eval): they run after the merge")
     check_report(tmp_path, "paper")
@@ -347,16 +353,15 @@ def test_disable_dropout_is_lora_dropout_zero(world, tmp_path):
 
 
 def test_frozen_projector_is_not_in_the_adapter(world, tmp_path):
-    """A run with train_projector false leaves the projector as loaded: the adapter holds LoRA weights only."""
-    pairs = pairs_file(world, tmp_path)
-    for profile, trained in [("official", False), ("paper", True)]:
-        out = tmp_path / profile
-        run_stic("train-dpo", "--model", world / "model", "--data", pairs, "--image-dir", world / "images",
-                 "--output", out, "--config", ROOT / "configs" / profile / "stage1.yaml", "--device", "cpu")
-        keys = load_file(out / "adapter_model.safetensors").keys()
-        assert any("multi_modal_projector" in k for k in keys) == trained, profile
-        assert json.loads((out / "adapter_config.json").read_text()).get("modules_to_save") == (
-            ["multi_modal_projector"] if trained else None)
+    """A run with train_projector false leaves the projector as loaded: the adapter holds LoRA weights only (the
+    paper profile's trained projector is covered by test_dpo.py)."""
+    out = tmp_path / "official"
+    run_stic("train-dpo", "--model", world / "model", "--data", pairs_file(world, tmp_path), "--image-dir",
+             world / "images", "--output", out, "--config", ROOT / "configs" / "official" / "stage1.yaml",
+             "--device", "cpu")
+    keys = list(load_file(out / "adapter_model.safetensors"))
+    assert keys and all("lora_" in k for k in keys)
+    assert json.loads((out / "adapter_config.json").read_text()).get("modules_to_save") is None
 
 
 def test_official_stage2_pads_to_one_flat_tile(world, tmp_path):
@@ -384,31 +389,29 @@ def test_resize20_is_torchvision_resize_on_pil(tmp_path, photo, size):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), expected)
 
 
-def prefs(world, out, *extra):
+def prefs(world, out, *extra, seed=3):
     run_stic("prefs", "--model", world / "model", "--image-dir", world / "images", "--images",
-             world / "stage1.json", "--output", out, "--device", "cpu", "--max-new-tokens", 8, "--seed", 3, *extra)
+             world / "stage1.json", "--output", out, "--device", "cpu", "--max-new-tokens", 8, "--seed", seed, *extra)
     return records(out)
 
 
 def test_corruption_flag_only_generates_from_the_clean_image(world, tmp_path):
-    applied, flagged = None, None
-    for seed in range(8):  # seeds where the corrupted-image half comes up
-        flagged = prefs(world, tmp_path / f"f{seed}.jsonl", "--temperature", 0, "--corruption", "flag-only", "--seed", seed)
-        if any(r["image_corruption"] for r in flagged):
-            applied = prefs(world, tmp_path / f"a{seed}.jsonl", "--temperature", 0, "--corruption", "apply", "--seed", seed)
-            break
-    assert applied is not None
+    """flag-only: the corrupted-image half is flagged, names no corruption, and its text is the clean image's (the
+    images each request gets are checked in the Rust unit tests of src/stic/prefs.rs: the tiny random model's text
+    hardly depends on its image)."""
+    seed = next(s for s in range(16) if any(r["image_corruption"] for r in
+                                            prefs(world, tmp_path / f"probe{s}.jsonl", "--temperature", 0, seed=s)))
+    applied = records(tmp_path / f"probe{seed}.jsonl")
+    flagged = prefs(world, tmp_path / "flagged.jsonl", "--temperature", 0, "--corruption", "flag-only", seed=seed)
     for f, a in zip(flagged, applied):
-        assert f["image_corruption"] == a["image_corruption"]
+        assert f["image_corruption"] == a["image_corruption"] and f["rejected"][0] == a["rejected"][0]
         if not f["image_corruption"]:
-            assert f["rejected"] == a["rejected"]
             continue
         assert f["corruption"] is None and a["corruption"] in ("resize20", "color_jitter")
-        prompt = f["rejected"][0]["content"]
-        clean = run_stic("generate", "--model", world / "model", "--image", world / "images" / f["image"], "--prompt",
-                         prompt, "--template", "mistral_instruct", "--max-new-tokens", 8, "--device", "cpu", "--json")
+        clean = run_stic("generate", "--model", world / "model", "--image", world / "images" / f["image"],
+                         "--prompt", f["rejected"][0]["content"], "--template", "mistral_instruct",
+                         "--max-new-tokens", 8, "--device", "cpu", "--json")
         assert f["rejected"][1]["content"] == json.loads(clean.stdout)["text"].strip()
-        assert a["rejected"][1]["content"] != f["rejected"][1]["content"]
 
 
 def test_top_k_1_samples_the_greedy_tokens(world, tmp_path):
