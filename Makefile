@@ -63,8 +63,10 @@ test-python: build
 demo: build
 	scripts/demo.sh
 
+# make reproduce PROFILE=official|paper (REPRODUCE_ARGS=--plan prints the steps and what is missing).
+PROFILE ?= official
 reproduce: build
-	$(PY) tools/reproduce.py configs/reproduce.yaml
+	$(STIC) reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)
 
 bench-generate: build
 	$(PY) benches/bench_generate.py $(BENCH_ARGS)

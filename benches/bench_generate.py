@@ -47,7 +47,7 @@ QUESTIONS = ["What is the main object in the image?", "How many people are there
              "Is it daytime or night?", "Where was this photo taken?", "Is there any text in the image?",
              "What is in the background?", "Answer with a single word: indoors or outdoors?"]
 
-# What `make reproduce` generates (configs/reproduce.yaml, third_party/stic): stage 1 describes 6,275 COCO images
+# What `make reproduce` generates (configs/paper/reproduce.yaml, third_party/stic): stage 1 describes 6,275 COCO images
 # twice (max 1,024 new tokens), stage 2 describes 5,000 instruction images, and the evaluation answers the seven
 # benchmarks (~26k items with MMBench circular) for 4 configurations, two of them DaR (a description per item).
 # Mean response lengths are assumptions (no real model here): descriptions about 400 tokens (the STIC preference

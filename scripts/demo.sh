@@ -23,7 +23,7 @@ step "3/8 train-dpo: stage 1, LoRA + DPO with the chosen-likelihood term -> $OUT
 # A learning rate far above the paper's 1e-7, so that 16 steps on a random model move visibly.
 $STIC train-dpo --model "$OUT/model" --data "$OUT/prefs.jsonl" --image-dir "$IMAGES" --output "$OUT/stage1" \
   --max-steps 16 --batch-size 2 --grad-accum 1 --lr 2e-3 --projector-lr 1e-3 --lora-r 8 --lora-alpha 16 \
-  --max-length 4096 --save-steps 8 "${common[@]}"
+  --save-steps 8 "${common[@]}"
 
 step "4/8 describe: the stage-1 model describes the instruction images -> $OUT/descriptions.jsonl"
 $STIC describe --model "$OUT/model" --adapter "$OUT/stage1" --data data/demo/instructions.json \
@@ -36,7 +36,7 @@ $STIC infuse --data data/demo/instructions.json --descriptions "$OUT/description
 step "6/8 train-sft: stage 2 from the stage-1 adapter -> $OUT/stage2"
 $STIC train-sft --model "$OUT/model" --init-adapter "$OUT/stage1" --data "$OUT/instructions_infused.json" \
   --image-dir "$IMAGES" --output "$OUT/stage2" --max-steps 8 --batch-size 2 --grad-accum 1 --lr 1e-3 \
-  --max-length 4096 "${common[@]}"
+  "${common[@]}"
 
 step "7/8 eval: ScienceQA-format questions with describe-and-respond -> $OUT/eval"
 $STIC eval --model "$OUT/model" --adapter "$OUT/stage2" --benchmark scienceqa --data data/demo/eval/scienceqa \

@@ -18,6 +18,8 @@ pub enum Error {
     #[error(transparent)]
     Pipeline(#[from] crate::stic::PipelineError),
     #[error(transparent)]
+    Reproduce(#[from] crate::stic::reproduce::ReproduceError),
+    #[error(transparent)]
     EvalData(#[from] crate::eval::benchmarks::EvalDataError),
     #[error(transparent)]
     Score(#[from] crate::eval::benchmarks::ScoreError),

@@ -62,6 +62,7 @@ impl LoraLayer {
 
 /// What to adapt and how; serialised into configs and checkpoints.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LoraSettings {
     pub r: usize,
     pub alpha: f64,

@@ -44,6 +44,9 @@ enum Command {
     Tokenize(cli::tokenize::Args),
     /// Write a small random LLaVA-NeXT-Mistral checkpoint (llava-hf layout) with the shipped tokenizer.
     InitTiny(cli::init_tiny::Args),
+    /// The STIC paper end to end from a profile (official: the released code as it ran; paper: the method as
+    /// stated): resumable steps, a report beside the paper's numbers.
+    Reproduce(cli::reproduce::Args),
     #[command(hide = true)]
     DecodeImage(cli::decode_image::Args),
 }
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cli::eval::run(args),
         Command::EvalScore(args) => cli::eval::run_score(args),
         Command::DistCheck(args) => cli::dist_check::run(args),
+        Command::Reproduce(args) => cli::reproduce::run(args, &Cli::command()),
         Command::DecodeImage(args) => cli::decode_image::run(args),
         Command::Tokenize(args) => cli::tokenize::run(args),
     };

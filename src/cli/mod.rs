@@ -9,6 +9,7 @@ pub mod init_tiny;
 pub mod merge;
 pub mod model_args;
 pub mod prefs;
+pub mod reproduce;
 pub mod score;
 pub mod tokenize;
 pub mod train;

@@ -142,8 +142,27 @@ pub struct Args {
     /// JSONL output; a rerun continues it.
     #[arg(long)]
     output: PathBuf,
+    /// `flag-only` marks the corrupted-image half but generates it from the clean image, as the official
+    /// `generate_pref.py` does.
+    #[arg(long, value_enum, default_value_t = CorruptionMode::Apply)]
+    corruption: CorruptionMode,
+    /// Resampling of the 20-px downscale: bilinear is torchvision's `Resize` on PIL images.
+    #[arg(long, value_enum, default_value_t = ResizeFilter::Bilinear)]
+    resize_filter: ResizeFilter,
     #[command(flatten)]
     job: JobArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CorruptionMode {
+    Apply,
+    FlagOnly,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ResizeFilter {
+    Bilinear,
+    Bicubic,
 }
 
 const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
@@ -190,6 +209,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.job.seed,
         model_name: args.model.model.display().to_string(),
         max_pixels: session.model.cfg.image.max_pixels,
+        apply_corruption: args.corruption == CorruptionMode::Apply,
+        resize_filter: match args.resize_filter {
+            ResizeFilter::Bilinear => stic::image::Filter::Bilinear,
+            ResizeFilter::Bicubic => stic::image::Filter::Bicubic,
+        },
     };
     let summary = run_job(&session, &task, &names, &opts)?;
     report(&summary, &opts.output);

@@ -7,10 +7,10 @@ use stic::train::data::{encode_conversation, image_path, image_size, read_record
 use stic::train::dpo::{DpoObjective, LossType, PairExample, RejectedScoring};
 use stic::stic::infuse::InstructionEntry;
 use stic::train::sft::{SftExample, SftObjective};
-use stic::train::trainer::{check_global_batch, EncodedRow, Objective, TrainConfig, Trainer};
+use stic::train::trainer::{check_global_batch, EncodedRow, ImageLayout, Objective, TrainConfig, Trainer};
 use stic::{Error, Result};
 
-const STAGE1_DEFAULTS: &str = include_str!("../../configs/stic-stage1.yaml");
+const STAGE1_DEFAULTS: &str = include_str!("../../configs/paper/stage1.yaml");
 
 /// Flags shared by `train-dpo` and `train-sft`; they override the YAML config.
 #[derive(clap::Args)]
@@ -25,7 +25,7 @@ pub struct TrainArgs {
     image_dir: PathBuf,
     #[arg(long)]
     output: PathBuf,
-    /// YAML settings (default: the shipped configs/stic-stage1.yaml or stic-stage2.yaml); flags override them.
+    /// YAML settings (default: the shipped configs/paper/stage1.yaml or stage2.yaml); flags override them.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Start from this adapter instead of a fresh one (stage 2 starts from the stage-1 adapter).
@@ -109,7 +109,7 @@ fn parse<T: serde::de::DeserializeOwned>(value: &str, what: &str) -> Result<T> {
     serde_json::from_value(serde_json::Value::String(value.into())).map_err(|_| Error::Input(format!("unknown {what} '{value}'")))
 }
 
-const STAGE2_DEFAULTS: &str = include_str!("../../configs/stic-stage2.yaml");
+const STAGE2_DEFAULTS: &str = include_str!("../../configs/paper/stage2.yaml");
 
 impl TrainArgs {
     /// The config with the flags applied (`objective_flags` sets those of the objective), validated.
@@ -142,6 +142,9 @@ impl TrainArgs {
         if self.max_steps.is_some() {
             cfg.max_steps = self.max_steps;
         }
+        if cfg.disable_dropout {
+            cfg.lora.dropout = 0.0;
+        }
         objective_flags(&mut cfg)?;
         cfg.validate()?;
         let mut inputs = vec![("--model", self.model.as_path()), ("--data", self.data.as_path())];
@@ -155,7 +158,11 @@ impl TrainArgs {
         let device = parse_device(&cfg.device)?;
         let device = group.map_or(device, |g| g.device_for(device));
         let kind = parse_dtype(&cfg.dtype, device)?;
-        let session = stic::session::Session::load(&self.model, None, self.processing.processing, kind, device)?;
+        let mut session = stic::session::Session::load(&self.model, None, self.processing.processing, kind, device)?;
+        if cfg.image_layout == ImageLayout::PadFlat {
+            session.model.cfg.image.aspect_mode = stic::image::AspectMode::Pad;
+            session.model.cfg.image.patch_merge = stic::image::PatchMerge::Flat;
+        }
         Ok((session.model, session.tokenizer))
     }
 
@@ -168,16 +175,20 @@ impl TrainArgs {
     }
 
     /// Builds the examples of every record, skipping (with `--skip-bad`) or stopping at the first bad one.
-    fn examples<R, E>(&self, what: &str, cfg: &TrainConfig, group: Option<&ProcessGroup>, records: &[(usize, R)], skipped: Vec<String>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize), String>) -> Result<Vec<E>> {
+    /// `build` gives the example, how many of its responses were truncated and its image feature count.
+    fn examples<R, E>(&self, what: &str, cfg: &TrainConfig, group: Option<&ProcessGroup>, records: &[(usize, R)], skipped: Vec<String>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize, usize), String>) -> Result<Vec<E>> {
         let (max_length, quiet) = (cfg.max_length, group.is_some_and(|g| !g.is_main()));
         let mut examples = Vec::new();
         let mut problems = skipped;
         let mut truncated = 0;
+        let (mut fewest_features, mut most_features) = (usize::MAX, 0);
         for (position, record) in records {
             match build(*position, record) {
-                Ok((example, cut)) => {
+                Ok((example, cut, features)) => {
                     examples.push(example);
                     truncated += cut;
+                    fewest_features = fewest_features.min(features);
+                    most_features = most_features.max(features);
                 }
                 Err(why) if self.skip_bad => problems.push(format!("{} record {position}: {why}", self.data.display())),
                 Err(why) => return Err(Error::Input(format!("{} record {position}: {why} (pass --skip-bad to skip such records)", self.data.display()))),
@@ -190,7 +201,11 @@ impl TrainArgs {
             for p in &problems {
                 eprintln!("skipped: {p}");
             }
-            eprintln!("{} {what} ({} skipped, {truncated} responses truncated to max_length {max_length})", examples.len(), problems.len());
+            eprintln!(
+                "{} {what} ({} skipped, {truncated} responses truncated to max_length {max_length}; image features per example {fewest_features}-{most_features})",
+                examples.len(),
+                problems.len()
+            );
         }
         // --dump-first-step runs one micro-batch only
         let (world, grad_accum) = if self.dump_first_step.is_some() { (1, 1) } else { (stic::dist::rank_and_world(group).1, cfg.grad_accum) };
@@ -241,11 +256,11 @@ pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
     let (records, skipped) = read_records::<PreferencePair>(&a.data, a.skip_bad)?;
     let examples = a.examples("preference pairs", &cfg, group.as_ref(), &records, skipped, |_, pair| {
         let (prompt, chosen, rejected) = pair.parts()?;
-        let (path, features) = a.image_features(&model, &pair.image)?;
-        let user = stic::session::Session::user_text(prompt, true);
+        let (image, features) = if cfg.text_only { (None, 0) } else { a.image_features(&model, &pair.image).map(|(p, n)| (Some(p), n))? };
+        let user = user_message(prompt, image.is_some(), &cfg)?;
         let row = |response: &str| encode_conversation(&tokenizer, cfg.template, &[(user.clone(), response.to_string())], features, cfg.max_length);
         let ((chosen, c_cut), (rejected, r_cut)) = (row(chosen)?, row(rejected)?);
-        Ok((PairExample { image: path, chosen, rejected }, c_cut as usize + r_cut as usize))
+        Ok((PairExample { image, chosen, rejected }, c_cut as usize + r_cut as usize, features))
     })?;
     let adapter = a.attach_adapter(&mut model, &cfg)?;
     let mut objective = DpoObjective { cfg: cfg.dpo, checkpointing: cfg.gradient_checkpointing, share_prefix: !args.no_shared_prefix, reference_cache: None };
@@ -287,19 +302,19 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     let examples = a.examples("conversations", &cfg, group.as_ref(), &records, Vec::new(), |_, entry| {
         let turns = entry.training_turns()?;
         let (image, features) = match &entry.image {
-            Some(name) => {
+            Some(name) if !cfg.text_only => {
                 let (path, n) = a.image_features(&model, name)?;
                 (Some(path), n)
             }
-            None => (None, 0),
+            _ => (None, 0),
         };
-        let turns: Vec<(String, String)> = turns
+        let turns = turns
             .into_iter()
             .enumerate()
-            .map(|(i, (user, answer))| (if i == 0 { stic::session::Session::user_text(&user, image.is_some()) } else { user }, answer))
-            .collect();
+            .map(|(i, (user, answer))| Ok((user_message(&user, i == 0 && image.is_some(), &cfg)?, answer)))
+            .collect::<std::result::Result<Vec<(String, String)>, String>>()?;
         let (row, cut) = encode_conversation(&tokenizer, cfg.template, &turns, features, cfg.max_length)?;
-        Ok((SftExample { image, row }, cut as usize))
+        Ok((SftExample { image, row }, cut as usize, features))
     })?;
     let adapter = a.attach_adapter(&mut model, &cfg)?;
     let objective = SftObjective { checkpointing: cfg.gradient_checkpointing };
@@ -311,13 +326,22 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A user message as the model sees it: `<image>` placed as configured, or refused in a text-only run.
+fn user_message(text: &str, with_image: bool, cfg: &TrainConfig) -> std::result::Result<String, String> {
+    if cfg.text_only && text.contains(stic::text::tokenizer::IMAGE_TOKEN) {
+        return Err("the message holds <image> but the config says text_only".into());
+    }
+    let text = if cfg.image_token_first { stic::text::templates::image_token_first(text) } else { text.to_string() };
+    Ok(if with_image { stic::session::Session::user_text(&text, true) } else { text })
+}
+
 fn precompute_reference(model: &stic::model::LlavaNext, objective: &DpoObjective, examples: &[PairExample]) -> Result<Vec<(f64, f64)>> {
     let bar = indicatif::ProgressBar::new(examples.len() as u64).with_message("reference log-probs");
     let mut out = Vec::with_capacity(examples.len());
     for e in examples {
         let batch = objective.pack(model, &[e])?;
-        let image = stic::train::dpo::PairImage::load(model, &e.image)?;
-        let logps: Vec<f64> = Vec::try_from(objective.reference_logps(model, &batch, &[image])?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).expect("f64");
+        let image = e.image.as_deref().map(|path| stic::train::dpo::PairImage::load(model, path)).transpose()?;
+        let logps: Vec<f64> = Vec::try_from(objective.reference_logps(model, &batch, image.as_slice())?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).expect("f64");
         out.push((logps[0], logps[1]));
         bar.inc(1);
     }

@@ -12,7 +12,7 @@ mod pil;
 mod preprocess;
 
 pub use load::{load_image, load_image_bytes, ImageError};
-pub use pil::resize_bicubic;
+pub use pil::{resize, resize_bicubic, Filter};
 pub use preprocess::{preprocess, Preprocessed};
 
 /// How an image is turned into vision-tower tiles.

@@ -1,12 +1,38 @@
-//! Pillow's `Image.resize(size, Image.BICUBIC)` for 8-bit RGB, reproduced bit for bit
-//! (libImaging/Resample.c: separable convolution with fixed-point weights).
+//! Pillow's `Image.resize(size, Image.BICUBIC)` and `Image.BILINEAR` for 8-bit RGB, reproduced bit for bit
+//! (libImaging/Resample.c: separable convolution with fixed-point weights; both filters antialias when
+//! downscaling).
 
 use ::image::RgbImage;
 
 const CHANNELS: usize = 3;
 /// Fixed-point precision of the 8-bit resampling weights (Resample.c: `32 - 8 - 2`).
 const PRECISION_BITS: u32 = 22;
-const BICUBIC_SUPPORT: f64 = 2.0;
+
+/// A Pillow resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filter {
+    /// `Image.BILINEAR`: the triangle filter (torchvision's default `Resize` interpolation on PIL images).
+    Bilinear,
+    /// `Image.BICUBIC`: Keys' cubic convolution (what the CLIP image processors use).
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Bilinear => (1.0 - x.abs()).max(0.0),
+            Filter::Bicubic => bicubic_filter(x),
+        }
+    }
+}
 
 /// Keys' cubic convolution with a = -0.5, as Pillow defines BICUBIC.
 fn bicubic_filter(x: f64) -> f64 {
@@ -38,11 +64,11 @@ impl Coefficients {
 }
 
 /// `precompute_coeffs` + `normalize_coeffs_8bpc` for the whole-image box `(0, in_size)`.
-fn precompute_coefficients(in_size: u32, out_size: u32) -> Coefficients {
+fn precompute_coefficients(in_size: u32, out_size: u32, filter: Filter) -> Coefficients {
     let scale = f64::from(in_size) / f64::from(out_size);
     // Downscaling widens the filter (antialiasing); upscaling keeps it at its natural width.
     let filter_scale = scale.max(1.0);
-    let support = BICUBIC_SUPPORT * filter_scale;
+    let support = filter.support() * filter_scale;
     let taps_per_output = support.ceil() as usize * 2 + 1;
     let inverse_filter_scale = 1.0 / filter_scale;
 
@@ -61,7 +87,7 @@ fn precompute_coefficients(in_size: u32, out_size: u32) -> Coefficients {
         let mut total = 0.0;
         for (tap, weight) in float_weights[..taps].iter_mut().enumerate() {
             let distance = (tap as i64 + min) as f64 - center + 0.5;
-            *weight = bicubic_filter(distance * inverse_filter_scale);
+            *weight = filter.weight(distance * inverse_filter_scale);
             total += *weight;
         }
         let row = &mut weights[out_index * taps_per_output..][..taps];
@@ -159,32 +185,37 @@ fn resample_vertical(
 }
 
 /// Pillow-exact `img.resize((width, height), Image.BICUBIC)`.
+pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    resize(img, width, height, Filter::Bicubic)
+}
+
+/// Pillow-exact `img.resize((width, height), filter)`.
 ///
 /// Each axis whose size changes is resampled in its own pass, rounding to 8 bits in between.
 /// Pillow runs the horizontal pass first unless the height shrinks by more than twice as many
 /// pixels as the width (Pillow 13, python-pillow/Pillow#9549); the order changes the rounding.
 ///
 /// Panics if `width` or `height` is zero (Pillow raises there too).
-pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
     assert!(
         width > 0 && height > 0,
-        "resize_bicubic: target size {width}x{height} is empty"
+        "resize: target size {width}x{height} is empty"
     );
     let (in_width, in_height) = img.dimensions();
     let input = img.as_raw();
     let resized = match (width != in_width, height != in_height) {
         (false, false) => return img.clone(),
         (true, false) => {
-            let horizontal = precompute_coefficients(in_width, width);
+            let horizontal = precompute_coefficients(in_width, width, filter);
             resample_horizontal(input, in_width as usize, 0, in_height as usize, &horizontal)
         }
         (false, true) => {
-            let vertical = precompute_coefficients(in_height, height);
+            let vertical = precompute_coefficients(in_height, height, filter);
             resample_vertical(input, in_width as usize, 0, &vertical)
         }
         (true, true) => {
-            let horizontal = precompute_coefficients(in_width, width);
-            let vertical = precompute_coefficients(in_height, height);
+            let horizontal = precompute_coefficients(in_width, width, filter);
+            let vertical = precompute_coefficients(in_height, height, filter);
             let height_shrink = i64::from(in_height) - i64::from(height);
             let width_shrink = i64::from(in_width) - i64::from(width);
             if height_shrink > 0 && height_shrink > 2 * width_shrink {
@@ -241,7 +272,7 @@ mod tests {
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
         for (input, output) in [(100, 7), (7, 100), (336, 335), (1, 5), (5, 1)] {
-            let c = precompute_coefficients(input, output);
+            let c = precompute_coefficients(input, output, Filter::Bicubic);
             for i in 0..output as usize {
                 let sum: i32 = c.weights_of(i).iter().sum();
                 assert!(
@@ -318,5 +349,27 @@ mod tests {
         ];
         let got: Vec<[u8; 3]> = tall.pixels().map(|p| p.0).collect();
         assert_eq!(got, expected_tall);
+    }
+
+    /// Golden values from Pillow 13.0.0, `Image.BILINEAR`, on the same gradients: downscale, the vertical-first
+    /// order, and an upscale.
+    #[test]
+    fn bilinear_matches_pillow_golden_values() {
+        let pixels = |img: RgbImage| img.pixels().map(|p| p.0).collect::<Vec<[u8; 3]>>();
+        let down: Vec<[u8; 3]> = vec![
+            [19, 42, 102], [71, 49, 107], [124, 56, 112], [176, 63, 117], [36, 125, 103], [88, 132, 110],
+            [141, 139, 117], [193, 146, 124], [53, 208, 104], [105, 215, 113], [158, 222, 122], [210, 229, 131],
+        ];
+        assert_eq!(pixels(resize(&gradient(6, 5), 4, 3, Filter::Bilinear)), down);
+        let tall: Vec<[u8; 3]> = vec![
+            [22, 84, 102], [64, 90, 107], [107, 96, 112], [149, 101, 117], [191, 107, 121], [52, 145, 102],
+            [94, 151, 111], [137, 157, 119], [179, 162, 126], [221, 168, 135], [82, 120, 103], [124, 126, 115],
+            [167, 132, 126], [209, 137, 136], [125, 143, 148],
+        ];
+        assert_eq!(pixels(resize(&gradient(6, 9), 5, 3, Filter::Bilinear)), tall);
+        let up = pixels(resize(&gradient(6, 5), 9, 4, Filter::Bilinear));
+        assert_eq!(up.len(), 36);
+        assert_eq!((up[0], up[8], up[27], up[35]), ([3, 30, 101], [188, 55, 117], [41, 216, 101], [226, 241, 135]));
+        assert_eq!(up[13], [109, 105, 112]);
     }
 }

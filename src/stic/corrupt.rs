@@ -1,7 +1,8 @@
 //! The image corruptions of STIC stage 1. The dispreferred description of an image is either a
 //! hallucination prompt on the clean image or a plain prompt on a corrupted one; the official
 //! `generate_pref.py` corrupts with torchvision `Resize(20)` or `ColorJitter(brightness=.5, hue=.3)`, 50/50,
-//! on PIL images. The colour jitter is reproduced with PIL's 8-bit arithmetic: for given factors its output
+//! on PIL images. On a PIL image torchvision's `Resize` is Pillow's `resize` with `BILINEAR` (antialiased), and
+//! the colour jitter is PIL's 8-bit arithmetic: with [`Filter::Bilinear`] and for given jitter factors the output
 //! is torchvision's, byte for byte.
 use std::path::Path;
 use std::str::FromStr;
@@ -12,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::PipelineError;
+use crate::image::Filter;
 
 /// Shorter side after [`Corruption::Downscale20`].
 pub const DOWNSCALE_SHORTER_SIDE: u32 = 20;
@@ -39,10 +41,11 @@ impl Corruption {
         }
     }
 
-    /// Applies the corruption; `rng` drives the random parameters of the colour jitter.
-    pub fn apply<R: Rng + ?Sized>(self, img: &RgbImage, rng: &mut R) -> RgbImage {
+    /// Applies the corruption; the downscale resamples with `resize_filter`, `rng` drives the random parameters
+    /// of the colour jitter.
+    pub fn apply<R: Rng + ?Sized>(self, img: &RgbImage, resize_filter: Filter, rng: &mut R) -> RgbImage {
         match self {
-            Corruption::Downscale20 => downscale_short_side(img, DOWNSCALE_SHORTER_SIDE),
+            Corruption::Downscale20 => downscale_short_side(img, DOWNSCALE_SHORTER_SIDE, resize_filter),
             Corruption::ColorJitter => color_jitter(img, JITTER_BRIGHTNESS, JITTER_HUE, rng),
         }
     }
@@ -81,15 +84,15 @@ impl std::fmt::Display for Corruption {
 
 /// Resizes so that the shorter side is `shorter_side` px, keeping the aspect ratio as torchvision
 /// `Resize(shorter_side)` does: the longer side becomes `int(shorter_side * long / short)`. Like torchvision,
-/// this enlarges an image whose shorter side is below `shorter_side`. The resampling is bicubic, where
-/// torchvision's default (and so the official code's) is bilinear: same size, slightly different pixels.
-pub fn downscale_short_side(img: &RgbImage, shorter_side: u32) -> RgbImage {
+/// this enlarges an image whose shorter side is below `shorter_side`. [`Filter::Bilinear`] is torchvision's
+/// default (and so the official code's).
+pub fn downscale_short_side(img: &RgbImage, shorter_side: u32, filter: Filter) -> RgbImage {
     let (width, height) = short_side_resize_dimensions(img.dimensions(), shorter_side);
     // torchvision returns the image untouched when the size does not change.
     if (width, height) == img.dimensions() {
         return img.clone();
     }
-    crate::image::resize_bicubic(img, width, height)
+    crate::image::resize(img, width, height, filter)
 }
 
 fn short_side_resize_dimensions((width, height): (u32, u32), shorter_side: u32) -> (u32, u32) {
@@ -214,11 +217,12 @@ fn pil_hsv_to_rgb([h, s, v]: [u8; 3]) -> [u8; 3] {
     }
 }
 
-/// Loads `input`, applies `kind` with a [`ChaCha8Rng`] seeded by `seed` and writes the result as a PNG to
-/// `output` (whatever its extension), atomically. `max_pixels` bounds the decoded input.
+/// Loads `input`, applies `kind` (downscaling as torchvision does, bilinear) with a [`ChaCha8Rng`] seeded by
+/// `seed` and writes the result as a PNG to `output` (whatever its extension), atomically. `max_pixels` bounds
+/// the decoded input.
 pub fn run_corrupt(input: &Path, output: &Path, kind: Corruption, seed: u64, max_pixels: u64) -> crate::Result<()> {
     let image = crate::image::load_image(input, max_pixels)?;
-    let corrupted = kind.apply(&image, &mut ChaCha8Rng::seed_from_u64(seed));
+    let corrupted = kind.apply(&image, Filter::Bilinear, &mut ChaCha8Rng::seed_from_u64(seed));
     let mut png = Vec::new();
     corrupted
         .write_to(&mut std::io::Cursor::new(&mut png), ::image::ImageFormat::Png)
@@ -269,7 +273,7 @@ mod tests {
             ((10, 15), (20, 30)),
         ];
         for ((width, height), expected) in cases {
-            let resized = downscale_short_side(&colour_wheel(width, height), 20);
+            let resized = downscale_short_side(&colour_wheel(width, height), 20, Filter::Bilinear);
             assert_eq!(resized.dimensions(), expected, "{width}x{height}");
             let elongation = |(w, h): (u32, u32)| f64::from(w.max(h)) / f64::from(w.min(h));
             // Truncating the longer side loses less than one of its pixels.
@@ -281,7 +285,7 @@ mod tests {
     #[test]
     fn resize_to_the_same_size_returns_the_image_untouched() {
         let img = colour_wheel(35, 20);
-        assert_eq!(downscale_short_side(&img, 20), img);
+        assert_eq!(downscale_short_side(&img, 20, Filter::Bicubic), img);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod infuse;
 pub mod job;
 pub mod jsonl;
 pub mod prefs;
+pub mod reproduce;
 pub mod sharding;
 
 use std::path::PathBuf;

@@ -1,6 +1,7 @@
 //! Conversation templates rendered exactly as LLaVA's `conversation.py` renders them.
 use std::str::FromStr;
 
+use super::tokenizer::IMAGE_TOKEN;
 use crate::error::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -19,8 +20,9 @@ pub enum Role {
     Assistant,
 }
 
-const VICUNA_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. \
-The assistant gives helpful, detailed, and polite answers to the human's questions.";
+/// `conv_vicuna_v1.system` ("user" twice; "curious human … the human's" is `conv_llava_v1`, another template).
+const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
+The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
 impl FromStr for Template {
     type Err = Error;
@@ -76,6 +78,15 @@ impl Template {
     }
 }
 
+/// LLaVA's `preprocess_multimodal` on one message: a message that holds `<image>` gets it removed and put in front
+/// on a line of its own (`"<image>\n" + rest.strip()`, stripped again); other messages are left as they are.
+pub fn image_token_first(message: &str) -> String {
+    if !message.contains(IMAGE_TOKEN) {
+        return message.to_string();
+    }
+    format!("{IMAGE_TOKEN}\n{}", message.replace(IMAGE_TOKEN, "").trim()).trim().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,8 +106,18 @@ mod tests {
         let t = Template::VicunaV1;
         assert_eq!(
             t.render(&[Some("<image>\nQ1"), Some("A1"), Some("Q2"), None]),
-            format!("{VICUNA_SYSTEM} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:")
+            "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, \
+             detailed, and polite answers to the user's questions. USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
         );
+    }
+
+    #[test]
+    fn image_token_first_follows_llava_preprocess_multimodal() {
+        assert_eq!(image_token_first("What is this?\n<image>"), "<image>\nWhat is this?");
+        assert_eq!(image_token_first("<image>\nWhat is this?"), "<image>\nWhat is this?");
+        assert_eq!(image_token_first("  Look: <image> here  "), "<image>\nLook:  here");
+        assert_eq!(image_token_first("<image>"), "<image>");
+        assert_eq!(image_token_first("no image"), "no image");
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub enum RejectedScoring {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DpoConfig {
     pub beta: f64,
     /// Weight of the chosen response's log-likelihood term.
@@ -56,9 +57,10 @@ pub fn dpo_loss(cfg: &DpoConfig, policy_chosen: &Tensor, policy_rejected: &Tenso
     (losses, chosen_rewards, rejected_rewards)
 }
 
-/// One preference pair ready for the model: the shared image, then the chosen and the rejected row.
+/// One preference pair ready for the model: the shared image (none for text-only prompts), then the chosen and
+/// the rejected row.
 pub struct PairExample {
-    pub image: PathBuf,
+    pub image: Option<PathBuf>,
     pub chosen: EncodedRow,
     pub rejected: EncodedRow,
 }
@@ -93,22 +95,27 @@ pub struct DpoObjective {
 
 impl DpoObjective {
     /// The pairs packed into one sequence: rows 0..pairs are the chosen rows, pairs..2·pairs the rejected ones;
-    /// the image features of pair i are image i.
+    /// the image features of the i-th pair with an image are image i (text-only pairs have none).
     pub fn pack(&self, model: &LlavaNext, pairs: &[&PairExample]) -> Result<PackedBatch> {
         let n = pairs.len();
+        let mut images = 0..;
         let groups: Vec<RowGroup> = pairs
             .iter()
             .enumerate()
-            .map(|(i, e)| RowGroup { rows: vec![(i, &e.chosen), (n + i, &e.rejected)], image: Some(i), share_prefix: self.share_prefix })
+            .map(|(i, e)| RowGroup {
+                rows: vec![(i, &e.chosen), (n + i, &e.rejected)],
+                image: e.image.as_ref().map(|_| images.next().expect("unbounded")),
+                share_prefix: self.share_prefix,
+            })
             .collect();
         pack(&groups, model.device())
     }
 
-    /// Summed log-probs of every row ([chosen..., rejected...]); `features` has one entry per pair.
+    /// Summed log-probs of every row ([chosen..., rejected...]); `features` has one entry per pair with an image.
     fn logps(&self, model: &LlavaNext, batch: &PackedBatch, features: &[Tensor], with_graph: bool, seed: i64) -> Result<(Tensor, Option<super::forward::Recompute>)> {
         let runs: Vec<Tensor> = batch.image_runs.iter().map(|&i| features[i].shallow_clone()).collect();
         let embeds = model.embed_inputs(&batch.ids, &runs)?;
-        let pairs = features.len() as i64;
+        let pairs = batch.rows as i64 / 2;
         let own_top = (self.cfg.rejected_scoring == RejectedScoring::OfficialTopToken).then(|| {
             Tensor::arange(2 * pairs, (Kind::Int64, batch.ids.device())).ge(pairs)
         });
@@ -145,7 +152,7 @@ impl Objective for DpoObjective {
     fn step(&self, model: &LlavaNext, examples: &[(usize, &PairExample)], loss_scale: f64, seed: i64) -> Result<StepOutput> {
         let device = model.device();
         let batch = self.pack(model, &examples.iter().map(|(_, e)| *e).collect::<Vec<_>>())?;
-        let images = examples.iter().map(|(_, e)| PairImage::load(model, &e.image)).collect::<Result<Vec<_>>>()?;
+        let images = examples.iter().filter_map(|(_, e)| e.image.as_deref()).map(|path| PairImage::load(model, path)).collect::<Result<Vec<_>>>()?;
         let pairs = examples.len() as i64;
         let reference = match &self.reference_cache {
             Some(cache) => {

@@ -78,6 +78,30 @@ pub struct TrainConfig {
     pub device: String,
     #[serde(default)]
     pub dpo: super::dpo::DpoConfig,
+    /// Prompts without `<image>` and no image features (the official stage 1: its stored prompts have none, so
+    /// LLaVA drops the features).
+    #[serde(default)]
+    pub text_only: bool,
+    /// How images become features (the official stage 2 uses `pad_flat`).
+    #[serde(default)]
+    pub image_layout: ImageLayout,
+    /// Put `<image>` at the front of the message that holds it, on its own line (LLaVA's `preprocess_multimodal`).
+    #[serde(default)]
+    pub image_token_first: bool,
+    /// LoRA dropout 0 whatever `lora.dropout` says (the official DPO trainer's `disable_dropout=True`).
+    #[serde(default)]
+    pub disable_dropout: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageLayout {
+    /// As the model's config says (anyres for LLaVA-v1.6).
+    #[default]
+    Model,
+    /// LLaVA's `image_aspect_ratio pad` + `mm_patch_merge_type flat`: the image padded to a square with the mean
+    /// colour, one tile, its 576 features without `image_newline`.
+    PadFlat,
 }
 
 fn default_save_total_limit() -> usize {

@@ -58,14 +58,19 @@ mod tests {
     use super::*;
 
     fn stage1() -> TrainConfig {
-        serde_yaml::from_str(include_str!("../../configs/stic-stage1.yaml")).unwrap()
+        serde_yaml::from_str(include_str!("../../configs/paper/stage1.yaml")).unwrap()
     }
 
     #[test]
     fn the_shipped_configs_are_valid() {
-        stage1().validate().unwrap();
-        let stage2: TrainConfig = serde_yaml::from_str(include_str!("../../configs/stic-stage2.yaml")).unwrap();
-        stage2.validate().unwrap();
+        for text in [
+            include_str!("../../configs/paper/stage1.yaml"),
+            include_str!("../../configs/paper/stage2.yaml"),
+            include_str!("../../configs/official/stage1.yaml"),
+            include_str!("../../configs/official/stage2.yaml"),
+        ] {
+            serde_yaml::from_str::<TrainConfig>(text).unwrap().validate().unwrap();
+        }
     }
 
     #[test]

@@ -77,7 +77,7 @@ class World:
         jpeg = (IMAGES / "rocket.jpg").read_bytes()
         (self.images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
 
-        stage1 = (ROOT / "configs" / "stic-stage1.yaml").read_text()
+        stage1 = (ROOT / "configs" / "paper" / "stage1.yaml").read_text()
         for key, value in [("warmup_ratio", "2"), ("max_grad_norm", "-1"), ("weight_decay", "-0.1"), ("lr", "-1")]:
             lines = [f"{key}: {value}" if line.startswith(f"{key}:") else line for line in stage1.splitlines()]
             self.write(f"config_{key}.yaml", "\n".join(lines) + "\n")

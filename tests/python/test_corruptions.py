@@ -100,6 +100,5 @@ def test_resize20_gives_torchvision_sizes(tmp_path, size):
     ours = stic_corrupt(source, tmp_path / "small.png", "resize20")
     theirs = T.Resize(20)(Image.open(source).convert("RGB"))
     assert ours.size == theirs.size
-    # Bicubic here, bilinear in torchvision's default: close in colour, not equal.
-    mean_gap = np.abs(np.asarray(ours, float).mean((0, 1)) - np.asarray(theirs, float).mean((0, 1)))
-    assert mean_gap.max() < 4, mean_gap
+    # Bilinear with antialias, as torchvision resizes PIL images: the same bytes.
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))

@@ -80,7 +80,7 @@ def summary_line(stderr):
 
 def test_prefs_skips_prompts_too_long_for_the_context_and_counts_rows_it_cut(tmp_path):
     """A context of 2,320 tokens: the preferred prompts of the 672x672-grid images (3,099 tokens) do not fit and
-    their items are skipped; those of the 2x1 grids (2,315 tokens) fit with room for 5 new tokens and stop there;
+    their items are skipped, as is the Hubble photo's (2,805); those of the 2x1 grids (2,315 tokens) fit with room for 5 new tokens and stop there;
     Chelsea (1,635) is untouched. The other slots keep going, and Chelsea's record is the one a full-context run
     writes."""
     model = tmp_path / "tiny"
@@ -93,9 +93,10 @@ def test_prefs_skips_prompts_too_long_for_the_context_and_counts_rows_it_cut(tmp
     common = ["--image-dir", IMAGES, "--device", "cpu", "--seed", "42", "--max-new-tokens", "16", "--batch-size", "3"]
     out = tmp_path / "p.jsonl"
     proc = run_stic("prefs", "--model", small, "--output", out, *common)
-    assert summary_line(proc.stderr).endswith("5 written, 0 already there, 3 skipped"), proc.stderr
+    assert summary_line(proc.stderr).endswith("5 written, 0 already there, 4 skipped"), proc.stderr
     for name in ("astronaut.png", "camera.png", "logo.png"):
         assert f"skipped {name}: the prompt is 3099 tokens long" in proc.stderr, proc.stderr
+    assert "skipped hubble_deep_field.jpg: the prompt is 2805 tokens long" in proc.stderr, proc.stderr
     assert "4 stopped at the context limit" in proc.stderr, proc.stderr
     records = {json.loads(line)["image"]: json.loads(line) for line in out.read_text().splitlines()}
     assert sorted(records) == ["chelsea.png", "coffee.png", "extreme_ironing.jpg", "rocket.jpg", "waterview.jpg"]

@@ -34,6 +34,12 @@ pub static BENCHMARKS: [&dyn Benchmark; 7] = [
     &mathvista::MathVista,
 ];
 
+impl std::fmt::Debug for dyn Benchmark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One benchmark: its items (each with the prompt the official script builds) and its official scorer.
 pub trait Benchmark: Sync {
     /// The `--benchmark` name.

@@ -1,0 +1,216 @@
+//! Runs a plan: skips the steps done before, checks that everything the others need is there before starting
+//! any, runs them in order with one progress line per step (step k/n, what, elapsed, ETA where known), and
+//! leaves a marker after each.
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::config::{Profile, Subset};
+use super::steps::{Action, Plan, Step};
+use super::{report, ReproduceError};
+use crate::error::{Error, Result};
+use crate::fsutil::{create_parent, write_atomic};
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marker {
+    command: Vec<String>,
+    seconds: f64,
+}
+
+fn marker_path(output: &Path, step: &Step) -> PathBuf {
+    output.join(".steps").join(format!("{}.json", step.name))
+}
+
+/// What identifies a step's work: its command line, or what the internal steps read.
+fn signature(step: &Step, profile: &Profile) -> Vec<String> {
+    match &step.action {
+        Action::Command { args, .. } => args.clone(),
+        Action::Subset => {
+            let s = &profile.cfg.stage2;
+            let mut sig = vec!["stage2-subset".to_string(), format!("{:?}", s.subset), profile.cfg.paths.instruction_json.display().to_string()];
+            sig.extend(s.sample.map(|x| format!("size {} seed {}", x.size, x.seed)));
+            sig
+        }
+        Action::Report => Vec::new(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Done,
+    ToRun,
+}
+
+/// The status of every step, and the time each done step took; a step done with another command line is an
+/// error (its outputs would not be what the profile says).
+pub fn statuses(plan: &Plan, profile: &Profile) -> Result<Vec<(Status, Option<f64>)>> {
+    let output = &profile.cfg.paths.output;
+    plan.steps
+        .iter()
+        .map(|step| {
+            if step.action == Action::Report {
+                return Ok((Status::ToRun, None));
+            }
+            let path = marker_path(output, step);
+            let Ok(marker) = crate::error::read_json::<Marker>(&path) else { return Ok((Status::ToRun, None)) };
+            if !step.writes.iter().all(|w| w.exists()) {
+                return Ok((Status::ToRun, None));
+            }
+            if marker.command != signature(step, profile) {
+                return Err(ReproduceError::StepChanged { step: step.name.clone(), marker: path, output: step.writes[0].clone() }.into());
+            }
+            Ok((Status::Done, Some(marker.seconds)))
+        })
+        .collect()
+}
+
+/// The index of the last step to run (`until`: its name).
+pub fn last_step(plan: &Plan, until: Option<&str>) -> Result<usize> {
+    match until {
+        None => Ok(plan.steps.len() - 1),
+        Some(name) => plan.steps.iter().position(|s| s.name == name).ok_or_else(|| {
+            ReproduceError::UnknownStep { name: name.to_string(), steps: plan.steps.iter().map(|s| s.name.clone()).collect() }.into()
+        }),
+    }
+}
+
+/// What stops the steps still to run (up to `last`) from starting: missing inputs and missing flags.
+pub fn problems(plan: &Plan, statuses: &[(Status, Option<f64>)], last: usize) -> Vec<String> {
+    let mut problems: Vec<String> = Vec::new();
+    for (step, (status, _)) in plan.steps.iter().zip(statuses).take(last + 1) {
+        if *status == Status::Done {
+            continue;
+        }
+        for p in step.problems.iter().cloned().chain(step.unsupported.iter().map(|u| format!("  {u}"))) {
+            if !problems.contains(&p) {
+                problems.push(p);
+            }
+        }
+    }
+    problems
+}
+
+pub fn format_duration(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, sec) => format!("{h}h{m:02}m{sec:02}s"),
+    }
+}
+
+/// The remaining time from the mean duration of each kind of step; `None` while a kind to come is unmeasured.
+fn eta(plan: &Plan, durations: &[Option<f64>], from: usize, last: usize) -> Option<f64> {
+    let mut by_kind: HashMap<&str, (f64, usize)> = HashMap::new();
+    for (step, d) in plan.steps.iter().zip(durations) {
+        if let Some(d) = d {
+            let e = by_kind.entry(step.kind).or_default();
+            e.0 += d;
+            e.1 += 1;
+        }
+    }
+    plan.steps[from..=last]
+        .iter()
+        .zip(&durations[from..=last])
+        .filter(|(_, d)| d.is_none())
+        .map(|(step, _)| by_kind.get(step.kind).map(|(sum, n)| sum / *n as f64))
+        .sum()
+}
+
+/// Runs the steps up to `last` that are not done, with `binary` for the subcommands.
+pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&str>) -> Result<()> {
+    let last = last_step(plan, until)?;
+    let statuses = statuses(plan, profile)?;
+    let problems = problems(plan, &statuses, last);
+    if !problems.is_empty() {
+        return Err(ReproduceError::NotReady { problems }.into());
+    }
+    let output = &profile.cfg.paths.output;
+    let mut durations: Vec<Option<f64>> = statuses.iter().map(|(_, d)| *d).collect();
+    let n = plan.steps.len();
+    let started = Instant::now();
+    for (k, step) in plan.steps.iter().enumerate().take(last + 1) {
+        if statuses[k].0 == Status::Done {
+            eprintln!("[{}/{n}] {}: done before, skipped", k + 1, step.name);
+            continue;
+        }
+        let eta = eta(plan, &durations, k, last).map_or_else(|| "ETA unknown until each kind of step has run once".to_string(), |s| format!("ETA {}", format_duration(s)));
+        eprintln!("[{}/{n}] {}: {} (elapsed {}, {eta})", k + 1, step.name, step.what, format_duration(started.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        match &step.action {
+            Action::Command { args, resume_from } => run_command(step, binary, args, resume_from.as_deref())?,
+            Action::Subset => write_subset(profile, &step.writes[0])?,
+            Action::Report => {
+                let written = report::write_report(profile, plan)?;
+                println!("{written}");
+            }
+        }
+        let seconds = t.elapsed().as_secs_f64();
+        durations[k] = Some(seconds);
+        if step.action != Action::Report {
+            let marker = Marker { command: signature(step, profile), seconds };
+            let path = marker_path(output, step);
+            create_parent(&path)?;
+            write_atomic(&path, serde_json::to_string_pretty(&marker).expect("marker serialises").as_bytes())?;
+        }
+        eprintln!("[{}/{n}] {} done in {}", k + 1, step.name, format_duration(seconds));
+    }
+    Ok(())
+}
+
+fn run_command(step: &Step, binary: &Path, args: &[String], resume_from: Option<&Path>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut args = args.to_vec();
+    if resume_from.is_some_and(|dir| dir.join("checkpoints/latest").is_file()) {
+        args.push("--resume".into());
+    }
+    let _ = std::io::stderr().flush();
+    // The subcommand's stdout (summaries) goes to stderr with its progress; stdout is left for the report.
+    let stdout = std::io::stderr().lock();
+    let stdout = std::os::fd::AsFd::as_fd(&stdout).try_clone_to_owned().map_err(|source| ReproduceError::Spawn { step: step.name.clone(), source })?;
+    let mut command = std::process::Command::new(binary);
+    command.args(&args).stdout(stdout);
+    // A killed `stic reproduce` takes its running step with it, so that a rerun can take over its outputs.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let status = command.status().map_err(|source| ReproduceError::Spawn { step: step.name.clone(), source })?;
+    if !status.success() {
+        let status = status.code().map_or_else(|| "killed by a signal".to_string(), |c| format!("exit code {c}"));
+        return Err(ReproduceError::StepFailed { step: step.name.clone(), status, output: step.writes[0].clone() }.into());
+    }
+    Ok(())
+}
+
+/// The stage-2 instruction subset: STIC's 5k file as it is, or a seeded sample of the entries with an image.
+pub fn write_subset(profile: &Profile, out: &Path) -> Result<()> {
+    let source = &profile.cfg.paths.instruction_json;
+    let entries = crate::stic::infuse::load_instruction_data(source)?;
+    let with_images: Vec<_> = entries.iter().filter(|e| e.image.is_some()).collect();
+    if with_images.is_empty() {
+        return Err(Error::Input(format!("{}: no entry has an image, nothing to describe in stage 2", source.display())));
+    }
+    let subset = match (profile.cfg.stage2.subset, profile.cfg.stage2.sample) {
+        (Subset::SeededSample, Some(sample)) => {
+            let mut picked = with_images;
+            picked.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(sample.seed));
+            picked.truncate(sample.size);
+            if picked.len() < sample.size {
+                eprintln!("{} has {} entries with an image, fewer than stage2.sample.size {}: taking them all", source.display(), picked.len(), sample.size);
+            }
+            picked.into_iter().cloned().collect()
+        }
+        _ => entries,
+    };
+    create_parent(out)?;
+    write_atomic(out, serde_json::to_string(&subset).expect("entries serialise").as_bytes())?;
+    eprintln!("{}: {} entries", out.display(), subset.len());
+    Ok(())
+}
