@@ -7,7 +7,7 @@ use stic::train::data::{encode_conversation, image_path, image_size, read_record
 use stic::train::dpo::{DpoObjective, LossType, PairExample, RejectedScoring};
 use stic::stic::infuse::InstructionEntry;
 use stic::train::sft::{SftExample, SftObjective};
-use stic::train::trainer::{check_global_batch, EncodedRow, ImageLayout, Objective, TrainConfig, Trainer};
+use stic::train::trainer::{check_enough_examples, EncodedRow, ImageLayout, Objective, TrainConfig, Trainer};
 use stic::{Error, Result};
 
 const STAGE1_DEFAULTS: &str = include_str!("../../configs/paper/stage1.yaml");
@@ -207,9 +207,9 @@ impl TrainArgs {
                 problems.len()
             );
         }
-        // --dump-first-step runs one micro-batch only
-        let (world, grad_accum) = if self.dump_first_step.is_some() { (1, 1) } else { (stic::dist::rank_and_world(group).1, cfg.grad_accum) };
-        check_global_batch(examples.len(), world, cfg.batch_size, grad_accum, what)?;
+        // --dump-first-step runs one full micro-batch; training needs one example per rank
+        let needed = if self.dump_first_step.is_some() { cfg.batch_size } else { stic::dist::rank_and_world(group).1 };
+        check_enough_examples(examples.len(), needed, what)?;
         Ok(examples)
     }
 

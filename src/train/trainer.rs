@@ -209,22 +209,33 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let tokens_of: Vec<usize> = self.examples.iter().map(|e| self.objective.tokens(e)).collect();
         let mut orders: std::collections::HashMap<usize, Vec<usize>> = Default::default();
         let end = self.stop_after.map_or(total, |s| (start + s).min(total));
+        // Example positions in the seeded stream of epochs that the run takes (all it needs with max_steps).
+        let positions = if self.cfg.max_steps.is_some() { usize::MAX } else { (n as f64 * self.cfg.epochs).ceil() as usize };
         for step in start..end {
             let started = Instant::now();
             let mut sums = vec![0.0; self.objective.metric_names().len()];
             let mut tokens = 0;
-            // The step's examples, dealt into micro-batches (of all ranks) with even token counts.
-            let batch: Vec<usize> = (step * global..(step + 1) * global)
+            // The step's examples, dealt into micro-batches (of all ranks) with even token counts. The run's last
+            // step holds what is left of its epochs (as transformers' Trainer: no example twice in one epoch).
+            let batch: Vec<usize> = (step * global..((step + 1) * global).min(positions))
                 .map(|p| orders.entry(p / n).or_insert_with(|| self.order(p / n))[p % n])
                 .collect();
             let chunks = even_chunks(&batch, &tokens_of, world * self.cfg.grad_accum);
+            let mine = |micro: usize| &chunks[micro * world + rank];
+            let empty_rank = (0..self.cfg.grad_accum).all(|micro| mine(micro).is_empty());
             for micro in 0..self.cfg.grad_accum {
-                let picked: Vec<(usize, &O::Example)> = chunks[micro * world + rank].iter().map(|&i| (i, &self.examples[i])).collect();
+                // Each example's loss weighs 1/(examples in the step) after the mean over ranks. A rank left without
+                // an example runs one with weight 0, so that its gradients exist as on the other ranks.
+                let (picked, weight): (Vec<(usize, &O::Example)>, f64) = match (mine(micro).is_empty(), empty_rank && micro == 0) {
+                    (false, _) => (mine(micro).iter().map(|&i| (i, &self.examples[i])).collect(), (mine(micro).len() * world) as f64 / batch.len() as f64),
+                    (true, true) => (vec![(batch[0], &self.examples[batch[0]])], 0.0),
+                    (true, false) => continue,
+                };
                 let seed = (self.cfg.seed as i64)
                     .wrapping_mul(1_000_000_007)
                     .wrapping_add((step * self.cfg.grad_accum + micro) as i64)
                     .wrapping_add((rank as i64) << 32);
-                let out = self.objective.step(self.model, &picked, 1.0 / self.cfg.grad_accum as f64, seed).map_err(|e| match e {
+                let out = self.objective.step(self.model, &picked, weight, seed).map_err(|e| match e {
                     Error::Training(why) => Error::Training(format!(
                         "{why} at step {} (records {:?}); {}: lower the learning rate or check those records",
                         step + 1,
@@ -234,9 +245,11 @@ impl<'a, O: Objective> Trainer<'a, O> {
                     other => other,
                 })?;
                 for (s, m) in sums.iter_mut().zip(&out.metrics) {
-                    *s += m / self.cfg.grad_accum as f64;
+                    *s += m * weight;
                 }
-                tokens += out.tokens;
+                if weight > 0.0 {
+                    tokens += out.tokens;
+                }
             }
             if let Some(group) = self.group {
                 let grads: Vec<Tensor> = optimizer.parameters().map(|p| p.grad()).filter(|g| g.defined()).collect();
@@ -395,11 +408,12 @@ impl<'a, O: Objective> Trainer<'a, O> {
     }
 }
 
-/// Splits `batch` into `chunks` chunks of equal size with token totals as even as a greedy deal makes them
+/// Splits `batch` into `chunks` chunks of equal size (sizes one apart when they cannot be equal) with token totals as even as a greedy deal makes them
 /// (LLaVA's `split_to_even_chunks`, what the official scripts' `group_by_modality_length` does within a global
 /// batch): longest first, each to the chunk with the fewest tokens that still has room.
 fn even_chunks(batch: &[usize], tokens: &[usize], chunks: usize) -> Vec<Vec<usize>> {
-    let per_chunk = batch.len() / chunks;
+    // the last step of a run can hold fewer examples than the global batch: the first chunks get one more
+    let per_chunk = batch.len().div_ceil(chunks);
     let mut by_length = batch.to_vec();
     by_length.sort_by_key(|&i| std::cmp::Reverse(tokens[i]));
     let mut out = vec![Vec::with_capacity(per_chunk); chunks];
@@ -412,13 +426,12 @@ fn even_chunks(batch: &[usize], tokens: &[usize], chunks: usize) -> Vec<Vec<usiz
     out
 }
 
-/// Refuses a global batch larger than the data: it would repeat examples within one optimizer step.
-pub fn check_global_batch(examples: usize, world: usize, batch_size: usize, grad_accum: usize, what: &str) -> Result<()> {
-    let global = world * batch_size * grad_accum;
-    if global > examples {
+/// Refuses fewer examples than a run needs: one per rank, or a full micro-batch for `--dump-first-step`.
+pub fn check_enough_examples(examples: usize, needed: usize, what: &str) -> Result<()> {
+    if examples < needed {
         return Err(Error::Input(format!(
-            "the global batch ({world} rank(s) x batch_size {batch_size} x grad_accum {grad_accum} = {global}) is larger \
-             than the {examples} {what}: lower --batch-size or --grad-accum so that their product is at most {examples}"
+            "{examples} {what} are fewer than the {needed} this run needs (one per rank; a full --batch-size with \
+             --dump-first-step): give more data or use fewer ranks"
         )));
     }
     Ok(())
@@ -468,5 +481,7 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..8).collect::<Vec<_>>());
         assert_eq!(even_chunks(&[3, 1], &tokens, 1), vec![vec![3, 1]]);
+        let partial = even_chunks(&[0, 1, 2], &tokens, 8);
+        assert_eq!(partial.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1, 0, 0, 0, 0, 0]);
     }
 }
