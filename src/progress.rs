@@ -10,7 +10,8 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
 enum Output {
     Bar(ProgressBar),
-    Lines { every: Duration, last_line: Option<Instant> },
+    /// `printed`: when the last line was printed, and at which position.
+    Lines { every: Duration, printed: Option<(Instant, u64)> },
     Hidden,
 }
 
@@ -39,7 +40,7 @@ impl Progress {
             bar.set_style(ProgressStyle::with_template(&template).expect("template"));
             Output::Bar(bar)
         } else {
-            Output::Lines { every: line_interval(), last_line: None }
+            Output::Lines { every: line_interval(), printed: None }
         };
         let mut progress = Progress {
             output,
@@ -80,12 +81,17 @@ impl Progress {
     }
 
     fn maybe_print(&mut self, last: bool) {
-        let Output::Lines { every, last_line } = &mut self.output else { return };
+        let Output::Lines { every, printed } = &mut self.output else { return };
         let now = Instant::now();
-        if !last && last_line.is_some_and(|at| now.duration_since(at) < *every) {
+        let due = match *printed {
+            None => true,
+            Some((_, position)) if last => position != self.position,
+            Some((at, _)) => now.duration_since(at) >= *every,
+        };
+        if !due {
             return;
         }
-        *last_line = Some(now);
+        *printed = Some((now, self.position));
         let line = self.line(now.duration_since(self.started));
         eprintln!("{line}");
     }

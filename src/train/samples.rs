@@ -26,22 +26,16 @@ struct SamplePrompt {
     line: usize,
 }
 
-pub struct SampleWriter<'a> {
-    session: &'a Session,
-    template: Template,
+/// The prompts of `--sample-prompts`, checked and with their images decoded.
+pub struct SamplePrompts {
     prompts: Vec<SamplePrompt>,
     source: PathBuf,
-    /// Steps between two writes (and at the end).
-    pub every: usize,
-    max_new_tokens: usize,
-    path: PathBuf,
-    file: Option<std::fs::File>,
 }
 
-impl<'a> SampleWriter<'a> {
+impl SamplePrompts {
     /// Reads and checks the prompts (JSON lines `{"image": name or path, "prompt": text}`, images resolved
-    /// against `image_dir`) before any training, decoding each image once.
-    pub fn load(session: &'a Session, prompts_file: &Path, image_dir: &Path, template: Template, every: usize, max_new_tokens: usize, output: &Path) -> Result<Self> {
+    /// against `image_dir`), decoding each image once: a bad file stops the command before any training.
+    pub fn load(prompts_file: &Path, image_dir: &Path, max_pixels: u64) -> Result<Self> {
         let text = crate::error::read_text(prompts_file)?;
         let at = |line: usize, why: String| Error::Input(format!("--sample-prompts {} line {line}: {why}", prompts_file.display()));
         let mut prompts = Vec::new();
@@ -52,17 +46,32 @@ impl<'a> SampleWriter<'a> {
                 return Err(at(line, "the prompt is empty".into()));
             }
             let path = crate::train::data::image_path(image_dir, &parsed.image).map_err(|e| at(line, e.to_string()))?;
-            let image = crate::image::load_image(&path, session.model.cfg.image.max_pixels).map_err(|e| at(line, e.to_string()))?;
+            let image = crate::image::load_image(&path, max_pixels).map_err(|e| at(line, e.to_string()))?;
             prompts.push(SamplePrompt { image_name: parsed.image, image, prompt: parsed.prompt, line });
         }
         if prompts.is_empty() {
-            return Err(Error::Input(format!("--sample-prompts {}: no prompts (one JSON object per line)", prompts_file.display())));
+            return Err(Error::Input(format!("--sample-prompts {}: no prompts (write one JSON object per line)", prompts_file.display())));
         }
-        if every == 0 {
-            return Err(Error::Input("--sample-every 0: give the number of steps between samples (at least 1)".into()));
-        }
+        Ok(SamplePrompts { prompts, source: prompts_file.to_path_buf() })
+    }
+}
+
+pub struct SampleWriter<'a> {
+    session: &'a Session,
+    template: Template,
+    prompts: SamplePrompts,
+    /// Steps between two writes (and at the end).
+    pub every: usize,
+    max_new_tokens: usize,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl<'a> SampleWriter<'a> {
+    /// Writes to `output`/samples.jsonl every `every` steps.
+    pub fn new(session: &'a Session, prompts: SamplePrompts, template: Template, every: usize, max_new_tokens: usize, output: &Path) -> Self {
         let path = output.join("samples.jsonl");
-        Ok(SampleWriter { session, template, prompts, source: prompts_file.to_path_buf(), every, max_new_tokens, path, file: None })
+        SampleWriter { session, template, prompts, every: every.max(1), max_new_tokens, path, file: None }
     }
 
     pub fn path(&self) -> &Path {
@@ -97,7 +106,7 @@ impl<'a> SampleWriter<'a> {
             switch.set_training(true);
         }
         let mut text = String::new();
-        for (p, response) in self.prompts.iter().zip(responses?) {
+        for (p, response) in self.prompts.prompts.iter().zip(responses?) {
             let record = serde_json::json!({"step": step, "image": p.image_name, "prompt": p.prompt, "response": response});
             text.push_str(&format!("{record}\n"));
         }
@@ -107,8 +116,9 @@ impl<'a> SampleWriter<'a> {
 
     fn generate(&self) -> Result<Vec<String>> {
         let session = self.session;
-        let mut requests = Vec::with_capacity(self.prompts.len());
-        for p in &self.prompts {
+        let prompts = &self.prompts.prompts;
+        let mut requests = Vec::with_capacity(prompts.len());
+        for p in prompts {
             let features = session.image_features(&[&crate::image::preprocess(&p.image, &session.model.cfg.image)])?;
             let text = self.template.prompt(&Session::user_text(&p.prompt, true));
             let prompt = session.prepare(&text, features)?;
@@ -122,10 +132,10 @@ impl<'a> SampleWriter<'a> {
         for (i, request) in requests.into_iter().enumerate() {
             engine.submit(i, request).map_err(|refusal| {
                 let (Refusal::TooLong(e) | Refusal::CannotFit(e)) = refusal;
-                Error::Input(format!("--sample-prompts {} line {}: {e}", self.source.display(), self.prompts[i].line))
+                Error::Input(format!("--sample-prompts {} line {}: {e}", self.prompts.source.display(), prompts[i].line))
             })?;
         }
-        let mut responses = vec![String::new(); self.prompts.len()];
+        let mut responses = vec![String::new(); prompts.len()];
         while !engine.is_idle() {
             for (i, generated) in engine.step()? {
                 responses[i] = session.tokenizer.decode(&generated.tokens, true)?.trim().to_string();
