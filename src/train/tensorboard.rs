@@ -104,8 +104,10 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    /// Creates `events.out.tfevents.<seconds>.<host>.<pid>.<n>` in `dir` and writes its version record.
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// Creates `events.out.tfevents.<seconds>.<host>.<pid>.<n>` in `dir` and writes its version record. A run
+    /// that resumes passes the first step it logs as `purge_from`: a `SessionLog { status: START }` at that step
+    /// makes TensorBoard drop what earlier files logged from there on (the stopped run's steps after its checkpoint).
+    pub fn create(dir: &Path, purge_from: Option<usize>) -> Result<Self> {
         create_dir(dir)?;
         let n = OPENED.fetch_add(1, Ordering::Relaxed);
         let wall = now();
@@ -115,6 +117,11 @@ impl EventWriter {
         let mut writer = EventWriter { file, path };
         let version = event(wall, 0, |out| bytes_field(out, 3, b"brain.Event:2"));
         writer.write(&record(&version))?;
+        if let Some(step) = purge_from {
+            // session_log = 7: SessionLog { status = 1: START (1) }
+            let restart = event(wall, step as i64, |out| bytes_field(out, 7, &[1 << 3, 1]));
+            writer.write(&record(&restart))?;
+        }
         Ok(writer)
     }
 
@@ -166,5 +173,8 @@ mod tests {
         expect.push(0x15);
         expect.extend_from_slice(&0.25f32.to_le_bytes());
         assert_eq!(bytes, expect);
+        // as the tensorboard package's protobuf classes serialise Event(step=3, session_log=SessionLog(status=START))
+        let restart = event(0.0, 3, |out| bytes_field(out, 7, &[1 << 3, 1]));
+        assert_eq!(restart[9..], [0x10, 0x03, 0x3a, 0x02, 0x08, 0x01]);
     }
 }

@@ -113,7 +113,7 @@ impl Tracker {
         let start = resumed.map_or(0, |s| s.global_step);
         let header = |first: &[&str], rest: &[&str], last: &[&str]| first.iter().chain(rest).chain(last).map(|s| s.to_string()).collect();
         let events = match report_to {
-            ReportTo::Tensorboard => Some(EventWriter::create(logging_dir)?),
+            ReportTo::Tensorboard => Some(EventWriter::create(logging_dir, resumed.map(|_| start + 1))?),
             ReportTo::None => None,
         };
         Ok(Tracker {
