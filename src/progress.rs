@@ -122,7 +122,7 @@ fn line_interval() -> Duration {
 fn format_rate(rate: f64) -> String {
     if rate >= 100.0 {
         format!("{rate:.0}")
-    } else if rate >= 1.0 {
+    } else if rate >= 0.1 {
         format!("{rate:.2}")
     } else {
         format!("{rate:.3}")
