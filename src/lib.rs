@@ -7,10 +7,12 @@ pub mod image;
 pub mod lora;
 pub mod merge;
 pub mod model;
+pub mod progress;
 pub mod score;
 pub mod session;
 pub mod settings;
 pub mod stic;
+pub mod summary;
 pub mod text;
 
 pub use error::{Error, Result};

@@ -2,12 +2,16 @@ use std::path::PathBuf;
 
 use stic::dist::ProcessGroup;
 use stic::lora::Adapter;
-use stic::session::{parse_device, parse_dtype};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use stic::session::{parse_device, parse_dtype, Session};
 use stic::train::data::{encode_conversation, image_path, image_size, read_records, PreferencePair};
 use stic::train::dpo::{DpoObjective, LossType, PairExample, RejectedScoring};
 use stic::stic::infuse::InstructionEntry;
 use stic::train::sft::{SftExample, SftObjective};
-use stic::train::trainer::{check_enough_examples, EncodedRow, ImageLayout, Objective, TrainConfig, Trainer};
+use stic::train::samples::{SamplePrompts, SampleWriter};
+use stic::train::tracking::ReportTo;
+use stic::train::trainer::{check_enough_examples, EncodedRow, ImageLayout, Objective, RunReport, TrainConfig, Trainer};
 use stic::{Error, Result};
 
 const STAGE1_DEFAULTS: &str = include_str!("../../configs/paper/stage1.yaml");
@@ -68,6 +72,38 @@ pub struct TrainArgs {
     /// Skip malformed records (reported) instead of stopping at the first.
     #[arg(long)]
     skip_bad: bool,
+    /// Where the scalars go besides train_log.csv and trainer_state.json [default: tensorboard, or report_to of
+    /// the config].
+    #[arg(long, value_enum)]
+    report_to: Option<ReportTo>,
+    /// Folder of the TensorBoard event files [default: OUTPUT/runs].
+    #[arg(long)]
+    logging_dir: Option<PathBuf>,
+    /// Steps whose metrics one log row averages [default: 1, or logging_steps of the config].
+    #[arg(long)]
+    logging_steps: Option<usize>,
+    /// Held-out data in the format of --data, evaluated every --eval-steps and at the end.
+    #[arg(long, conflicts_with = "val_fraction")]
+    eval_data: Option<PathBuf>,
+    /// Hold out this fraction of --data (chosen by --seed) and evaluate on it instead of training on it.
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Steps between evaluations [default: the save steps, or eval_steps of the config].
+    #[arg(long)]
+    eval_steps: Option<usize>,
+    /// JSON lines {"image": name or path under --image-dir, "prompt": text}: greedy answers to them go to
+    /// OUTPUT/samples.jsonl every --sample-every steps and at the end.
+    #[arg(long)]
+    sample_prompts: Option<PathBuf>,
+    /// Steps between samples [default: the eval steps].
+    #[arg(long, requires = "sample_prompts")]
+    sample_every: Option<usize>,
+    /// Tokens each sample answer may have.
+    #[arg(long, default_value_t = 64)]
+    sample_max_new_tokens: usize,
+    /// Print the run's summary (also written to OUTPUT/train_summary.json) on stdout as JSON.
+    #[arg(long)]
+    json: bool,
     /// Stop after this many optimizer steps, as if interrupted (tests resume with it).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
@@ -139,6 +175,17 @@ impl TrainArgs {
         set!(cfg.device, self.device);
         set!(cfg.dtype, self.dtype);
         set!(cfg.gradient_checkpointing, self.gradient_checkpointing);
+        set!(cfg.report_to, self.report_to);
+        set!(cfg.logging_steps, self.logging_steps);
+        if self.eval_steps.is_some() {
+            cfg.eval_steps = self.eval_steps;
+        }
+        if let Some(f) = self.val_fraction.filter(|f| !(*f > 0.0 && *f < 1.0)) {
+            return Err(Error::Input(format!("--val-fraction {f}: give a fraction above 0 and below 1 (0.05 holds out 5% of --data)")));
+        }
+        if self.sample_every == Some(0) {
+            return Err(Error::Input("--sample-every 0: give the number of steps between samples (at least 1)".into()));
+        }
         if self.max_steps.is_some() {
             cfg.max_steps = self.max_steps;
         }
@@ -149,21 +196,57 @@ impl TrainArgs {
         cfg.validate()?;
         let mut inputs = vec![("--model", self.model.as_path()), ("--data", self.data.as_path())];
         inputs.extend(self.init_adapter.as_deref().map(|adapter| ("--init-adapter", adapter)));
+        inputs.extend(self.eval_data.as_deref().map(|data| ("--eval-data", data)));
+        inputs.extend(self.sample_prompts.as_deref().map(|prompts| ("--sample-prompts", prompts)));
         stic::fsutil::check_output("--output", &self.output, &inputs)?;
         Ok(cfg)
     }
 
     /// Loads the model; under torchrun each rank takes its own GPU (cuda:LOCAL_RANK) when training on CUDA.
-    fn load(&self, cfg: &TrainConfig, group: Option<&ProcessGroup>) -> Result<(stic::model::LlavaNext, stic::text::TextTokenizer)> {
+    fn load(&self, cfg: &TrainConfig, group: Option<&ProcessGroup>) -> Result<Session> {
         let device = parse_device(&cfg.device)?;
         let device = group.map_or(device, |g| g.device_for(device));
         let kind = parse_dtype(&cfg.dtype, device)?;
-        let mut session = stic::session::Session::load(&self.model, None, self.processing.processing, kind, device)?;
+        let mut session = Session::load(&self.model, None, self.processing.processing, kind, device)?;
         if cfg.image_layout == ImageLayout::PadFlat {
             session.model.cfg.image.aspect_mode = stic::image::AspectMode::Pad;
             session.model.cfg.image.patch_merge = stic::image::PatchMerge::Flat;
         }
-        Ok((session.model, session.tokenizer))
+        Ok(session)
+    }
+
+    /// The `--sample-prompts`, checked before any training (rank 0 writes the samples).
+    fn sample_prompts(&self, session: &Session, group: Option<&ProcessGroup>) -> Result<Option<SamplePrompts>> {
+        match &self.sample_prompts {
+            Some(file) if group.is_none_or(|g| g.is_main()) => SamplePrompts::load(file, &self.image_dir, session.model.cfg.image.max_pixels).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The training and the held-out records: `--eval-data` read with `read`, or `--val-fraction` of `--data`.
+    fn split<R>(&self, cfg: &TrainConfig, records: Vec<(usize, R)>, skipped: Vec<String>, read: impl Fn(&std::path::Path) -> Result<(Vec<(usize, R)>, Vec<String>)>) -> Result<DataSets<R>> {
+        let train = DataSource { path: self.data.clone(), records, skipped };
+        if let Some(path) = &self.eval_data {
+            let (records, skipped) = read(path)?;
+            return Ok(DataSets { train, eval: Some(DataSource { path: path.clone(), records, skipped }), held_out: Vec::new() });
+        }
+        let Some(fraction) = self.val_fraction else { return Ok(DataSets { train, eval: None, held_out: Vec::new() }) };
+        let n = train.records.len();
+        if n < 2 {
+            return Err(Error::Input(format!("--val-fraction: {} has {n} usable record(s); holding some out needs at least 2", self.data.display())));
+        }
+        let held = ((fraction * n as f64).round() as usize).clamp(1, n - 1);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ VAL_SPLIT_SALT));
+        let mut is_held = vec![false; n];
+        order[..held].iter().for_each(|&i| is_held[i] = true);
+        let (mut kept, mut eval) = (Vec::new(), Vec::new());
+        for (record, held) in train.records.into_iter().zip(is_held) {
+            if held { eval.push(record) } else { kept.push(record) }
+        }
+        let held_out = eval.iter().map(|(position, _)| *position).collect();
+        let eval = DataSource { path: self.data.clone(), records: eval, skipped: Vec::new() };
+        Ok(DataSets { train: DataSource { records: kept, ..train }, eval: Some(eval), held_out })
     }
 
     fn attach_adapter(&self, model: &mut stic::model::LlavaNext, cfg: &TrainConfig) -> Result<Adapter> {
@@ -174,15 +257,37 @@ impl TrainArgs {
         }
     }
 
-    /// Builds the examples of every record, skipping (with `--skip-bad`) or stopping at the first bad one.
-    /// `build` gives the example, how many of its responses were truncated and its image feature count.
-    fn examples<R, E>(&self, what: &str, cfg: &TrainConfig, group: Option<&ProcessGroup>, records: &[(usize, R)], skipped: Vec<String>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize, usize), String>) -> Result<Vec<E>> {
-        let (max_length, quiet) = (cfg.max_length, group.is_some_and(|g| !g.is_main()));
+    /// Builds the examples of every record (training and held out), skipping (with `--skip-bad`) or stopping at
+    /// the first bad one. `build` gives the example, how many of its responses were truncated and its image
+    /// feature count.
+    fn examples<R, E>(&self, what: &str, cfg: &TrainConfig, group: Option<&ProcessGroup>, sets: DataSets<R>, mut build: impl FnMut(usize, &R) -> std::result::Result<(E, usize, usize), String>) -> Result<Examples<E>> {
+        let quiet = group.is_some_and(|g| !g.is_main());
+        let (train, mut report) = self.build(what, cfg.max_length, quiet, sets.train, &mut build)?;
+        let eval = match sets.eval {
+            Some(source) => {
+                let (path, held_out) = (source.path.display().to_string(), !sets.held_out.is_empty());
+                let (eval, eval_report) = self.build(&format!("held-out {what}"), cfg.max_length, quiet, source, &mut build)?;
+                let source = if held_out { format!("--val-fraction {} of {path}", self.val_fraction.unwrap_or_default()) } else { path };
+                report["eval"] = serde_json::json!({"source": source, "records": sets.held_out, "report": eval_report});
+                eval
+            }
+            None => Vec::new(),
+        };
+        report["used"] = train.len().into();
+        // --dump-first-step runs one full micro-batch; training needs one example per rank
+        let needed = if self.dump_first_step.is_some() { cfg.batch_size } else { stic::dist::rank_and_world(group).1 };
+        check_enough_examples(train.len(), needed, what)?;
+        Ok(Examples { train, eval, report })
+    }
+
+    /// The examples of one data file, and what was skipped or cut (for the summary).
+    fn build<R, E>(&self, what: &str, max_length: usize, quiet: bool, source: DataSource<R>, build: &mut impl FnMut(usize, &R) -> std::result::Result<(E, usize, usize), String>) -> Result<(Vec<E>, serde_json::Value)> {
+        let path = source.path.display();
         let mut examples = Vec::new();
-        let mut problems = skipped;
+        let mut problems = source.skipped;
         let mut truncated = 0;
         let (mut fewest_features, mut most_features) = (usize::MAX, 0);
-        for (position, record) in records {
+        for (position, record) in &source.records {
             match build(*position, record) {
                 Ok((example, cut, features)) => {
                     examples.push(example);
@@ -190,12 +295,12 @@ impl TrainArgs {
                     fewest_features = fewest_features.min(features);
                     most_features = most_features.max(features);
                 }
-                Err(why) if self.skip_bad => problems.push(format!("{} record {position}: {why}", self.data.display())),
-                Err(why) => return Err(Error::Input(format!("{} record {position}: {why} (pass --skip-bad to skip such records)", self.data.display()))),
+                Err(why) if self.skip_bad => problems.push(format!("{path} record {position}: {why}")),
+                Err(why) => return Err(Error::Input(format!("{path} record {position}: {why} (pass --skip-bad to skip such records)"))),
             }
         }
         if examples.is_empty() {
-            return Err(Error::Input(format!("{}: no usable {what} ({} skipped: {})", self.data.display(), problems.len(), problems.join("; "))));
+            return Err(Error::Input(format!("{path}: no usable {what} ({} skipped: {})", problems.len(), problems.join("; "))));
         }
         if !quiet {
             for p in &problems {
@@ -207,10 +312,8 @@ impl TrainArgs {
                 problems.len()
             );
         }
-        // --dump-first-step runs one full micro-batch; training needs one example per rank
-        let needed = if self.dump_first_step.is_some() { cfg.batch_size } else { stic::dist::rank_and_world(group).1 };
-        check_enough_examples(examples.len(), needed, what)?;
-        Ok(examples)
+        let report = serde_json::json!({"used": examples.len(), "skipped": problems.len(), "skipped_why": problems, "truncated": truncated});
+        Ok((examples, report))
     }
 
     fn image_features(&self, model: &stic::model::LlavaNext, name: &str) -> std::result::Result<(PathBuf, usize), String> {
@@ -224,55 +327,126 @@ impl TrainArgs {
         Ok((path, stic::image::anyres::num_image_features(size, &model.cfg.image, model.cfg.vision.patch_size as u32)))
     }
 
-    fn train<O: Objective>(&self, model: &stic::model::LlavaNext, adapter: &Adapter, objective: O, examples: Vec<O::Example>, cfg: TrainConfig, group: Option<ProcessGroup>) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn train<O: Objective>(&self, command: &str, session: &Session, adapter: &Adapter, objective: O, examples: Examples<O::Example>, samples: Option<SamplePrompts>, cfg: TrainConfig, group: Option<ProcessGroup>) -> Result<()> {
+        let logging_dir = self.logging_dir.clone().unwrap_or_else(|| self.output.join("runs"));
+        let sample_every = self.sample_every.unwrap_or_else(|| cfg.eval_every());
+        let samples = samples.map(|prompts| SampleWriter::new(session, prompts, cfg.template, sample_every, self.sample_max_new_tokens, &self.output));
+        let samples_path = samples.as_ref().map(|s| s.path().to_path_buf());
+        let has_eval = !examples.eval.is_empty();
         let mut trainer = Trainer {
-            model,
+            model: &session.model,
             adapter,
             objective,
-            examples,
+            examples: examples.train,
             cfg,
             output: self.output.clone(),
             base_model: self.model.display().to_string(),
             stop_after: self.stop_after_steps,
             group: group.as_ref(),
+            eval_examples: examples.eval,
+            logging_dir,
+            samples,
         };
-        trainer.run(self.resume)?;
+        let report = trainer.run(self.resume)?;
         let main = group.as_ref().is_none_or(|g| g.is_main());
         if let Some(group) = group {
             group.finish()?;
         }
         if main {
-            eprintln!("adapter and train_log.csv written to {}", self.output.display());
+            let summary = self.summary(command, &report, examples.report, has_eval, samples_path);
+            stic::summary::write_summary(&self.output.join("train_summary.json"), &summary, self.json)?;
+            eprintln!("adapter, train_log.csv and train_summary.json written to {}", self.output.display());
         }
         Ok(())
     }
+
+    fn summary(&self, command: &str, report: &RunReport, examples: serde_json::Value, has_eval: bool, samples: Option<PathBuf>) -> serde_json::Value {
+        let out = |name: &str| self.output.join(name).display().to_string();
+        let finished = report.steps == report.total_steps;
+        let strip = |entry: &Option<serde_json::Map<String, serde_json::Value>>, prefix: &str| {
+            entry.as_ref().map(|e| e.iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone()))).collect::<serde_json::Map<_, _>>())
+        };
+        serde_json::json!({
+            "command": command,
+            "finished": finished,
+            "steps": report.steps,
+            "total_steps": report.total_steps,
+            "resumed_from_step": report.start_step,
+            "epochs": report.epochs,
+            "seconds": report.seconds,
+            "train_tokens": report.tokens,
+            "train_tokens_per_s": report.tokens as f64 / report.seconds.max(1e-9),
+            "examples": examples,
+            "final": strip(&report.last_train, ""),
+            "eval": strip(&report.last_eval, "eval_"),
+            "best_metric": report.best_metric,
+            "best_model_checkpoint": report.best_model_checkpoint,
+            "outputs": {
+                "adapter": finished.then(|| self.output.display().to_string()),
+                "train_log": out("train_log.csv"),
+                "eval_log": has_eval.then(|| out("eval_log.csv")),
+                "trainer_state": out("trainer_state.json"),
+                "tensorboard": report.logging_dir.as_ref().map(|d| d.display().to_string()),
+                "curves": out(stic::train::curves::FILE),
+                "samples": samples.map(|p| p.display().to_string()),
+            },
+        })
+    }
 }
+
+/// Records of one data file.
+struct DataSource<R> {
+    path: PathBuf,
+    records: Vec<(usize, R)>,
+    skipped: Vec<String>,
+}
+
+struct DataSets<R> {
+    train: DataSource<R>,
+    eval: Option<DataSource<R>>,
+    /// The records of --data held out by --val-fraction.
+    held_out: Vec<usize>,
+}
+
+struct Examples<E> {
+    train: Vec<E>,
+    eval: Vec<E>,
+    /// Counts of used, skipped and truncated records, for the summary.
+    report: serde_json::Value,
+}
+
+/// Mixed into the seed of the --val-fraction split, so that it does not follow the epochs' example order.
+const VAL_SPLIT_SALT: u64 = 0x5eed_0f_0a1d;
 
 pub fn run_dpo(args: DpoArgs) -> anyhow::Result<()> {
     let a = &args.common;
     let cfg = a.config(STAGE1_DEFAULTS, |cfg| set_dpo_flags(&args, cfg))?;
     let group = ProcessGroup::from_env()?;
-    let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
+    let mut session = a.load(&cfg, group.as_ref())?;
+    let samples = a.sample_prompts(&session, group.as_ref())?;
     let (records, skipped) = read_records::<PreferencePair>(&a.data, a.skip_bad)?;
-    let examples = a.examples("preference pairs", &cfg, group.as_ref(), &records, skipped, |_, pair| {
+    let sets = a.split(&cfg, records, skipped, |path| read_records::<PreferencePair>(path, a.skip_bad))?;
+    let (model, tokenizer) = (&session.model, &session.tokenizer);
+    let examples = a.examples("preference pairs", &cfg, group.as_ref(), sets, |_, pair| {
         let (prompt, chosen, rejected) = pair.parts()?;
-        let (image, features) = if cfg.text_only { (None, 0) } else { a.image_features(&model, &pair.image).map(|(p, n)| (Some(p), n))? };
+        let (image, features) = if cfg.text_only { (None, 0) } else { a.image_features(model, &pair.image).map(|(p, n)| (Some(p), n))? };
         let user = user_message(prompt, image.is_some(), &cfg)?;
-        let row = |response: &str| encode_conversation(&tokenizer, cfg.template, &[(user.clone(), response.to_string())], features, cfg.max_length);
+        let row = |response: &str| encode_conversation(tokenizer, cfg.template, &[(user.clone(), response.to_string())], features, cfg.max_length);
         let ((chosen, c_cut), (rejected, r_cut)) = (row(chosen)?, row(rejected)?);
         Ok((PairExample { image, chosen, rejected }, c_cut as usize + r_cut as usize, features))
     })?;
-    let adapter = a.attach_adapter(&mut model, &cfg)?;
+    let adapter = a.attach_adapter(&mut session.model, &cfg)?;
     let mut objective = DpoObjective { cfg: cfg.dpo, checkpointing: cfg.gradient_checkpointing, share_prefix: !args.no_shared_prefix, reference_cache: None };
     if let Some(path) = &a.dump_first_step {
-        let first = &examples[..cfg.batch_size];
+        let first = &examples.train[..cfg.batch_size];
         let rows = first.iter().map(|e| &e.chosen).chain(first.iter().map(|e| &e.rejected)).collect();
-        return dump_first_step(&model, &adapter, &objective, first, rows, tokenizer.pad_id, path);
+        return dump_first_step(&session.model, &adapter, &objective, first, rows, session.tokenizer.pad_id, path);
     }
     if args.precompute_reference {
-        objective.reference_cache = Some(precompute_reference(&model, &objective, &examples)?);
+        objective.reference_cache = Some(precompute_reference(&session.model, &objective, &examples.train)?);
     }
-    a.train(&model, &adapter, objective, examples, cfg, group)?;
+    a.train("train-dpo", &session, &adapter, objective, examples, samples, cfg, group)?;
     Ok(())
 }
 
@@ -296,14 +470,19 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
     let a = &args.common;
     let cfg = a.config(STAGE2_DEFAULTS, |_| Ok(()))?;
     let group = ProcessGroup::from_env()?;
-    let (mut model, tokenizer) = a.load(&cfg, group.as_ref())?;
-    let entries = stic::stic::infuse::load_instruction_data(&a.data)?;
-    let records: Vec<(usize, InstructionEntry)> = (1..).zip(entries).collect();
-    let examples = a.examples("conversations", &cfg, group.as_ref(), &records, Vec::new(), |_, entry| {
+    let mut session = a.load(&cfg, group.as_ref())?;
+    let samples = a.sample_prompts(&session, group.as_ref())?;
+    let read = |path: &std::path::Path| -> Result<(Vec<(usize, InstructionEntry)>, Vec<String>)> {
+        Ok(((1..).zip(stic::stic::infuse::load_instruction_data(path)?).collect(), Vec::new()))
+    };
+    let (records, skipped) = read(&a.data)?;
+    let sets = a.split(&cfg, records, skipped, read)?;
+    let (model, tokenizer) = (&session.model, &session.tokenizer);
+    let examples = a.examples("conversations", &cfg, group.as_ref(), sets, |_, entry| {
         let turns = entry.training_turns()?;
         let (image, features) = match &entry.image {
             Some(name) if !cfg.text_only => {
-                let (path, n) = a.image_features(&model, name)?;
+                let (path, n) = a.image_features(model, name)?;
                 (Some(path), n)
             }
             _ => (None, 0),
@@ -313,16 +492,16 @@ pub fn run_sft(args: SftArgs) -> anyhow::Result<()> {
             .enumerate()
             .map(|(i, (user, answer))| Ok((user_message(&user, i == 0 && image.is_some(), &cfg)?, answer)))
             .collect::<std::result::Result<Vec<(String, String)>, String>>()?;
-        let (row, cut) = encode_conversation(&tokenizer, cfg.template, &turns, features, cfg.max_length)?;
+        let (row, cut) = encode_conversation(tokenizer, cfg.template, &turns, features, cfg.max_length)?;
         Ok((SftExample { image, row }, cut as usize, features))
     })?;
-    let adapter = a.attach_adapter(&mut model, &cfg)?;
+    let adapter = a.attach_adapter(&mut session.model, &cfg)?;
     let objective = SftObjective { checkpointing: cfg.gradient_checkpointing };
     if let Some(path) = &a.dump_first_step {
-        let first = &examples[..cfg.batch_size];
-        return dump_first_step(&model, &adapter, &objective, first, first.iter().map(|e| &e.row).collect(), tokenizer.pad_id, path);
+        let first = &examples.train[..cfg.batch_size];
+        return dump_first_step(&session.model, &adapter, &objective, first, first.iter().map(|e| &e.row).collect(), session.tokenizer.pad_id, path);
     }
-    a.train(&model, &adapter, objective, examples, cfg, group)?;
+    a.train("train-sft", &session, &adapter, objective, examples, samples, cfg, group)?;
     Ok(())
 }
 
@@ -332,11 +511,11 @@ fn user_message(text: &str, with_image: bool, cfg: &TrainConfig) -> std::result:
         return Err("the message holds <image> but the config says text_only".into());
     }
     let text = if cfg.image_token_first { stic::text::templates::image_token_first(text) } else { text.to_string() };
-    Ok(if with_image { stic::session::Session::user_text(&text, true) } else { text })
+    Ok(if with_image { Session::user_text(&text, true) } else { text })
 }
 
 fn precompute_reference(model: &stic::model::LlavaNext, objective: &DpoObjective, examples: &[PairExample]) -> Result<Vec<(f64, f64)>> {
-    let bar = indicatif::ProgressBar::new(examples.len() as u64).with_message("reference log-probs");
+    let mut bar = stic::progress::Progress::new(examples.len() as u64, 0, "reference log-probs", "pairs", true);
     let mut out = Vec::with_capacity(examples.len());
     for e in examples {
         let batch = objective.pack(model, &[e])?;

@@ -5,7 +5,6 @@
 //! requests are about to run), so a job of any length holds a bounded window in memory. Each distinct image is
 //! encoded once while its requests are near. Records are written in input order as soon as an item and every
 //! item before it are done.
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
@@ -14,6 +13,7 @@ use crate::error::Result;
 use crate::generate::engine::{Engine, EngineOptions, EngineStats, Refusal, Request as EngineRequest};
 use crate::generate::images::{FeatureCache, ImageKey};
 use crate::generate::{SamplingConfig, StopReason};
+use crate::progress::Progress;
 use crate::session::Session;
 use crate::text::Template;
 
@@ -42,7 +42,7 @@ pub struct JobOptions<'a> {
     pub engine: EngineOptions,
     pub template: Template,
     pub unit: &'a str,
-    /// Draw a progress bar (off on the ranks other than 0 under torchrun).
+    /// Show progress (off on the ranks other than 0 under torchrun).
     pub progress: bool,
     /// What the records depend on (model, sampling, prompts…): a rerun into the output must have the same.
     pub settings: serde_json::Value,
@@ -96,11 +96,7 @@ pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item]
     let mine: Vec<usize> = (0..limit).filter(|&p| first_listing[p] && opts.shard.owns(p)).collect();
     let todo: Vec<usize> = mine.iter().copied().filter(|&p| !out.is_done(&task.key(&items[p]))).collect();
     let already_done = mine.len() - todo.len();
-    let bar = if opts.progress { ProgressBar::new(todo.len() as u64) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template(&format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {}, {{per_sec}}, ETA {{eta}}", opts.unit))
-            .expect("template"),
-    );
+    let mut bar = Progress::new(todo.len() as u64, 0, opts.unit, opts.unit, opts.progress);
     bar.set_message(format!("shard {}", opts.shard));
     let mut summary =
         JobSummary { written: 0, already_done, skipped: Vec::new(), context_stops: Vec::new(), engine: EngineStats::default(), images_encoded: 0, images_reused: 0 };

@@ -150,42 +150,70 @@ impl Objective for DpoObjective {
     }
 
     fn step(&self, model: &LlavaNext, examples: &[(usize, &PairExample)], loss_scale: f64, seed: i64) -> Result<StepOutput> {
-        let device = model.device();
-        let batch = self.pack(model, &examples.iter().map(|(_, e)| *e).collect::<Vec<_>>())?;
-        let images = examples.iter().filter_map(|(_, e)| e.image.as_deref()).map(|path| PairImage::load(model, path)).collect::<Result<Vec<_>>>()?;
-        let pairs = examples.len() as i64;
-        let reference = match &self.reference_cache {
-            Some(cache) => {
-                let (c, r): (Vec<f32>, Vec<f32>) = examples.iter().map(|(i, _)| (cache[*i].0 as f32, cache[*i].1 as f32)).unzip();
-                Tensor::cat(&[Tensor::from_slice(&c), Tensor::from_slice(&r)], 0).to_device(device)
-            }
-            None => self.reference_logps(model, &batch, &images)?,
-        };
-        model.adapter_switch.as_ref().expect("adapter present").set_training(true);
-        let features = images.iter().map(|i| i.features(model)).collect::<Result<Vec<_>>>()?;
-        let (policy, recompute) = self.logps(model, &batch, &features, true, seed)?;
-        let (pc, pr) = (policy.narrow(0, 0, pairs), policy.narrow(0, pairs, pairs));
-        let (rc, rr) = (reference.narrow(0, 0, pairs), reference.narrow(0, pairs, pairs));
-        let (losses, chosen_rewards, rejected_rewards) = dpo_loss(&self.cfg, &pc, &pr, &rc, &rr);
-        let loss = losses.mean(Kind::Float);
+        let (pass, recompute) = self.forward(model, examples, true, seed)?;
+        let loss = pass.losses.mean(Kind::Float);
         let loss_value = loss.double_value(&[]);
         if !loss_value.is_finite() {
             return Err(Error::Training(format!("the loss is non-finite ({loss_value})")));
         }
         backward(model, &(&loss * loss_scale), recompute);
         let mean = |t: &Tensor| t.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-        Ok(StepOutput {
-            metrics: vec![
-                loss_value,
-                mean(&chosen_rewards),
-                mean(&rejected_rewards),
-                mean(&(&chosen_rewards - &rejected_rewards)),
-                mean(&chosen_rewards.gt_tensor(&rejected_rewards)),
-                mean(&pc.detach()),
-                mean(&pr.detach()),
-            ],
-            tokens: batch.row_tokens,
-        })
+        Ok(StepOutput { metrics: pass.per_pair_metrics().iter().map(mean).collect(), tokens: pass.tokens })
+    }
+
+    fn eval_metric_names(&self) -> &'static [&'static str] {
+        self.metric_names()
+    }
+
+    /// The metrics summed over the pairs, with the number of pairs.
+    fn evaluate(&self, model: &LlavaNext, examples: &[(usize, &PairExample)]) -> Result<(Vec<f64>, f64)> {
+        let (pass, _) = tch::no_grad(|| self.forward(model, examples, false, 0))?;
+        let sum = |t: &Tensor| t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+        Ok((pass.per_pair_metrics().iter().map(sum).collect(), examples.len() as f64))
+    }
+}
+
+/// What a forward pass over pairs gives, per pair.
+struct PairsPass {
+    losses: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    tokens: usize,
+}
+
+impl PairsPass {
+    /// In the order of `metric_names`.
+    fn per_pair_metrics(&self) -> [Tensor; 7] {
+        let (c, r) = (&self.chosen_rewards, &self.rejected_rewards);
+        [self.losses.detach(), c.shallow_clone(), r.shallow_clone(), c - r, c.gt_tensor(r), self.policy_chosen.detach(), self.policy_rejected.detach()]
+    }
+}
+
+impl DpoObjective {
+    /// Reference and policy log-probs and the loss of each pair. `train`: dropout on, with a graph to backward
+    /// through, and reference log-probs from the cache when there is one (it is indexed by training example).
+    fn forward(&self, model: &LlavaNext, examples: &[(usize, &PairExample)], train: bool, seed: i64) -> Result<(PairsPass, Option<super::forward::Recompute>)> {
+        let device = model.device();
+        let batch = self.pack(model, &examples.iter().map(|(_, e)| *e).collect::<Vec<_>>())?;
+        let images = examples.iter().filter_map(|(_, e)| e.image.as_deref()).map(|path| PairImage::load(model, path)).collect::<Result<Vec<_>>>()?;
+        let pairs = examples.len() as i64;
+        let reference = match self.reference_cache.as_ref().filter(|_| train) {
+            Some(cache) => {
+                let (c, r): (Vec<f32>, Vec<f32>) = examples.iter().map(|(i, _)| (cache[*i].0 as f32, cache[*i].1 as f32)).unzip();
+                Tensor::cat(&[Tensor::from_slice(&c), Tensor::from_slice(&r)], 0).to_device(device)
+            }
+            None => self.reference_logps(model, &batch, &images)?,
+        };
+        model.adapter_switch.as_ref().expect("adapter present").set_training(train);
+        let features = images.iter().map(|i| i.features(model)).collect::<Result<Vec<_>>>()?;
+        let (policy, recompute) = self.logps(model, &batch, &features, train, seed)?;
+        let (pc, pr) = (policy.narrow(0, 0, pairs), policy.narrow(0, pairs, pairs));
+        let (rc, rr) = (reference.narrow(0, 0, pairs), reference.narrow(0, pairs, pairs));
+        let (losses, chosen_rewards, rejected_rewards) = dpo_loss(&self.cfg, &pc, &pr, &rc, &rr);
+        let pass = PairsPass { losses, chosen_rewards, rejected_rewards, policy_chosen: pc, policy_rejected: pr, tokens: batch.row_tokens };
+        Ok((pass, recompute))
     }
 }
 

@@ -1,8 +1,12 @@
+pub mod curves;
 pub mod data;
 pub mod dpo;
 pub mod forward;
 pub mod optim;
 pub mod packing;
+pub mod samples;
+pub mod tensorboard;
 pub mod trainer;
+pub mod tracking;
 pub mod validate;
 pub mod sft;

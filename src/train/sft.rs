@@ -1,8 +1,8 @@
 //! STIC stage 2 objective: next-token cross-entropy on the assistant turns of LLaVA-format conversations.
 use std::path::PathBuf;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
-use super::forward::{backward, decoder_forward, row_logps};
+use super::forward::{backward, decoder_forward, row_logps, Recompute};
 use super::packing::{pack, RowGroup};
 use super::trainer::{load_preprocessed, EncodedRow, Objective, StepOutput};
 use crate::error::{Error, Result};
@@ -30,7 +30,38 @@ impl Objective for SftObjective {
 
     /// The mean over all scored tokens of the micro-batch, as transformers' causal-LM loss.
     fn step(&self, model: &LlavaNext, examples: &[(usize, &SftExample)], loss_scale: f64, seed: i64) -> Result<StepOutput> {
-        model.adapter_switch.as_ref().expect("adapter present").set_training(true);
+        let (pass, recompute) = self.forward(model, examples, true, seed)?;
+        let loss = &pass.nll / pass.scored.max(1) as f64;
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            return Err(Error::Training(format!("the loss is non-finite ({value})")));
+        }
+        backward(model, &(&loss * loss_scale), recompute);
+        Ok(StepOutput { metrics: vec![value, pass.scored as f64], tokens: pass.tokens })
+    }
+
+    fn eval_metric_names(&self) -> &'static [&'static str] {
+        &["loss"]
+    }
+
+    /// The summed negative log-likelihood of the scored tokens, with their number: the loss is token-weighted.
+    fn evaluate(&self, model: &LlavaNext, examples: &[(usize, &SftExample)]) -> Result<(Vec<f64>, f64)> {
+        let (pass, _) = tch::no_grad(|| self.forward(model, examples, false, 0))?;
+        Ok((vec![pass.nll.double_value(&[])], pass.scored as f64))
+    }
+}
+
+struct RowsPass {
+    /// The negative log-likelihood summed over the scored tokens.
+    nll: Tensor,
+    scored: i64,
+    tokens: usize,
+}
+
+impl SftObjective {
+    /// `train`: dropout on and a graph to backward through.
+    fn forward(&self, model: &LlavaNext, examples: &[(usize, &SftExample)], train: bool, seed: i64) -> Result<(RowsPass, Option<Recompute>)> {
+        model.adapter_switch.as_ref().expect("adapter present").set_training(train);
         let mut features = Vec::new();
         let mut groups = Vec::with_capacity(examples.len());
         for (row, (_, e)) in examples.iter().enumerate() {
@@ -46,15 +77,9 @@ impl Objective for SftObjective {
         let batch = pack(&groups, model.device())?;
         let runs: Vec<_> = batch.image_runs.iter().map(|&i| features[i].shallow_clone()).collect();
         let embeds = model.embed_inputs(&batch.ids, &runs)?;
-        let (hidden, recompute) = decoder_forward(model, &embeds, &batch, self.checkpointing, seed);
+        let (hidden, recompute) = decoder_forward(model, &embeds, &batch, train && self.checkpointing, seed);
         let sums = row_logps(model, &hidden, &batch.scored, None);
-        let scored: i64 = batch.scored.counts.iter().sum();
-        let loss = -sums.sum(Kind::Float) / scored.max(1) as f64;
-        let value = loss.double_value(&[]);
-        if !value.is_finite() {
-            return Err(Error::Training(format!("the loss is non-finite ({value})")));
-        }
-        backward(model, &(&loss * loss_scale), recompute);
-        Ok(StepOutput { metrics: vec![value, scored as f64], tokens: batch.row_tokens })
+        let pass = RowsPass { nll: -sums.sum(Kind::Float), scored: batch.scored.counts.iter().sum(), tokens: batch.row_tokens };
+        Ok((pass, recompute))
     }
 }

@@ -1,19 +1,20 @@
 //! The training loop shared by DPO and SFT: LoRA (+ projector) with AdamW, warm-up and cosine decay, gradient
-//! accumulation and clipping, crash-safe checkpoints that resume bit for bit, a CSV log and a progress bar.
+//! accumulation and clipping, crash-safe checkpoints that resume bit for bit, held-out evaluation, samples, and the
+//! records of `tracking` (CSV logs, TensorBoard, trainer_state.json, train_curves.png) with progress on stderr.
 //!
 //! Data-parallel under torchrun (`group`): `batch_size` is per rank, so a step sees world × batch_size × grad_accum
 //! examples: the step's consecutive stream positions, dealt into world × grad_accum micro-batches of even token
 //! counts (`even_chunks`), micro-batch m of rank r being chunk m × world + r; the gradients are averaged across ranks before clipping, metrics are averaged across ranks, and only rank 0 writes
 //! the log, checkpoints and the adapter. Rank 0 also restores a checkpoint and sends it to the others.
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::optim::{clip_grad_norm, cosine_with_warmup, AdamW, AdamWConfig, ParamGroup};
+use super::samples::SampleWriter;
+use super::tracking::{ReportTo, Tracker, TrainRow, TrainerState};
 use crate::dist::ProcessGroup;
 use crate::error::{read_json, Error, Result};
 use crate::fsutil::{create_dir, write_atomic, FolderLock};
@@ -21,6 +22,7 @@ use crate::image::{self, Preprocessed};
 use crate::lora::{Adapter, LoraSettings};
 use crate::model::weights::{save_safetensors, Checkpoint};
 use crate::model::LlavaNext;
+use crate::progress::Progress;
 
 /// A token row for training: ids with image placeholders expanded, and which positions are scored.
 #[derive(Debug, Clone)]
@@ -42,6 +44,11 @@ pub trait Objective {
     fn tokens(&self, example: &Self::Example) -> usize;
     /// Forward and backward over one micro-batch (gradients accumulate, the loss is multiplied by `loss_scale`).
     fn step(&self, model: &LlavaNext, examples: &[(usize, &Self::Example)], loss_scale: f64, seed: i64) -> Result<StepOutput>;
+    /// Names of the held-out metrics `evaluate` gives.
+    fn eval_metric_names(&self) -> &'static [&'static str];
+    /// The same forward pass without gradients and with dropout off: the metrics of `eval_metric_names` summed
+    /// over the micro-batch, and the weight they average by (pairs, scored tokens).
+    fn evaluate(&self, model: &LlavaNext, examples: &[(usize, &Self::Example)]) -> Result<(Vec<f64>, f64)>;
 }
 
 pub fn load_preprocessed(model: &LlavaNext, path: &Path) -> Result<Preprocessed> {
@@ -67,6 +74,14 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub max_length: usize,
     pub save_steps: usize,
+    /// Steps between held-out evaluations (default: save_steps); there is one at the end too.
+    #[serde(default)]
+    pub eval_steps: Option<usize>,
+    /// Steps whose metrics one log row averages.
+    #[serde(default = "default_logging_steps")]
+    pub logging_steps: usize,
+    #[serde(default)]
+    pub report_to: ReportTo,
     #[serde(default = "default_save_total_limit")]
     pub save_total_limit: usize,
     pub seed: u64,
@@ -104,6 +119,10 @@ pub enum ImageLayout {
     PadFlat,
 }
 
+fn default_logging_steps() -> usize {
+    1
+}
+
 fn default_save_total_limit() -> usize {
     2
 }
@@ -121,18 +140,34 @@ impl TrainConfig {
     /// Settings that must not change between a run and its resumption.
     fn resume_signature(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
-        for volatile in ["save_steps", "save_total_limit", "device"] {
+        for volatile in ["save_steps", "save_total_limit", "device", "eval_steps", "logging_steps", "report_to"] {
             v.as_object_mut().expect("object").remove(volatile);
         }
         v
     }
+
+    /// Steps between held-out evaluations.
+    pub fn eval_every(&self) -> usize {
+        self.eval_steps.unwrap_or(self.save_steps).max(1)
+    }
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct TrainerState {
-    step: usize,
-    total_steps: usize,
-    config: serde_json::Value,
+/// What a finished (or stopped) run did, for its summary.
+pub struct RunReport {
+    /// The step the run ended at, and the one it started from (a resumed run).
+    pub steps: usize,
+    pub start_step: usize,
+    pub total_steps: usize,
+    pub epochs: f64,
+    pub seconds: f64,
+    /// Tokens of this run's steps (over all ranks).
+    pub tokens: usize,
+    pub logging_dir: Option<PathBuf>,
+    /// The last entries of the log history with train and with eval metrics.
+    pub last_train: Option<serde_json::Map<String, serde_json::Value>>,
+    pub last_eval: Option<serde_json::Map<String, serde_json::Value>>,
+    pub best_metric: Option<f64>,
+    pub best_model_checkpoint: Option<String>,
 }
 
 pub struct Trainer<'a, O: Objective> {
@@ -147,6 +182,12 @@ pub struct Trainer<'a, O: Objective> {
     pub stop_after: Option<usize>,
     /// The data-parallel group (torchrun); None for a single process.
     pub group: Option<&'a ProcessGroup>,
+    /// Held-out examples, evaluated every `eval_steps` and at the end (none: no evaluation).
+    pub eval_examples: Vec<O::Example>,
+    /// Where the TensorBoard event files go.
+    pub logging_dir: PathBuf,
+    /// Generations written every few steps (rank 0 only).
+    pub samples: Option<SampleWriter<'a>>,
 }
 
 const LATEST: &str = "latest";
@@ -190,20 +231,26 @@ impl<'a, O: Objective> Trainer<'a, O> {
         AdamW::new(AdamWConfig { weight_decay: self.cfg.weight_decay, ..Default::default() }, groups)
     }
 
-    pub fn run(&mut self, resume: bool) -> Result<()> {
+    pub fn run(&mut self, resume: bool) -> Result<RunReport> {
         let main = self.is_main();
         // A second run into the same folder would overwrite this one's checkpoints and adapter.
         let _lock = if main { Some(FolderLock::acquire(&self.output, "--output")?) } else { None };
+        let started_run = Instant::now();
         let total = self.total_steps();
         let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as usize;
         let mut optimizer = self.optimizer();
-        let start = if resume && main { self.restore(&mut optimizer)? } else { 0 };
-        let start = self.sync_start(start, &mut optimizer)?;
-        let log_path = self.output.join("train_log.csv");
-        // Opened at the first step's row, so that a run that fails before it leaves no header-only log.
-        let mut log = None;
-        let bar = if main { ProgressBar::new(total as u64) } else { ProgressBar::hidden() }.with_position(start as u64);
-        bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}").expect("template"));
+        let resumed = if resume && main { Some(self.restore(&mut optimizer)?) } else { None };
+        let start = self.sync_start(resumed.as_ref().map_or(0, |s| s.global_step), &mut optimizer)?;
+        let mut tracker = if main {
+            let (names, eval_names) = (self.objective.metric_names(), self.objective.eval_metric_names());
+            Some(Tracker::open(&self.output, names, eval_names, self.cfg.report_to, &self.logging_dir, resumed.as_ref())?)
+        } else {
+            None
+        };
+        if let Some(samples) = self.samples.as_mut() {
+            samples.open(start)?;
+        }
+        let mut progress = Progress::new(total as u64, start as u64, "step", "steps", main);
         let (rank, world) = crate::dist::rank_and_world(self.group);
         let (n, global) = (self.examples.len(), self.global_batch());
         let tokens_of: Vec<usize> = self.examples.iter().map(|e| self.objective.tokens(e)).collect();
@@ -211,6 +258,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let end = self.stop_after.map_or(total, |s| (start + s).min(total));
         // Example positions in the seeded stream of epochs that the run takes (all it needs with max_steps).
         let positions = if self.cfg.max_steps.is_some() { usize::MAX } else { (n as f64 * self.cfg.epochs).ceil() as usize };
+        let logging_steps = self.cfg.logging_steps.max(1);
+        // The steps since the last log row: their metrics (summed), tokens and seconds.
+        let mut window = (vec![0.0; self.objective.metric_names().len()], 0usize, 0usize, 0.0f64);
+        let mut run_tokens = 0;
         for step in start..end {
             let started = Instant::now();
             let mut sums = vec![0.0; self.objective.metric_names().len()];
@@ -274,33 +325,116 @@ impl<'a, O: Objective> Trainer<'a, O> {
                     self.last_good_checkpoint()
                 )));
             }
-            let seconds = started.elapsed().as_secs_f64();
-            let mut row = vec![(step + 1).to_string()];
-            row.extend(sums.iter().map(|v| format!("{v:.6}")));
-            row.extend([format!("{grad_norm:.6}"), format!("{:.3e}", self.cfg.lr * factor), format!("{:.1}", tokens as f64 / seconds)]);
-            if main && log.is_none() {
-                log = Some(open_log(&log_path, self.objective.metric_names(), start)?);
+            let done = step + 1;
+            let epoch = (done * global) as f64 / n as f64;
+            run_tokens += tokens;
+            window.0.iter_mut().zip(&sums).for_each(|(w, s)| *w += s);
+            window.1 += 1;
+            window.2 += tokens;
+            window.3 += started.elapsed().as_secs_f64();
+            if let Some(tracker) = tracker.as_mut().filter(|_| done % logging_steps == 0 || done == end) {
+                let metrics: Vec<f64> = window.0.iter().map(|s| s / window.1 as f64).collect();
+                let row = TrainRow {
+                    step: done,
+                    epoch,
+                    metric_names: self.objective.metric_names(),
+                    metrics: &metrics,
+                    grad_norm,
+                    learning_rate: self.cfg.lr * factor,
+                    tokens_per_s: window.2 as f64 / window.3,
+                };
+                tracker.log_train(&row)?;
+                window = (vec![0.0; metrics.len()], 0, 0, 0.0);
             }
-            if let Some(log) = log.as_mut() {
-                writeln!(log, "{}", row.join(",")).and_then(|_| log.flush()).map_err(|e| Error::io(&log_path, e))?;
+            progress.set_message(format!("loss {:.4}", sums[0]));
+            progress.inc(1);
+            if !self.eval_examples.is_empty() && (done % self.cfg.eval_every() == 0 || done == total) {
+                let values = self.evaluate()?;
+                if let Some(tracker) = tracker.as_mut() {
+                    tracker.log_eval(done, epoch, self.objective.eval_metric_names(), &values)?;
+                }
             }
-            bar.set_message(format!("loss {:.4}", sums[0]));
-            bar.inc(1);
-            if (step + 1) % self.cfg.save_steps.max(1) == 0 || step + 1 == total {
-                if main {
-                    self.save_checkpoint(step + 1, total, &optimizer)?;
+            if let Some(samples) = self.samples.as_mut().filter(|s| done % s.every == 0 || done == total) {
+                samples.write(done)?;
+            }
+            if done % self.cfg.save_steps.max(1) == 0 || done == total {
+                if let Some(tracker) = tracker.as_mut() {
+                    self.save_checkpoint(done, total, epoch, &optimizer, tracker)?;
+                    self.write_records(done, total, epoch, tracker)?;
                 }
                 self.barrier()?;
             }
         }
-        bar.finish();
-        if end == total {
-            if main {
+        progress.finish();
+        let epoch = (end * global) as f64 / n as f64;
+        if let Some(tracker) = tracker.as_mut() {
+            if end == total {
                 self.adapter.save(&self.output, &self.base_model)?;
             }
+            // (a run that ended on a save wrote them there)
+            let saved_at_end = end > start && (end % self.cfg.save_steps.max(1) == 0 || end == total);
+            if !saved_at_end {
+                self.write_records(end, total, epoch, tracker)?;
+            }
+        }
+        if end == total {
             self.barrier()?;
         }
-        Ok(())
+        Ok(RunReport {
+            steps: end,
+            start_step: start,
+            total_steps: total,
+            epochs: epoch,
+            seconds: started_run.elapsed().as_secs_f64(),
+            tokens: run_tokens,
+            logging_dir: tracker.as_ref().and_then(|t| t.logging_dir.clone()),
+            last_train: tracker.as_ref().and_then(|t| t.last_with("loss").cloned()),
+            last_eval: tracker.as_ref().and_then(|t| t.last_with("eval_loss").cloned()),
+            best_metric: tracker.as_ref().and_then(|t| t.best.map(|(v, _)| v)),
+            best_model_checkpoint: tracker.as_ref().and_then(|t| t.best_checkpoint.clone()),
+        })
+    }
+
+    /// The held-out metrics: each rank evaluates every world-th micro-batch, the sums are added over ranks.
+    fn evaluate(&self) -> Result<Vec<f64>> {
+        let (rank, world) = crate::dist::rank_and_world(self.group);
+        let names = self.objective.eval_metric_names();
+        let mut sums = vec![0.0; names.len() + 1];
+        let indexed: Vec<(usize, &O::Example)> = self.eval_examples.iter().enumerate().collect();
+        for chunk in indexed.chunks(self.cfg.batch_size.max(1)).skip(rank).step_by(world) {
+            let (values, weight) = self.objective.evaluate(self.model, chunk)?;
+            sums.iter_mut().zip(values.iter().chain([&weight])).for_each(|(s, v)| *s += v);
+        }
+        if let Some(group) = self.group {
+            sums = group.all_reduce_sum_f64(&sums)?;
+        }
+        let weight = sums.pop().expect("the weight").max(f64::MIN_POSITIVE);
+        Ok(sums.into_iter().map(|s| s / weight).collect())
+    }
+
+    fn state(&self, step: usize, total: usize, epoch: f64, tracker: &Tracker) -> TrainerState {
+        TrainerState {
+            best_global_step: tracker.best.map(|(_, s)| s),
+            best_metric: tracker.best.map(|(v, _)| v),
+            best_model_checkpoint: tracker.best_checkpoint.clone(),
+            epoch,
+            eval_steps: self.cfg.eval_every(),
+            global_step: step,
+            log_history: tracker.history.clone(),
+            logging_steps: self.cfg.logging_steps,
+            max_steps: total,
+            num_train_epochs: total as f64 * self.global_batch() as f64 / self.examples.len() as f64,
+            save_steps: self.cfg.save_steps,
+            train_batch_size: self.cfg.batch_size,
+            config: self.cfg.resume_signature(),
+        }
+    }
+
+    /// trainer_state.json and train_curves.png in the output folder, as they stand at `step`.
+    fn write_records(&self, step: usize, total: usize, epoch: f64, tracker: &Tracker) -> Result<()> {
+        let state = self.state(step, total, epoch, tracker);
+        write_atomic(&self.output.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())?;
+        super::curves::draw(&self.output.join(super::curves::FILE), &tracker.history)
     }
 
     /// Where a run that stops on bad numbers can be resumed from, for its message.
@@ -338,10 +472,11 @@ impl<'a, O: Objective> Trainer<'a, O> {
         Ok(start)
     }
 
-    fn save_checkpoint(&self, step: usize, total: usize, optimizer: &AdamW) -> Result<()> {
+    fn save_checkpoint(&self, step: usize, total: usize, epoch: f64, optimizer: &AdamW, tracker: &mut Tracker) -> Result<()> {
         let root = checkpoints_dir(&self.output);
         create_dir(&root)?;
         let name = format!("step-{step:06}");
+        tracker.saved_checkpoint(step, &root.join(&name));
         let tmp = root.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         let write = || -> Result<()> {
@@ -352,7 +487,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 moments.push((format!("exp_avg_sq.{param}"), v.to_device(Device::Cpu)));
             }
             save_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
-            let state = TrainerState { step, total_steps: total, config: self.cfg.resume_signature() };
+            let state = self.state(step, total, epoch, tracker);
             write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())
         };
         if let Err(e) = write() {
@@ -377,8 +512,9 @@ impl<'a, O: Objective> Trainer<'a, O> {
         }
     }
 
-    /// Loads the latest checkpoint into the adapter and optimizer; returns the step to continue from.
-    fn restore(&self, optimizer: &mut AdamW) -> Result<usize> {
+    /// Loads the latest checkpoint into the adapter and optimizer; returns its state (the step to continue
+    /// from, the log history up to it).
+    fn restore(&self, optimizer: &mut AdamW) -> Result<TrainerState> {
         let root = checkpoints_dir(&self.output);
         let latest = std::fs::read_to_string(root.join(LATEST)).map_err(|_| {
             Error::Input(format!("--resume: no checkpoint in {} (nothing to resume; run without --resume)", root.display()))
@@ -403,8 +539,8 @@ impl<'a, O: Objective> Trainer<'a, O> {
             }
             Ok(())
         })?;
-        optimizer.steps = state.step as i64;
-        Ok(state.step)
+        optimizer.steps = state.global_step as i64;
+        Ok(state)
     }
 }
 
@@ -445,25 +581,6 @@ impl CloneHandles for Vec<(String, Tensor)> {
     fn clone_handles(&self) -> Vec<(String, Tensor)> {
         self.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
-}
-
-/// Opens the CSV log for appending, keeping only the rows of steps up to `keep_steps` (those of a resumed run).
-fn open_log(path: &Path, metrics: &[&str], keep_steps: usize) -> Result<std::fs::File> {
-    let mut header = vec!["step"];
-    header.extend(metrics);
-    header.extend(["grad_norm", "lr", "tokens_per_s"]);
-    let mut text = header.join(",") + "\n";
-    if keep_steps > 0 {
-        let old = std::fs::read_to_string(path).unwrap_or_default();
-        for line in old.lines().skip(1) {
-            if line.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= keep_steps) {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    write_atomic(path, text.as_bytes())?;
-    std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ impl TrainConfig {
             ("max_length", self.max_length),
             ("save_steps", self.save_steps),
             ("save_total_limit", self.save_total_limit),
+            ("logging_steps", self.logging_steps),
+            ("eval_steps", self.eval_steps.unwrap_or(1)),
         ];
         if let Some((name, _)) = counts.into_iter().find(|(_, value)| *value == 0) {
             return Err(invalid(name, "0 is not a whole number of at least 1"));
