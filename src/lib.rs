@@ -3,6 +3,7 @@ pub mod dist;
 pub mod error;
 pub mod fsutil;
 pub mod generate;
+pub mod hub_cache;
 pub mod image;
 pub mod lora;
 pub mod merge;
