@@ -1,6 +1,7 @@
 """The command line explains itself: help text and defaults on every flag (config defaults included), listed
 choices, shell completions and man pages; models by hub id from the local Hugging Face cache; the JSON summaries
 of `prefs`, `describe` and `reproduce`."""
+import functools
 import json
 import os
 import re
@@ -17,12 +18,13 @@ SAMPLE = Path(__file__).parent / "data" / "llava_sample.json"
 GEN = ["--device", "cpu", "--seed", "42", "--max-new-tokens", "4"]
 
 
+@functools.lru_cache(maxsize=None)
 def subcommands():
     """The visible subcommands, as `stic --help` lists them."""
     text = run_stic("--help").stdout
     block = text.split("Commands:\n", 1)[1].split("\n\n", 1)[0]
     names = [line.split()[0] for line in block.splitlines() if line.startswith("  ") and line.split()]
-    return [n for n in names if n != "help"]
+    return tuple(n for n in names if n != "help")
 
 
 def flags(help_text):
@@ -40,6 +42,7 @@ def flags(help_text):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def help_of(sub):
     return run_stic(sub, "--help").stdout
 
@@ -181,7 +184,8 @@ def test_man_pages(tmp_path):
     if shutil.which("groff"):
         rendered = subprocess.run(["groff", "-man", "-Tutf8", "-ww", str(out / "stic-train-dpo.1")],
                                   capture_output=True, text=True, check=True)
-        assert "--lora-alpha" in rendered.stdout.replace("\u2010", "-").replace("\u2212", "-"), rendered.stdout[:2000]
+        text = re.sub(".\x08", "", rendered.stdout).replace("\u2010", "-").replace("\u2212", "-")
+        assert "--lora-alpha" in text and "[default: 1e-7 from configs/paper/stage1.yaml]" in text, text[:2000]
         assert "warning" not in rendered.stderr.lower(), rendered.stderr
 
 
@@ -281,3 +285,31 @@ def test_describe_summary_matches_its_output(tiny, tmp_path):
     assert summary["written"] == len(read_jsonl(out)) == sum(1 for e in entries if e.get("image"))
     assert summary["skipped"] == 0 and summary["skipped_reasons"] == []
     assert summary["context_stops"] == len(summary["context_stopped_keys"])
+
+
+def test_reproduce_summary_lists_the_steps_run_and_skipped(tiny, tmp_path):
+    """The paper profile up to its first step (prefs), with short responses, run twice."""
+    profile = yaml.safe_load((ROOT / "configs" / "paper" / "reproduce.yaml").read_text())
+    profile["generation"]["max_new_tokens"] = 4
+    config = tmp_path / "reproduce.yaml"
+    config.write_text(yaml.safe_dump(profile))
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(IMAGES / "chelsea.png", images)
+    (tmp_path / "stage1.json").write_text(json.dumps(["chelsea.png"]))
+    env = {**os.environ, "STIC_MODEL": str(tiny), "STIC_COCO_DIR": str(images),
+           "STIC_STAGE1_IMAGES": str(tmp_path / "stage1.json"), "STIC_OUTPUT": str(tmp_path / "run"),
+           "STIC_REPORT": str(tmp_path / "report" / "reproduce")}
+    args = [str(STIC), "reproduce", "--config", config, "--until", "prefs", "--json"]
+    first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((tmp_path / "run" / "reproduce_summary.json").read_text())
+    assert json.loads(first.stdout.splitlines()[-1]) == summary
+    assert (summary["profile"], summary["steps_run"], summary["steps_skipped"]) == ("paper", 1, 0)
+    step = summary["steps"][0]
+    assert step["name"] == "prefs" and step["ran"] and step["seconds"] > 0
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    again = json.loads(again.stdout)
+    assert (again["steps_run"], again["steps_skipped"]) == (0, 1)
+    assert again["steps"][0] == {**step, "ran": False}
+    assert again["reports"] == []
