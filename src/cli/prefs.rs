@@ -59,16 +59,17 @@ pub struct JobArgs {
     /// Seed of the sampling and of the corruptions (each item's own seed derives from it and its position).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Default: 1024, as the official scripts.
+    /// Most tokens per response (the official scripts').
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// Default: 0.2, as the official scripts.
+    /// Sampling temperature (the official scripts').
     #[arg(long, value_parser = super::values::temperature)]
     pub temperature: Option<f64>,
-    /// Default: the prompts file's (1: off).
+    /// Nucleus sampling's top-p. Default: the prompts file's, else 1 (off).
     #[arg(long, value_parser = super::values::top_p)]
     pub top_p: Option<f64>,
-    /// Default: the prompts file's (0: off; transformers' `generate`, which the official scripts call, uses 50).
+    /// Sample among the k most likely tokens. Default: the prompts file's, else 0 (off; transformers'
+    /// `generate`, which the official scripts call, uses 50).
     #[arg(long)]
     pub top_k: Option<usize>,
     #[command(flatten)]

@@ -65,8 +65,9 @@ def test_every_flag_of_every_command_has_help():
 WITH_DEFAULT = {
     "generate": ["--template", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--dtype",
                  "--device", "--batch-size", "--gpu-memory-fraction", "--prefill-chunk", "--processing"],
-    "prefs": ["--corruption", "--resize-filter", "--seed", "--batch-size", "--dtype", "--device"],
-    "describe": ["--seed", "--dtype", "--device"],
+    "prefs": ["--corruption", "--resize-filter", "--seed", "--batch-size", "--dtype", "--device", "--max-new-tokens",
+              "--temperature"],
+    "describe": ["--seed", "--dtype", "--device", "--max-new-tokens", "--temperature"],
     "eval": ["--benchmark", "--template", "--description-max-new-tokens", "--dtype", "--device", "--judge-key-env"],
     "eval-score": ["--benchmark"],
     "corrupt": ["--kind", "--seed"],
@@ -132,6 +133,14 @@ def test_train_help_shows_the_shipped_config(sub, config):
     if sub == "train-dpo":
         assert "[default: 1e-7 from configs/paper/stage1.yaml]" in shown["--lr"]
         assert "[default: 0.1 from configs/paper/stage1.yaml]" in shown["--beta"]
+
+
+def test_generation_job_help_shows_the_shipped_prompts_file():
+    generation = json.loads((ROOT / "third_party" / "stic" / "prompts.json").read_text())["generation"]
+    for sub in ["prefs", "describe"]:
+        shown = flags(help_of(sub))
+        assert int(config_default(shown["--max-new-tokens"], "third_party/stic/prompts.json")) == generation["max_new_tokens"]
+        assert float(config_default(shown["--temperature"], "third_party/stic/prompts.json")) == generation["temperature"]
 
 
 @pytest.mark.parametrize("args, needle", [
