@@ -5,6 +5,17 @@
 //! decoder's C side (src/image/jpeg.c) against the libjpeg-turbo that turbojpeg-sys builds.
 use std::path::{Path, PathBuf};
 
+/// `STIC_PROFILES`: the shipped profiles of `stic reproduce --profile`, the folders under configs/ that hold a
+/// reproduce.yaml (comma-separated, sorted).
+fn list_profiles() {
+    println!("cargo:rerun-if-changed=configs");
+    let mut names: Vec<String> = std::fs::read_dir("configs")
+        .map(|dir| dir.filter_map(|e| e.ok()).filter(|e| e.path().join("reproduce.yaml").is_file()).filter_map(|e| e.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    names.sort();
+    println!("cargo:rustc-env=STIC_PROFILES={}", names.join(","));
+}
+
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -20,6 +31,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(stic_dist_shim)");
     // Set when the CUDA graph shim is compiled: without it the generation engine runs every step eagerly.
     println!("cargo::rustc-check-cfg=cfg(stic_cuda_graphs)");
+    list_profiles();
     build_jpeg_decoder();
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set: run `make setup` or point LIBTORCH at a libtorch 2.11 folder");

@@ -47,8 +47,20 @@ enum Command {
     /// The STIC paper end to end from a profile (official: the released code as it ran; paper: the method as
     /// stated): resumable steps, a report beside the paper's numbers.
     Reproduce(cli::reproduce::Args),
+    /// Print a shell completion script: `source <(stic completions bash)`, or save it where the shell looks.
+    Completions(cli::completions::Args),
+    /// Print the man page of stic, or write it and one page per subcommand into a folder (--output).
+    Man(cli::man::Args),
     #[command(hide = true)]
     DecodeImage(cli::decode_image::Args),
+}
+
+/// The command line as parsed, shown in `--help`, completed and documented in the man pages.
+fn command() -> clap::Command {
+    // `--temperature -1` reaches the flag's parser, which says what range it wants, instead of being taken
+    // for an unknown flag `-1`.
+    let cli = Cli::command().mut_subcommands(|command| command.allow_negative_numbers(true));
+    cli::config_help::with_config_defaults(cli)
 }
 
 fn main() -> ExitCode {
@@ -57,9 +69,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // `--temperature -1` reaches the flag's parser, which says what range it wants, instead of being taken
-    // for an unknown flag `-1`.
-    let matches = Cli::command().mut_subcommands(|command| command.allow_negative_numbers(true)).get_matches();
+    let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args),
@@ -77,6 +87,8 @@ fn main() -> ExitCode {
         Command::EvalScore(args) => cli::eval::run_score(args),
         Command::DistCheck(args) => cli::dist_check::run(args),
         Command::Reproduce(args) => cli::reproduce::run(args, &Cli::command()),
+        Command::Completions(args) => cli::completions::run(args, command()),
+        Command::Man(args) => cli::man::run(args, command()),
         Command::DecodeImage(args) => cli::decode_image::run(args),
         Command::Tokenize(args) => cli::tokenize::run(args),
     };

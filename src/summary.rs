@@ -2,12 +2,13 @@
 use std::path::Path;
 
 use crate::error::Result;
-use crate::fsutil::write_atomic;
+use crate::fsutil::{create_parent, write_atomic};
 
 /// Writes `summary` (pretty-printed) to `path` all or nothing, and prints it on stdout as one line when `print`.
 pub fn write_summary(path: &Path, summary: &serde_json::Value, print: bool) -> Result<()> {
     let mut text = serde_json::to_string_pretty(summary).expect("a JSON value serialises");
     text.push('\n');
+    create_parent(path)?;
     write_atomic(path, text.as_bytes())?;
     if print {
         println!("{summary}");

@@ -5,14 +5,16 @@ use stic::stic::corrupt::{run_corrupt, Corruption};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image to corrupt.
     #[arg(long)]
     image: PathBuf,
     /// Written as PNG.
     #[arg(long)]
     output: PathBuf,
     /// resize20 (shorter side to 20 px) or color_jitter (brightness 0.5, hue 0.3).
-    #[arg(long)]
+    #[arg(long, value_parser = super::choices::one_of(Corruption::ALL.map(Corruption::name)))]
     kind: String,
+    /// Seed of the colour jitter's random parameters.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }

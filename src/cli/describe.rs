@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use super::model_args::ModelArgs;
-use super::prefs::{report, JobArgs};
+use super::prefs::{finish_job, JobArgs};
 use stic::stic::describe::DescribeTask;
 use stic::stic::infuse::load_instruction_data;
 use stic::stic::job::run_job;
@@ -15,6 +15,7 @@ pub struct Args {
     /// Instruction data in LLaVA format (`[{id, image, conversations}]`).
     #[arg(long)]
     data: PathBuf,
+    /// Folder of the images the entries name.
     #[arg(long)]
     image_dir: PathBuf,
     /// JSONL of `{id, image, prompt, description}`; a rerun continues it.
@@ -40,8 +41,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_pixels: session.model.cfg.image.max_pixels,
     };
     let with_images: Vec<_> = entries.into_iter().filter(|e| e.image.is_some()).collect();
+    let started = std::time::Instant::now();
     let summary = run_job(&session, &task, &with_images, &opts)?;
-    report(&summary, &opts.output);
+    finish_job(&summary, &opts.output, started, &args.job.summary)?;
     let ids: Vec<String> = with_images.iter().map(|e| e.id_text()).collect();
     sharding.finish(&[JobOutput { path: &args.output, key_field: "id", keys: &ids }])?;
     Ok(())

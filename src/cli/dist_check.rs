@@ -6,7 +6,7 @@ use tch::{Device, Tensor};
 #[derive(clap::Args)]
 pub struct Args {
     /// Device of the tensors: cpu (gloo), or cuda for this rank's GPU (cuda:LOCAL_RANK; NCCL when built with it).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = super::choices::device)]
     device: String,
     /// This rank stops before the all-reduce and waits (at most 10 minutes) to be killed, so that tests can
     /// check how the other ranks report a lost rank.

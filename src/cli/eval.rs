@@ -55,18 +55,19 @@ impl JudgeArgs {
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// scienceqa, textvqa, chartqa, llava-bench, mmbench, mm-vet or mathvista.
-    #[arg(long)]
+    /// The benchmark to answer and score.
+    #[arg(long, value_parser = super::choices::benchmark(), ignore_case = true)]
     benchmark: String,
     /// The benchmark's folder, in LLaVA-1.5's playground/data/eval layout or, for scienceqa, chartqa, mmbench and
     /// mathvista, holding their parquet release from the Hugging Face hub (the README lists the files).
     #[arg(long)]
     data: PathBuf,
+    /// Output folder: predictions.jsonl, summary.json (and descriptions.jsonl with --dar); a rerun continues it.
     #[arg(long)]
     output: PathBuf,
-    /// Conversation template of both passes: mistral_instruct, or vicuna_v1 (what every official eval script
-    /// passes as `--conv-mode`).
-    #[arg(long, default_value = "mistral_instruct")]
+    /// Conversation template of both passes (vicuna_v1 is what every official eval script passes as
+    /// `--conv-mode`).
+    #[arg(long, default_value = "mistral_instruct", value_parser = super::choices::template())]
     template: String,
     /// Describe and respond: describe the image first, then answer with the description in the prompt.
     #[arg(long)]
@@ -77,11 +78,12 @@ pub struct Args {
     dar_image_blind: bool,
     #[command(flatten)]
     selection: SelectionArgs,
+    /// Only the first N items of the benchmark.
     #[arg(long)]
     limit: Option<usize>,
     /// Answer only the items whose position p has p % N == I, into predictions.shard-I-of-N.jsonl (not
     /// scored). Under torchrun each rank takes shard RANK/WORLD_SIZE by itself and rank 0 joins and scores them.
-    #[arg(long)]
+    #[arg(long, value_name = "I/N")]
     shard: Option<String>,
     #[command(flatten)]
     engine: super::prefs::EngineArgs,
@@ -359,11 +361,13 @@ fn official_grader_file(bench: &dyn Benchmark, items: &[EvalItem], predictions: 
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    #[arg(long)]
+    /// The benchmark the predictions answer.
+    #[arg(long, value_parser = super::choices::benchmark(), ignore_case = true)]
     benchmark: String,
     /// JSONL of `{id, prediction}` (stic) or `{question_id, text}` (LLaVA's answer files).
     #[arg(long)]
     predictions: PathBuf,
+    /// The benchmark's folder (as for `stic eval --data`).
     #[arg(long)]
     data: PathBuf,
     #[command(flatten)]

@@ -30,18 +30,22 @@ pub struct Args {
     /// `"max_new_tokens": N`; read as the generation goes, so the file may be long.
     #[arg(long, conflicts_with_all = ["images", "prompts", "texts"])]
     requests: Option<PathBuf>,
-    #[arg(long, default_value = "mistral_instruct")]
+    /// Conversation template that --prompt is rendered with.
+    #[arg(long, default_value = "mistral_instruct", value_parser = super::choices::template())]
     template: String,
+    /// Most tokens generated per prompt.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// 0 = greedy.
+    /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.0, value_parser = super::values::temperature)]
     temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (1 = off).
     #[arg(long, default_value_t = 1.0, value_parser = super::values::top_p)]
     top_p: f64,
-    /// 0 = off.
+    /// Sample among the k most likely tokens only; 0 = off.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]

@@ -10,6 +10,7 @@ pub struct Args {
     /// `stic describe` output.
     #[arg(long)]
     descriptions: PathBuf,
+    /// The infused instruction data (LLaVA format).
     #[arg(long)]
     output: PathBuf,
 }

@@ -5,6 +5,7 @@ pub struct Args {
     /// Folder to write the model to.
     #[arg(long)]
     output: PathBuf,
+    /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: i64,
 }

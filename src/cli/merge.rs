@@ -2,11 +2,11 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Base model folder.
-    #[arg(long)]
+    /// Base model folder, or its hub id in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_args::hub_path)]
     model: PathBuf,
-    /// PEFT LoRA adapter folder.
-    #[arg(long)]
+    /// PEFT LoRA adapter folder, or its hub id in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_args::hub_path)]
     adapter: PathBuf,
     /// New folder for the merged llava-hf checkpoint (config, tokenizer, safetensors).
     #[arg(long)]

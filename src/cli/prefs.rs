@@ -49,27 +49,31 @@ impl EngineArgs {
 pub struct JobArgs {
     /// Process only the items whose position p in the list has p % N == I (join the outputs with
     /// `stic prefs-merge`). Under torchrun each rank takes shard RANK/WORLD_SIZE by itself.
-    #[arg(long)]
+    #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Only the first N items of the list.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Seed of the sampling and of the corruptions (each item's own seed derives from it and its position).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Default: 1024, as the official scripts.
+    /// Most tokens per response (the official scripts').
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// Default: 0.2, as the official scripts.
+    /// Sampling temperature (the official scripts').
     #[arg(long, value_parser = super::values::temperature)]
     pub temperature: Option<f64>,
-    /// Default: the prompts file's (1: off).
-    #[arg(long)]
+    /// Nucleus sampling's top-p. Default: the prompts file's, else 1 (off).
+    #[arg(long, value_parser = super::values::top_p)]
     pub top_p: Option<f64>,
-    /// Default: the prompts file's (0: off; transformers' `generate`, which the official scripts call, uses 50).
+    /// Sample among the k most likely tokens. Default: the prompts file's, else 0 (off; transformers'
+    /// `generate`, which the official scripts call, uses 50).
     #[arg(long)]
     pub top_k: Option<usize>,
+    #[command(flatten)]
+    pub summary: super::summary::SummaryArgs,
 }
 
 impl JobArgs {
@@ -101,6 +105,31 @@ impl JobArgs {
             progress: sharding.is_main(),
         }
     }
+}
+
+/// Reports the job on stderr and writes its JSON summary beside `output` (`prefs.jsonl` → `prefs.summary.json`).
+pub fn finish_job(summary: &JobSummary, output: &Path, started: std::time::Instant, args: &super::summary::SummaryArgs) -> Result<()> {
+    report(summary, output);
+    let seconds = started.elapsed().as_secs_f64();
+    let path = output.with_extension("summary.json");
+    let tokens = summary.engine.generated_tokens;
+    let json = serde_json::json!({
+        "output": output,
+        "summary": path,
+        "written": summary.written,
+        "already_done": summary.already_done,
+        "skipped": summary.skipped.len(),
+        "skipped_reasons": summary.skipped,
+        "context_stops": summary.context_stops.len(),
+        "context_stopped_keys": summary.context_stops,
+        "seconds": seconds,
+        "generated_tokens": tokens,
+        "tokens_per_second": if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 },
+        "images_encoded": summary.images_encoded,
+        "images_reused": summary.images_reused,
+        "engine": summary.engine,
+    });
+    args.emit(&path, &json)
 }
 
 pub fn report(summary: &JobSummary, output: &Path) {
@@ -215,8 +244,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ResizeFilter::Bicubic => stic::image::Filter::Bicubic,
         },
     };
+    let started = std::time::Instant::now();
     let summary = run_job(&session, &task, &names, &opts)?;
-    report(&summary, &opts.output);
+    finish_job(&summary, &opts.output, started, &args.job.summary)?;
     sharding.finish(&[JobOutput { path: &args.output, key_field: "image", keys: &names }])?;
     Ok(())
 }
@@ -226,11 +256,13 @@ pub struct MergeArgs {
     /// Shard outputs to join.
     #[arg(long, required = true, num_args = 1..)]
     inputs: Vec<PathBuf>,
+    /// The joined JSONL.
     #[arg(long)]
     output: PathBuf,
     /// The image folder of the run (its images give the order), or use --images.
     #[arg(long)]
     image_dir: Option<PathBuf>,
+    /// The JSON list of image names of the run (its order is the output's).
     #[arg(long)]
     images: Option<PathBuf>,
     /// Merge `stic describe` shards instead (keyed and ordered by the entry ids of this LLaVA JSON).

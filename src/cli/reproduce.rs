@@ -12,7 +12,7 @@ pub struct Args {
     config: Option<PathBuf>,
     /// A shipped profile by name: official (the released code as it ran) or paper (the method as the paper
     /// states it); reads configs/NAME/reproduce.yaml.
-    #[arg(long)]
+    #[arg(long, value_parser = super::choices::profile())]
     profile: Option<String>,
     /// Print the steps, what each reads and writes and what is missing, and run nothing.
     #[arg(long)]
@@ -21,8 +21,10 @@ pub struct Args {
     #[arg(long)]
     until: Option<String>,
     /// Only these benchmarks (comma-separated, among the profile's eval.benchmarks).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = super::choices::benchmark())]
     benchmarks: Option<Vec<String>>,
+    #[command(flatten)]
+    summary: super::summary::SummaryArgs,
 }
 
 pub fn run(args: Args, cli: &clap::Command) -> anyhow::Result<()> {
@@ -42,7 +44,24 @@ pub fn run(args: Args, cli: &clap::Command) -> anyhow::Result<()> {
         return Ok(());
     }
     let binary = std::env::current_exe()?;
-    run_steps(&plan, &profile, &binary, args.until.as_deref())?;
+    let started = std::time::Instant::now();
+    let steps = run_steps(&plan, &profile, &binary, args.until.as_deref())?;
+    let output = &profile.cfg.paths.output;
+    let path = output.join("reproduce_summary.json");
+    let report = &profile.cfg.paths.report;
+    let reports: Vec<PathBuf> = ["md", "json", "png"].iter().map(|ext| report.with_extension(ext)).filter(|p| p.is_file()).collect();
+    let summary = serde_json::json!({
+        "profile": profile.cfg.profile,
+        "config": profile.path,
+        "output": output,
+        "summary": path,
+        "seconds": started.elapsed().as_secs_f64(),
+        "steps_run": steps.iter().filter(|s| s.ran).count(),
+        "steps_skipped": steps.iter().filter(|s| !s.ran).count(),
+        "steps": steps,
+        "reports": reports,
+    });
+    args.summary.emit(&path, &summary)?;
     Ok(())
 }
 

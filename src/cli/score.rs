@@ -9,6 +9,7 @@ use stic::Error;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
+    /// Image file the prompt is about.
     #[arg(long)]
     image: PathBuf,
     /// User prompt rendered with --template (`<image>\n` put in front unless the prompt places `<image>`).
@@ -20,7 +21,8 @@ pub struct Args {
     /// The response to score: the assistant turn after --prompt, or text appended to --text.
     #[arg(long)]
     response: Option<String>,
-    #[arg(long, default_value = "mistral_instruct")]
+    /// Conversation template that --prompt and --response are rendered with.
+    #[arg(long, default_value = "mistral_instruct", value_parser = super::choices::template())]
     template: String,
     /// Write `logits` [seq, vocab] (f32), `input_ids` (image positions as the processing's reference writes
     /// them: image_token_index for transformers, -200 for LLaVA), `pixel_values` and `image_size` to a

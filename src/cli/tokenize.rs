@@ -8,8 +8,9 @@ use stic::Error;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (its tokenizer files and config.json; without config.json, give --processing).
-    #[arg(long)]
+    /// Model folder (its tokenizer files and config.json; without config.json, give --processing), or its hub
+    /// id in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_args::hub_path)]
     model: PathBuf,
     #[command(flatten)]
     processing: ProcessingArg,

@@ -14,54 +14,74 @@ use stic::train::tracking::ReportTo;
 use stic::train::trainer::{check_enough_examples, EncodedRow, ImageLayout, Objective, RunReport, TrainConfig, Trainer};
 use stic::{Error, Result};
 
-const STAGE1_DEFAULTS: &str = include_str!("../../configs/paper/stage1.yaml");
+pub const STAGE1_DEFAULTS: &str = include_str!("../../configs/paper/stage1.yaml");
 
 /// Flags shared by `train-dpo` and `train-sft`; they override the YAML config.
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    #[arg(long)]
+    /// Base model folder, or its hub id in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_args::hub_path)]
     model: PathBuf,
     #[command(flatten)]
     processing: super::model_args::ProcessingArg,
+    /// Training data: preference pairs JSONL (`stic prefs`) for train-dpo, LLaVA-format conversations for
+    /// train-sft.
     #[arg(long)]
     data: PathBuf,
+    /// Folder of the images the records name.
     #[arg(long)]
     image_dir: PathBuf,
+    /// Folder for the adapter, its checkpoints and train_log.csv.
     #[arg(long)]
     output: PathBuf,
     /// YAML settings (default: the shipped configs/paper/stage1.yaml or stage2.yaml); flags override them.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Start from this adapter instead of a fresh one (stage 2 starts from the stage-1 adapter).
-    #[arg(long)]
+    /// Start from this adapter (a folder or its hub id) instead of a fresh one (stage 2 starts from the
+    /// stage-1 adapter).
+    #[arg(long, value_parser = super::model_args::hub_path)]
     init_adapter: Option<PathBuf>,
+    /// Stop after this many optimizer steps. Default: as many as --epochs take.
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Passes over the data.
     #[arg(long)]
     epochs: Option<f64>,
+    /// Learning rate of the LoRA weights (cosine schedule after the warmup).
     #[arg(long)]
     lr: Option<f64>,
+    /// Learning rate of the projector, trained in full.
     #[arg(long)]
     projector_lr: Option<f64>,
+    /// LoRA rank.
     #[arg(long)]
     lora_r: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha / r).
     #[arg(long)]
     lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input.
     #[arg(long)]
     lora_dropout: Option<f64>,
+    /// Examples per micro-batch on each rank.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Longest row in tokens (image features included); longer responses are cut.
     #[arg(long)]
     max_length: Option<usize>,
+    /// Write a checkpoint every N optimizer steps.
     #[arg(long)]
     save_steps: Option<usize>,
+    /// Seed of the LoRA initialisation, the shuffling and the dropout.
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long)]
+    /// cpu, cuda, cuda:N or auto (CUDA when there is a GPU).
+    #[arg(long, value_parser = super::choices::device)]
     device: Option<String>,
-    #[arg(long)]
+    /// Weights' dtype; auto is bf16 on CUDA, f32 on CPU.
+    #[arg(long, value_parser = super::choices::dtype())]
     dtype: Option<String>,
     /// Recompute decoder layers in backward instead of keeping activations (true/false).
     #[arg(long)]
@@ -101,9 +121,8 @@ pub struct TrainArgs {
     /// Tokens each sample answer may have.
     #[arg(long, default_value_t = 64)]
     sample_max_new_tokens: usize,
-    /// Print the run's summary (also written to OUTPUT/train_summary.json) on stdout as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json_summary: super::summary::SummaryArgs,
     /// Stop after this many optimizer steps, as if interrupted (tests resume with it).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
@@ -117,15 +136,18 @@ pub struct TrainArgs {
 pub struct DpoArgs {
     #[command(flatten)]
     common: TrainArgs,
+    /// DPO's beta: how far the policy may move from the reference.
     #[arg(long)]
     beta: Option<f64>,
+    /// Weight of the chosen response's log-likelihood term.
     #[arg(long)]
     alpha: Option<f64>,
-    /// sigmoid, hinge or ipo.
-    #[arg(long)]
+    /// The DPO loss.
+    #[arg(long, value_parser = super::choices::one_of(LossType::ALL.iter().map(super::choices::serde_name)))]
     loss_type: Option<String>,
-    /// paper or official_top_token.
-    #[arg(long)]
+    /// How the rejected response is scored: paper (its log-probability) or official_top_token (the official
+    /// code's quirk).
+    #[arg(long, value_parser = super::choices::one_of(RejectedScoring::ALL.iter().map(super::choices::serde_name)))]
     rejected_scoring: Option<String>,
     /// Compute the reference log-probs of every pair once before training.
     #[arg(long)]
@@ -145,7 +167,7 @@ fn parse<T: serde::de::DeserializeOwned>(value: &str, what: &str) -> Result<T> {
     serde_json::from_value(serde_json::Value::String(value.into())).map_err(|_| Error::Input(format!("unknown {what} '{value}'")))
 }
 
-const STAGE2_DEFAULTS: &str = include_str!("../../configs/paper/stage2.yaml");
+pub const STAGE2_DEFAULTS: &str = include_str!("../../configs/paper/stage2.yaml");
 
 impl TrainArgs {
     /// The config with the flags applied (`objective_flags` sets those of the objective), validated.
@@ -355,7 +377,7 @@ impl TrainArgs {
         }
         if main {
             let summary = self.summary(command, &report, examples.report, has_eval, samples_path);
-            stic::summary::write_summary(&self.output.join("train_summary.json"), &summary, self.json)?;
+            self.json_summary.emit(&self.output.join("train_summary.json"), &summary)?;
             eprintln!("adapter, train_log.csv and train_summary.json written to {}", self.output.display());
         }
         Ok(())

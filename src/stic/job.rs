@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use super::jsonl::{ResumableJsonl, Shard};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::generate::engine::{Engine, EngineOptions, EngineStats, Refusal, Request as EngineRequest};
 use crate::generate::images::{FeatureCache, ImageKey};
 use crate::generate::{SamplingConfig, StopReason};
@@ -146,6 +146,18 @@ pub fn run_job<T: GenerationTask>(session: &Session, task: &T, items: &[T::Item]
         }
     }
     bar.finish();
+    if summary.written == 0 && summary.already_done == 0 && !summary.skipped.is_empty() {
+        let shown: Vec<&str> = summary.skipped.iter().take(3).map(String::as_str).collect();
+        let more = summary.skipped.len() - shown.len();
+        return Err(Error::Input(format!(
+            "{}: none of the {} {} could be generated, nothing was written: {}{}",
+            opts.output.display(),
+            summary.skipped.len(),
+            opts.unit,
+            shown.join("; "),
+            if more > 0 { format!("; and {more} more") } else { String::new() }
+        )));
+    }
     out.keep();
     summary.engine = engine.stats.clone();
     summary.images_encoded = features.encoded;

@@ -36,6 +36,8 @@ impl FromStr for Template {
 }
 
 impl Template {
+    pub const ALL: [Template; 2] = [Template::MistralInstruct, Template::VicunaV1];
+
     pub fn name(self) -> &'static str {
         match self {
             Template::MistralInstruct => "mistral_instruct",

@@ -6,7 +6,6 @@ use serde_json::{Map, Value};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
 
 pub const FILE: &str = "train_curves.png";
 pub const PANEL_WIDTH: u32 = 600;
@@ -19,14 +18,6 @@ const PANELS: [(&str, &str, Option<&str>); 4] = [
     ("reward accuracy", "rewards/accuracies", Some("eval_rewards/accuracies")),
     ("learning rate", "learning_rate", None),
 ];
-
-fn font() -> &'static str {
-    static REGISTERED: std::sync::Once = std::sync::Once::new();
-    REGISTERED.call_once(|| {
-        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).unwrap_or_else(|_| panic!("the embedded DejaVu Sans font parses"));
-    });
-    "sans-serif"
-}
 
 fn points(history: &[Map<String, Value>], key: &str) -> Vec<(f64, f64)> {
     history.iter().filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?))).filter(|(_, v)| v.is_finite()).collect()
@@ -44,7 +35,7 @@ pub fn draw(path: &Path, history: &[Map<String, Value>]) -> Result<()> {
     let mut pixels = vec![0u8; (width * height * 3) as usize];
     let failed = |e: &dyn std::fmt::Display| Error::Training(format!("drawing {}: {e}", path.display()));
     {
-        let font = font();
+        let font = crate::plot::font();
         let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| failed(&e))?;
         let areas = root.split_evenly((panels.len().div_ceil(2).max(1), 2));
@@ -76,10 +67,7 @@ pub fn draw(path: &Path, history: &[Map<String, Value>]) -> Result<()> {
         }
         root.present().map_err(|e| failed(&e))?;
     }
-    let image = ::image::RgbImage::from_raw(width, height, pixels).expect("a buffer of the picture's size");
-    let mut png = Vec::new();
-    image.write_to(&mut std::io::Cursor::new(&mut png), ::image::ImageFormat::Png).map_err(|e| failed(&e))?;
-    write_atomic(path, &png)
+    crate::plot::save_png(path, width, height, pixels)
 }
 
 #[cfg(test)]

@@ -18,6 +18,10 @@ pub enum LossType {
     Ipo,
 }
 
+impl LossType {
+    pub const ALL: [LossType; 3] = [LossType::Sigmoid, LossType::Hinge, LossType::Ipo];
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectedScoring {
@@ -25,6 +29,10 @@ pub enum RejectedScoring {
     Paper,
     /// The official code's quirk: the model's own top-1 token (top-2 where top-1 is the label).
     OfficialTopToken,
+}
+
+impl RejectedScoring {
+    pub const ALL: [RejectedScoring; 2] = [RejectedScoring::Paper, RejectedScoring::OfficialTopToken];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]

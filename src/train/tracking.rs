@@ -100,6 +100,9 @@ pub struct Tracker {
     train_log: CsvLog,
     eval_log: CsvLog,
     events: Option<EventWriter>,
+    /// Where the event file goes and the step it purges from, until it is created at the first scalar (a run that
+    /// fails before its first step leaves none, as it leaves no train_log.csv).
+    events_to: Option<(PathBuf, Option<usize>)>,
     pub logging_dir: Option<PathBuf>,
     pub history: Vec<Map<String, Value>>,
     /// The lowest eval loss and its step.
@@ -112,15 +115,16 @@ impl Tracker {
     pub fn open(output: &Path, metric_names: &[&str], eval_metric_names: &[&str], report_to: ReportTo, logging_dir: &Path, resumed: Option<&TrainerState>) -> Result<Self> {
         let start = resumed.map_or(0, |s| s.global_step);
         let header = |first: &[&str], rest: &[&str], last: &[&str]| first.iter().chain(rest).chain(last).map(|s| s.to_string()).collect();
-        let events = match report_to {
-            ReportTo::Tensorboard => Some(EventWriter::create(logging_dir, resumed.map(|_| start + 1))?),
+        let events_to = match report_to {
+            ReportTo::Tensorboard => Some((logging_dir.to_path_buf(), resumed.map(|_| start + 1))),
             ReportTo::None => None,
         };
         Ok(Tracker {
             train_log: CsvLog { path: output.join("train_log.csv"), header: header(&["step"], metric_names, &["grad_norm", "lr", "tokens_per_s"]), keep_steps: start, file: None },
             eval_log: CsvLog { path: output.join("eval_log.csv"), header: header(&["step"], eval_metric_names, &[]), keep_steps: start, file: None },
-            logging_dir: events.as_ref().map(|_| logging_dir.to_path_buf()),
-            events,
+            logging_dir: events_to.as_ref().map(|(dir, _)| dir.clone()),
+            events: None,
+            events_to,
             history: resumed.map(|s| s.log_history.clone()).unwrap_or_default(),
             best: resumed.and_then(|s| Some((s.best_metric?, s.best_global_step?))),
             best_checkpoint: resumed.and_then(|s| s.best_model_checkpoint.clone()),
@@ -152,6 +156,9 @@ impl Tracker {
 
     /// Writes the scalars to TensorBoard under `tag_prefix` and to the log history under `key_prefix`.
     fn record(&mut self, step: usize, epoch: f64, tag_prefix: &str, key_prefix: &str, scalars: Vec<(String, f64)>) -> Result<()> {
+        if let Some((dir, purge_from)) = self.events_to.take() {
+            self.events = Some(EventWriter::create(&dir, purge_from)?);
+        }
         if let Some(events) = self.events.as_mut() {
             let tagged: Vec<(String, f64)> = scalars.iter().map(|(n, v)| (format!("{tag_prefix}{n}"), *v)).collect();
             events.add_scalars(step, &tagged)?;

@@ -83,7 +83,7 @@ def test_template_profile_and_token_limit_reach_the_run_and_its_provenance(tiny_
     assert_clean_failure(stic_eval(model, bench, tmp_path / "copy", check=False), "model_files")
 
     proc = stic_eval(tiny_model, bench, tmp_path / "x", "--template", "llava_v1", check=False)
-    assert_clean_failure(proc, "unknown template 'llava_v1'")
+    assert_clean_failure(proc, "invalid value 'llava_v1' for '--template", "mistral_instruct, vicuna_v1")
     proc = stic_eval(tiny_model, bench, tmp_path / "x", "--dar-image-blind", check=False)
     assert proc.returncode == 2 and "--dar" in proc.stderr
 

@@ -153,7 +153,7 @@ def test_unknown_key_anywhere_exits_2_naming_key_and_file(world, tmp_path, profi
 
 def test_unknown_profile_is_a_clear_error(world, tmp_path):
     proc = reproduce("--profile", "papr", "--plan", env=env_for(world, tmp_path))
-    assert_clean_failure(proc, "unknown profile 'papr'", "configs/papr/reproduce.yaml", "official, paper")
+    assert_clean_failure(proc, "invalid value 'papr' for '--profile", "[possible values: official, paper]")
 
 
 def test_missing_input_stops_it_at_the_start_with_where_to_get_it(world, tmp_path):

@@ -209,14 +209,6 @@ fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
     })
 }
 
-fn font() -> &'static str {
-    static REGISTERED: std::sync::Once = std::sync::Once::new();
-    REGISTERED.call_once(|| {
-        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).unwrap_or_else(|_| panic!("the embedded DejaVu Sans font parses"));
-    });
-    "sans-serif"
-}
-
 /// Grouped bars per benchmark: the four measured rows, then the paper's two.
 fn write_chart(path: &Path, profile: &str, rows: &[BenchmarkRows]) -> Result<()> {
     let (width, height) = (1400u32, 640u32);
@@ -231,7 +223,7 @@ fn write_chart(path: &Path, profile: &str, rows: &[BenchmarkRows]) -> Result<()>
         ("paper STIC + DaR", RGBColor(120, 20, 20)),
     ];
     {
-        let font = font();
+        let font = crate::plot::font();
         let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| failed(&e))?;
         let groups = rows.len().max(1) as f64;
@@ -286,10 +278,7 @@ fn write_chart(path: &Path, profile: &str, rows: &[BenchmarkRows]) -> Result<()>
             .map_err(|e| failed(&e))?;
         root.present().map_err(|e| failed(&e))?;
     }
-    let image = ::image::RgbImage::from_raw(width, height, pixels).expect("buffer of the chart's size");
-    let mut png = Vec::new();
-    image.write_to(&mut std::io::Cursor::new(&mut png), ::image::ImageFormat::Png).map_err(|e| failed(&e))?;
-    write_atomic(path, &png)
+    crate::plot::save_png(path, width, height, pixels)
 }
 
 #[cfg(test)]

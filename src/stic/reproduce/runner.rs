@@ -121,8 +121,16 @@ fn eta(plan: &Plan, durations: &[Option<f64>], from: usize, last: usize) -> Opti
         .sum()
 }
 
+/// One step of a run: run now, or done before (skipped), and how long it took.
+#[derive(Debug, serde::Serialize)]
+pub struct StepRun {
+    pub name: String,
+    pub ran: bool,
+    pub seconds: Option<f64>,
+}
+
 /// Runs the steps up to `last` that are not done, with `binary` for the subcommands.
-pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&str>) -> Result<()> {
+pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&str>) -> Result<Vec<StepRun>> {
     let last = last_step(plan, until)?;
     let statuses = statuses(plan, profile)?;
     let problems = problems(plan, &statuses, last);
@@ -133,9 +141,11 @@ pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&s
     let mut durations: Vec<Option<f64>> = statuses.iter().map(|(_, d)| *d).collect();
     let n = plan.steps.len();
     let started = Instant::now();
+    let mut runs = Vec::new();
     for (k, step) in plan.steps.iter().enumerate().take(last + 1) {
         if statuses[k].0 == Status::Done {
             eprintln!("[{}/{n}] {}: done before, skipped", k + 1, step.name);
+            runs.push(StepRun { name: step.name.clone(), ran: false, seconds: statuses[k].1 });
             continue;
         }
         let eta = eta(plan, &durations, k, last).map_or_else(|| "ETA unknown until each kind of step has run once".to_string(), |s| format!("ETA {}", format_duration(s)));
@@ -158,8 +168,9 @@ pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&s
             write_atomic(&path, serde_json::to_string_pretty(&marker).expect("marker serialises").as_bytes())?;
         }
         eprintln!("[{}/{n}] {} done in {}", k + 1, step.name, format_duration(seconds));
+        runs.push(StepRun { name: step.name.clone(), ran: true, seconds: Some(seconds) });
     }
-    Ok(())
+    Ok(runs)
 }
 
 fn run_command(step: &Step, binary: &Path, args: &[String], resume_from: Option<&Path>) -> Result<()> {

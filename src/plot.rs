@@ -1,0 +1,24 @@
+//! What the pictures stic draws share: the font (DejaVu Sans, embedded in the binary: no system fonts) and the
+//! PNG file they end as.
+use std::path::Path;
+
+use crate::error::Result;
+use crate::fsutil::write_atomic;
+
+/// The family name under which plotters finds the embedded font.
+pub fn font() -> &'static str {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, dejavu::sans::regular())
+            .unwrap_or_else(|_| panic!("the embedded DejaVu Sans font parses"));
+    });
+    "sans-serif"
+}
+
+/// Writes an RGB buffer of `width` × `height` pixels to `path` as a PNG, all or nothing.
+pub fn save_png(path: &Path, width: u32, height: u32, pixels: Vec<u8>) -> Result<()> {
+    let image = ::image::RgbImage::from_raw(width, height, pixels).expect("a buffer of the picture's size");
+    let mut png = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut png), ::image::ImageFormat::Png).expect("an RGB picture encodes as PNG in memory");
+    write_atomic(path, &png)
+}
