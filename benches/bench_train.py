@@ -68,8 +68,8 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))
 STIC = Path(os.environ.get("STIC_BIN", ROOT / "target" / "release" / "stic"))
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # stic's vicuna_v1 text (src/text/templates.rs): TRL gets the prompt as text, and its ids are checked against stic's
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the human's questions.")
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
 PROMPT = "Describe the image in detail."
 # about 300 tokens each, as the paper profile's responses
 CHOSEN = ("The image shows a rocket standing upright on its launch pad under a clear, pale blue sky. The vehicle is "
