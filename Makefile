@@ -13,7 +13,7 @@ export CARGO_TERM_COLOR ?= never
 # The commit `stic eval` records in summary.json (`-dirty` with uncommitted changes; empty outside git).
 export STIC_GIT_COMMIT ?= $(shell c=$$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null || c=$$c-dirty; }; echo $$c)
 
-.PHONY: setup build-tools build test test-rust test-python demo reproduce bench-generate bench-train bench-ddp check-cuda clean
+.PHONY: setup build-tools build lint test test-rust test-python demo reproduce bench-generate bench-train bench-ddp check-cuda gpu-check clean
 
 setup: build-tools $(SETUP_STAMP) $(TF5_STAMP)
 
@@ -50,9 +50,15 @@ $(TF5_STAMP): requirements-tf5.txt | $(SETUP_STAMP)
 build: setup
 	cargo build --release --locked
 
+# Formatting and lints (CI runs them before the tests): rustfmt.toml, and clippy with every warning an error.
+lint: setup
+	cargo fmt --check
+	cargo clippy --release --locked --all-targets -- -D warnings
+
 test: build
 	$(MAKE) test-rust
 	$(MAKE) test-python
+	$(MAKE) gpu-check GPU_CHECK_ARGS=--dry-run
 
 test-rust: setup
 	cargo test --release --locked
@@ -63,7 +69,7 @@ test-python: build
 demo: build
 	scripts/demo.sh
 
-# make reproduce PROFILE=official|paper (REPRODUCE_ARGS=--plan prints the steps and what is missing).
+# make reproduce PROFILE=official|paper|official-llava-v1.5-7b|... (a folder under configs/; REPRODUCE_ARGS=--plan prints the steps and what is missing).
 PROFILE ?= official
 reproduce: build
 	$(STIC) reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)
@@ -79,6 +85,11 @@ bench-ddp: build
 
 check-cuda: build
 	benches/cuda_checks.sh
+
+# The prepared device check for a short GPU lease (docs/speed.md): the existing binary, no build, so that it runs as
+# is on a machine with only python3 + torch. GPU_CHECK_ARGS=--dry-run runs every step on the CPU (make test does).
+gpu-check:
+	benches/gpu_check.sh $(STIC) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf target $(VENV) $(VENV_TF5) results

@@ -10,7 +10,12 @@ use std::path::{Path, PathBuf};
 fn list_profiles() {
     println!("cargo:rerun-if-changed=configs");
     let mut names: Vec<String> = std::fs::read_dir("configs")
-        .map(|dir| dir.filter_map(|e| e.ok()).filter(|e| e.path().join("reproduce.yaml").is_file()).filter_map(|e| e.file_name().into_string().ok()).collect())
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("reproduce.yaml").is_file())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     println!("cargo:rustc-env=STIC_PROFILES={}", names.join(","));
@@ -80,10 +85,15 @@ fn build_cuda_graph_shim(libtorch: &Path) {
     if !include.join("ATen/cuda/CUDAGraph.h").exists() {
         return;
     }
-    let dirs = match cuda_include_dirs(libtorch, &["cuda_runtime_api.h", "crt/host_config.h", "nv/target", "cublas_v2.h", "cusparse.h", "cusolverDn.h"]) {
+    let dirs = match cuda_include_dirs(
+        libtorch,
+        &["cuda_runtime_api.h", "crt/host_config.h", "nv/target", "cublas_v2.h", "cusparse.h", "cusolverDn.h"],
+    ) {
         Ok(dirs) => dirs,
         Err(why) => {
-            println!("cargo:warning=CUDA graphs are not built ({why}): the generation engine runs its decode steps eagerly");
+            println!(
+                "cargo:warning=CUDA graphs are not built ({why}): the generation engine runs its decode steps eagerly"
+            );
             return;
         }
     };
@@ -124,7 +134,11 @@ fn build_dist_shim(libtorch: &Path, has_cuda: bool) {
         return;
     }
     let base = || libtorch_build(&include);
-    let nccl_includes = if has_cuda && std::env::var_os("STIC_NO_NCCL").is_none() { nccl_include_dirs(libtorch) } else { Err(String::new()) };
+    let nccl_includes = if has_cuda && std::env::var_os("STIC_NO_NCCL").is_none() {
+        nccl_include_dirs(libtorch)
+    } else {
+        Err(String::new())
+    };
     let mut build = base();
     build.define("USE_C10D_GLOO", None).include("src/dist/gloo_decls").file("src/dist/shim.cpp");
     match &nccl_includes {
@@ -204,8 +218,13 @@ fn check_no_gloo_definitions() {
         .lines()
         .filter_map(|line| line.split_whitespace().nth(2))
         .filter(|symbol| {
-            ["_ZN4gloo", "_ZNK4gloo", "_ZTVN4gloo", "_ZTIN4gloo", "_ZTSN4gloo", "GlooStore"].iter().any(|p| symbol.contains(p))
+            ["_ZN4gloo", "_ZNK4gloo", "_ZTVN4gloo", "_ZTIN4gloo", "_ZTSN4gloo", "GlooStore"]
+                .iter()
+                .any(|p| symbol.contains(p))
         })
         .collect();
-    assert!(offending.is_empty(), "the c10d shim defines gloo symbols, which must come from libtorch_cpu only: {offending:?}");
+    assert!(
+        offending.is_empty(),
+        "the c10d shim defines gloo symbols, which must come from libtorch_cpu only: {offending:?}"
+    );
 }

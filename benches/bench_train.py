@@ -64,6 +64,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
+sys.path.insert(0, str(ROOT / "benches"))
+from reproduce_workload import STAGE1_PAIRS, STAGE2_CONVERSATIONS, STAGE2_MAX_LENGTH  # noqa: E402
 
 STIC = Path(os.environ.get("STIC_BIN", ROOT / "target" / "release" / "stic"))
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -104,8 +106,6 @@ REJECTED = ("The image shows a busy harbour at sunset with several fishing boats
 # dense bf16 peak (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
              "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12}
-# make reproduce: stage 1 = 6,275 pairs, stage 2 = 5,000 conversations (max length 2,048), 1 epoch each
-STAGE1_PAIRS, STAGE2_CONVERSATIONS, STAGE2_MAX_LENGTH = 6275, 5000, 2048
 
 
 def model_config(full_size, text_layers, vision_layers):

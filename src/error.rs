@@ -11,14 +11,18 @@ pub enum Error {
     Config(String),
     #[error("model weights: {0}")]
     Weights(String),
+    #[error(transparent)]
+    Pickle(#[from] crate::model::pickle::PickleError),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
-    Pipeline(#[from] crate::stic::PipelineError),
+    Job(#[from] crate::jobs::JobError),
     #[error(transparent)]
-    Reproduce(#[from] crate::stic::reproduce::ReproduceError),
+    Method(#[from] crate::method::MethodError),
+    #[error(transparent)]
+    Reproduce(#[from] crate::reproduce::error::ReproduceError),
     #[error(transparent)]
     EvalData(#[from] crate::eval::benchmarks::EvalDataError),
     #[error(transparent)]
@@ -28,6 +32,9 @@ pub enum Error {
     /// A distributed run (torchrun) could not form its group, or lost a rank.
     #[error("distributed run: {0}")]
     Distributed(String),
+    /// An allocation failed on the CPU or the GPU; `advice` names the flags that lower the memory a run needs.
+    #[error("out of memory: {what}; {advice}")]
+    OutOfMemory { what: String, advice: String },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -60,34 +67,23 @@ pub fn io_advice(error: &std::io::Error) -> &'static str {
     }
 }
 
+/// The phrases of libtorch's allocation failures (CUDA's caching allocator, the CPU allocator, MPS and others).
+const OUT_OF_MEMORY: [&str; 3] = ["out of memory", "can't allocate memory", "not enough memory"];
+
+/// The failed allocation a libtorch message reports, from the phrase to the end of its line (without the
+/// C++ backtrace that follows), or None when the message is about something else.
+pub fn out_of_memory_cause(message: &str) -> Option<String> {
+    let lower = message.to_ascii_lowercase();
+    let phrase_at = OUT_OF_MEMORY.iter().filter_map(|phrase| lower.find(phrase)).min()?;
+    // The allocator's name comes just before its phrase ("DefaultCPUAllocator: can't allocate memory").
+    let line_start = message[..phrase_at].rfind(['\n', '"', '.', ']']).map_or(0, |at| at + 1);
+    let rest = &message[line_start..];
+    let end = [rest.find('\n'), rest.find("\\n"), rest.find("\")")].into_iter().flatten().min().unwrap_or(rest.len());
+    Some(rest[..end].trim().to_string())
+}
+
 pub fn input_error<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Input(msg.into()))
-}
-
-const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
-
-/// `bytes` without a leading UTF-8 byte-order mark (which editors on Windows write, and JSON parsers refuse).
-pub fn without_bom(bytes: &[u8]) -> &[u8] {
-    bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes)
-}
-
-/// Reads a UTF-8 text file, dropping a byte-order mark; bytes that are not UTF-8 are an error naming the line.
-pub fn read_text(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = without_bom(&bytes);
-    match std::str::from_utf8(text) {
-        Ok(text) => Ok(text.to_owned()),
-        Err(e) => {
-            let line = text[..e.valid_up_to()].iter().filter(|&&byte| byte == b'\n').count() + 1;
-            Err(Error::Input(format!("{}, line {line}: not UTF-8 ({e}); save the file as UTF-8", path.display())))
-        }
-    }
-}
-
-/// Reads a JSON file into `T`, naming the file in every error.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = read_text(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::Input(format!("{}: invalid JSON: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -95,23 +91,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn out_of_memory_is_told_apart_and_cut_to_its_line() {
+        let cpu = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at alloc_cpu.cpp:127] err == 0. \
+                   DefaultCPUAllocator: can't allocate memory: you tried to allocate 10240640 bytes. Error code 12 \
+                   (Cannot allocate memory)\\nframe #0: c10::ThrowEnforceNotMet\")";
+        assert_eq!(
+            out_of_memory_cause(cpu).unwrap(),
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 10240640 bytes. Error code 12 \
+             (Cannot allocate memory)"
+        );
+        let cuda = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity of 139.8 GiB\nframe #0";
+        assert_eq!(
+            out_of_memory_cause(cuda).unwrap(),
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity of 139.8 GiB"
+        );
+        assert_eq!(out_of_memory_cause("CUDA error: out of memory").unwrap(), "CUDA error: out of memory");
+        assert!(out_of_memory_cause("shape '[2, 3]' is invalid for input of size 5").is_none());
+    }
+
+    #[test]
     fn a_full_or_read_only_disk_says_what_to_do() {
         let full = Error::io("/data/out.jsonl", std::io::Error::from(std::io::ErrorKind::StorageFull)).to_string();
         assert!(full.starts_with("/data/out.jsonl: ") && full.contains("free space on that disk"), "{full}");
         let read_only = Error::io("/ro/x", std::io::Error::from_raw_os_error(libc::EROFS)).to_string();
-        assert!(read_only.contains("Read-only file system (os error 30); that file system is mounted read-only"), "{read_only}");
+        assert!(
+            read_only.contains("Read-only file system (os error 30); that file system is mounted read-only"),
+            "{read_only}"
+        );
         let missing = Error::io("/x", std::io::Error::from(std::io::ErrorKind::NotFound)).to_string();
         assert_eq!(missing, "/x: entity not found");
-    }
-
-    #[test]
-    fn text_files_lose_their_bom_and_bad_bytes_are_located() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("data.json");
-        std::fs::write(&path, b"\xEF\xBB\xBF[1, 2]").unwrap();
-        assert_eq!(read_json::<Vec<i32>>(&path).unwrap(), [1, 2]);
-        std::fs::write(&path, b"[\n1,\n\"caf\xE9\"]").unwrap();
-        let error = read_json::<serde_json::Value>(&path).unwrap_err().to_string();
-        assert!(error.contains("data.json, line 3: not UTF-8") && error.ends_with("save the file as UTF-8"), "{error}");
     }
 }

@@ -1,5 +1,5 @@
 //! File writes that are all-or-nothing, outputs that must not overwrite inputs, output locks, and the cleanup of
-//! what a failed command created.
+//! what a failed command created, and the readers of text and JSON files.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -40,7 +40,9 @@ pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
     let _ = std::fs::remove_dir_all(&staging);
     // Name the file the caller asked for, not its temporary twin.
     result.map_err(|error| match error {
-        Error::Io { path, error } => Error::Io { path: path.strip_prefix(&staging).map_or(path.clone(), |rest| dir.join(rest)), error },
+        Error::Io { path, error } => {
+            Error::Io { path: path.strip_prefix(&staging).map_or(path.clone(), |rest| dir.join(rest)), error }
+        }
         other => other,
     })
 }
@@ -128,13 +130,13 @@ pub fn check_output(flag: &str, output: &Path, inputs: &[(&str, &Path)]) -> Resu
         let Ok(input_meta) = std::fs::metadata(input) else { continue };
         let clash = if input_meta.is_dir() {
             let folder = resolve(input);
-            let relation = if resolved == folder {
-                Some("is")
-            } else {
-                resolved.starts_with(&folder).then_some("lies inside")
-            };
+            let relation =
+                if resolved == folder { Some("is") } else { resolved.starts_with(&folder).then_some("lies inside") };
             relation.map(|relation| {
-                format!("{relation} the {input_flag} folder {}: writing there would change what it holds", input.display())
+                format!(
+                    "{relation} the {input_flag} folder {}: writing there would change what it holds",
+                    input.display()
+                )
             })
         } else {
             (resolved == resolve(input) || output_meta.as_ref().is_some_and(|m| same_file(m, &input_meta)))
@@ -207,6 +209,32 @@ impl Drop for FolderLock {
     }
 }
 
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `bytes` without a leading UTF-8 byte-order mark (which editors on Windows write, and JSON parsers refuse).
+pub fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes)
+}
+
+/// Reads a UTF-8 text file, dropping a byte-order mark; bytes that are not UTF-8 are an error naming the line.
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = without_bom(&bytes);
+    match std::str::from_utf8(text) {
+        Ok(text) => Ok(text.to_owned()),
+        Err(e) => {
+            let line = text[..e.valid_up_to()].iter().filter(|&&byte| byte == b'\n').count() + 1;
+            Err(Error::Input(format!("{}, line {line}: not UTF-8 ({e}); save the file as UTF-8", path.display())))
+        }
+    }
+}
+
+/// Reads a JSON file into `T`, naming the file in every error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = read_text(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::Input(format!("{}: invalid JSON: {e}", path.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,7 +256,10 @@ mod tests {
 
         for same in ["list.json", "link.json", "hard.json", "sub/../list.json"] {
             let error = refused(same).unwrap_err();
-            assert!(error.contains("is the --images file") && error.ends_with("choose another --output"), "{same}: {error}");
+            assert!(
+                error.contains("is the --images file") && error.ends_with("choose another --output"),
+                "{same}: {error}"
+            );
         }
         for inside in ["model/model.safetensors", "model-link/new/file", "model", "new/../model/x"] {
             let error = refused(inside).unwrap_err();
@@ -269,5 +300,16 @@ mod tests {
         drop(first);
         assert!(!out.join(LOCK_FILE).exists());
         drop(FolderLock::acquire(&out, "--output").unwrap());
+    }
+
+    #[test]
+    fn text_files_lose_their_bom_and_bad_bytes_are_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.json");
+        std::fs::write(&path, b"\xEF\xBB\xBF[1, 2]").unwrap();
+        assert_eq!(read_json::<Vec<i32>>(&path).unwrap(), [1, 2]);
+        std::fs::write(&path, b"[\n1,\n\"caf\xE9\"]").unwrap();
+        let error = read_json::<serde_json::Value>(&path).unwrap_err().to_string();
+        assert!(error.contains("data.json, line 3: not UTF-8") && error.ends_with("save the file as UTF-8"), "{error}");
     }
 }

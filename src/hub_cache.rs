@@ -81,7 +81,9 @@ pub fn snapshot(id: &HubId, cache: &Path) -> Result<PathBuf, HubCacheError> {
         });
     }
     let revision = id.revision.unwrap_or("main");
-    let commit = std::fs::read_to_string(folder.join("refs").join(revision)).map(|c| c.trim().to_string()).unwrap_or_else(|_| revision.to_string());
+    let commit = std::fs::read_to_string(folder.join("refs").join(revision))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| revision.to_string());
     let dir = folder.join("snapshots").join(&commit);
     if !commit.is_empty() && !commit.contains(['/', '\\']) && dir.is_dir() {
         return Ok(dir);
@@ -114,7 +116,10 @@ mod tests {
 
     #[test]
     fn hub_ids_and_paths() {
-        assert_eq!(HubId::parse("llava-hf/llava-v1.6-mistral-7b-hf"), Some(HubId { owner: "llava-hf", name: "llava-v1.6-mistral-7b-hf", revision: None }));
+        assert_eq!(
+            HubId::parse("llava-hf/llava-v1.6-mistral-7b-hf"),
+            Some(HubId { owner: "llava-hf", name: "llava-v1.6-mistral-7b-hf", revision: None })
+        );
         assert_eq!(HubId::parse("a/b@v1.0").and_then(|id| id.revision), Some("v1.0"));
         for not_an_id in ["model", "./model", "/abs/model", "a/b/c", "../b", "a/", "a/b@", "a b/c"] {
             assert_eq!(HubId::parse(not_an_id), None, "{not_an_id}");
@@ -123,7 +128,9 @@ mod tests {
 
     #[test]
     fn cache_dir_follows_huggingface_hub() {
-        let env = |vars: &'static [(&'static str, &'static str)]| move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
         assert_eq!(cache_dir(env(&[("HF_HUB_CACHE", "/c"), ("HF_HOME", "/h"), ("HOME", "/u")])), PathBuf::from("/c"));
         assert_eq!(cache_dir(env(&[("HF_HOME", "/h"), ("HOME", "/u")])), PathBuf::from("/h/hub"));
         assert_eq!(cache_dir(env(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/u")])), PathBuf::from("/x/huggingface/hub"));
@@ -145,6 +152,9 @@ mod tests {
         let missing = at("owner/tiny@v2").unwrap_err().to_string();
         assert!(missing.contains("revision 'v2'") && missing.contains("main, abc123, def456"), "{missing}");
         let absent = at("owner/other").unwrap_err().to_string();
-        assert!(absent.contains("huggingface-cli download owner/other`") && absent.contains("HF_HUB_CACHE"), "{absent}");
+        assert!(
+            absent.contains("huggingface-cli download owner/other`") && absent.contains("HF_HUB_CACHE"),
+            "{absent}"
+        );
     }
 }

@@ -53,6 +53,8 @@ enum Command {
     Man(cli::man::Args),
     #[command(hide = true)]
     DecodeImage(cli::decode_image::Args),
+    #[command(hide = true)]
+    RenderTemplate(cli::render_template::Args),
 }
 
 /// The command line as parsed, shown in `--help`, completed and documented in the man pages.
@@ -71,7 +73,44 @@ fn main() -> ExitCode {
     }
     let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
-    let result = match cli.command {
+    // libtorch reports a failed allocation by an error that tch's tensor operations turn into a panic: that one
+    // ends like any other error (exit 2, with advice), without the panic message and its C++ backtrace.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if panic_text(info.payload()).and_then(stic::error::out_of_memory_cause).is_none() {
+            default_hook(info);
+        }
+    }));
+    match run_with_memory_advice(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            stic::fsutil::remove_created_dirs();
+            eprintln!("error: {}", describe(&err));
+            let internal = err.downcast_ref::<stic::Error>().is_some_and(|e| !e.is_user_error());
+            ExitCode::from(if internal { 1 } else { 2 })
+        }
+    }
+}
+
+/// Runs the command; a failed allocation, whether libtorch's error came back or tch panicked on it, becomes
+/// `Error::OutOfMemory` with the flags of this command that lower the memory.
+fn run_with_memory_advice(cli: Cli) -> anyhow::Result<()> {
+    let advice = memory_advice(&cli.command);
+    let out_of_memory = |what| anyhow::Error::from(stic::Error::OutOfMemory { what, advice: advice.into() });
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(Err(err)) if !matches!(err.downcast_ref(), Some(stic::Error::OutOfMemory { .. })) => {
+            Err(stic::error::out_of_memory_cause(&describe(&err)).map_or(err, out_of_memory))
+        }
+        Ok(result) => result,
+        Err(payload) => match panic_text(payload.as_ref()).and_then(stic::error::out_of_memory_cause) {
+            Some(what) => Err(out_of_memory(what)),
+            None => std::panic::resume_unwind(payload),
+        },
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Score(args) => cli::score::run(args),
         Command::InitTiny(args) => cli::init_tiny::run(args),
@@ -90,16 +129,35 @@ fn main() -> ExitCode {
         Command::Completions(args) => cli::completions::run(args, command()),
         Command::Man(args) => cli::man::run(args, command()),
         Command::DecodeImage(args) => cli::decode_image::run(args),
+        Command::RenderTemplate(args) => cli::render_template::run(args),
         Command::Tokenize(args) => cli::tokenize::run(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            stic::fsutil::remove_created_dirs();
-            eprintln!("error: {}", describe(&err));
-            let internal = err.downcast_ref::<stic::Error>().is_some_and(|e| !e.is_user_error());
-            ExitCode::from(if internal { 1 } else { 2 })
+    }
+}
+
+/// The text of a panic: what `panic!` and `unwrap` carry.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied())
+}
+
+/// Which flags lower the memory that a command needs, and by about how much.
+fn memory_advice(command: &Command) -> &'static str {
+    match command {
+        Command::TrainDpo(_) | Command::TrainSft(_) => {
+            "activations grow with the examples per micro-batch and their length: halve --batch-size (and double \
+             --grad-accum to keep the same effective batch) to about halve them, lower --max-length, or set \
+             --gradient-checkpointing true (keeps one layer's activations instead of every layer's and recomputes \
+             the rest)"
         }
+        Command::Generate(_) | Command::Prefs(_) | Command::Describe(_) | Command::Eval(_) => {
+            "the cache grows with the rows generated together: halve --batch-size or --max-batch-tokens to about \
+             halve it, lower --prefill-chunk (e.g. 1024) to bound a long prompt's step, and on a GPU shared with \
+             other processes lower --gpu-memory-fraction (e.g. 0.7)"
+        }
+        Command::Reproduce(_) => {
+            "lower batch_size (and raise grad_accum) in the profile's training configs, or the generation steps' \
+             batch_size, and run `stic reproduce` again: it continues from the last finished step"
+        }
+        _ => "free memory (other processes on the same device), or run on a device with more memory",
     }
 }
 

@@ -11,7 +11,10 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 enum Output {
     Bar(ProgressBar),
     /// `printed`: when the last line was printed, and at which position.
-    Lines { every: Duration, printed: Option<(Instant, u64)> },
+    Lines {
+        every: Duration,
+        printed: Option<(Instant, u64)>,
+    },
     Hidden,
 }
 
@@ -36,7 +39,8 @@ impl Progress {
             Output::Hidden
         } else if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total).with_position(start_position);
-            let template = format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {rate_unit}, {{per_sec}}, ETA {{eta}} {{msg}}");
+            let template =
+                format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {rate_unit}, {{per_sec}}, ETA {{eta}} {{msg}}");
             bar.set_style(ProgressStyle::with_template(&template).expect("template"));
             Output::Bar(bar)
         } else {
@@ -100,15 +104,18 @@ impl Progress {
     fn line(&self, elapsed: Duration) -> String {
         let done = self.position.saturating_sub(self.start_position);
         let rate = if elapsed.as_secs_f64() > 0.0 { done as f64 / elapsed.as_secs_f64() } else { 0.0 };
-        let percent = if self.total > 0 { 100 * self.position / self.total } else { 100 };
-        let mut parts = vec![format!("{} {}/{} ({percent}%)", self.label, self.position, self.total), format!("{} {}/s", format_rate(rate), self.rate_unit)];
+        let percent = (100 * self.position).checked_div(self.total).unwrap_or(100);
+        let mut parts = vec![
+            format!("{} {}/{} ({percent}%)", self.label, self.position, self.total),
+            format!("{} {}/s", format_rate(rate), self.rate_unit),
+        ];
         if !self.message.is_empty() {
             parts.push(self.message.clone());
         }
         let remaining = self.total.saturating_sub(self.position);
         parts.push(match remaining {
-            0 => format!("done in {}", format_duration(elapsed.as_secs_f64())),
-            _ if rate > 0.0 => format!("ETA {}", format_duration(remaining as f64 / rate)),
+            0 => format!("done in {}", format_duration(elapsed.as_secs_f64(), Precision::Coarse)),
+            _ if rate > 0.0 => format!("ETA {}", format_duration(remaining as f64 / rate, Precision::Coarse)),
             _ => "ETA ?".into(),
         });
         parts.join(" · ")
@@ -116,7 +123,11 @@ impl Progress {
 }
 
 fn line_interval() -> Duration {
-    std::env::var(INTERVAL_ENV).ok().and_then(|v| v.trim().parse::<f64>().ok()).filter(|s| s.is_finite() && *s >= 0.0).map_or(DEFAULT_INTERVAL, Duration::from_secs_f64)
+    std::env::var(INTERVAL_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(DEFAULT_INTERVAL, Duration::from_secs_f64)
 }
 
 fn format_rate(rate: f64) -> String {
@@ -129,14 +140,25 @@ fn format_rate(rate: f64) -> String {
     }
 }
 
-/// 38s, 5m38s, 54m, 2h05m.
-fn format_duration(seconds: f64) -> String {
+/// How much of a duration [`format_duration`] shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// The seconds only under ten minutes: 38s, 5m38s, 54m, 2h05m.
+    Coarse,
+    /// Always to the second: 38s, 54m07s, 2h05m07s.
+    Seconds,
+}
+
+pub fn format_duration(seconds: f64, precision: Precision) -> String {
     let s = seconds.round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=599 => format!("{}m{:02}s", s / 60, s % 60),
-        600..=3599 => format!("{}m", s / 60),
-        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    let (h, m, sec) = (s / 3600, s / 60 % 60, s % 60);
+    let coarse = precision == Precision::Coarse && s >= 600;
+    match (h, m) {
+        (0, 0) => format!("{sec}s"),
+        (0, _) if coarse => format!("{m}m"),
+        (0, _) => format!("{m}m{sec:02}s"),
+        _ if coarse => format!("{h}h{m:02}m"),
+        _ => format!("{h}h{m:02}m{sec:02}s"),
     }
 }
 
@@ -146,11 +168,41 @@ mod tests {
 
     #[test]
     fn a_plain_line_has_position_rate_message_and_eta() {
-        let mut p = Progress { output: Output::Hidden, label: "step".into(), rate_unit: "steps".into(), position: 12, total: 300, start_position: 0, started: Instant::now(), message: String::new() };
+        let mut p = Progress {
+            output: Output::Hidden,
+            label: "step".into(),
+            rate_unit: "steps".into(),
+            position: 12,
+            total: 300,
+            start_position: 0,
+            started: Instant::now(),
+            message: String::new(),
+        };
         p.set_message("loss 0.6931".into());
-        assert_eq!(p.line(Duration::from_secs_f64(12.0 / 0.85)), "step 12/300 (4%) · 0.85 steps/s · loss 0.6931 · ETA 5m39s");
+        assert_eq!(
+            p.line(Duration::from_secs_f64(12.0 / 0.85)),
+            "step 12/300 (4%) · 0.85 steps/s · loss 0.6931 · ETA 5m39s"
+        );
         p.position = 300;
-        assert_eq!(p.line(Duration::from_secs(4000)), "step 300/300 (100%) · 0.075 steps/s · loss 0.6931 · done in 1h06m");
-        assert_eq!(format_duration(54.0 * 60.0 + 7.0), "54m");
+        assert_eq!(
+            p.line(Duration::from_secs(4000)),
+            "step 300/300 (100%) · 0.075 steps/s · loss 0.6931 · done in 1h06m"
+        );
+        assert_eq!(format_duration(54.0 * 60.0 + 7.0, Precision::Coarse), "54m");
+    }
+
+    #[test]
+    fn durations_at_each_precision() {
+        for (seconds, coarse, to_the_second) in [
+            (38.4, "38s", "38s"),
+            (338.0, "5m38s", "5m38s"),
+            (599.0, "9m59s", "9m59s"),
+            (600.0, "10m", "10m00s"),
+            (3247.0, "54m", "54m07s"),
+            (7507.0, "2h05m", "2h05m07s"),
+        ] {
+            assert_eq!(format_duration(seconds, Precision::Coarse), coarse);
+            assert_eq!(format_duration(seconds, Precision::Seconds), to_the_second);
+        }
     }
 }

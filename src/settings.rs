@@ -72,7 +72,11 @@ fn collect_differences(prefix: &str, recorded: &Value, current: &Value, found: &
         }
         let show = |value: Option<&Value>| value.map_or_else(|| "unset".to_string(), Value::to_string);
         let (a, b) = (show(a), show(b));
-        found.push(if a.len().max(b.len()) > VALUE_SHOWN { format!("{name} (changed)") } else { format!("{name} ({a} before, {b} now)") });
+        found.push(if a.len().max(b.len()) > VALUE_SHOWN {
+            format!("{name} (changed)")
+        } else {
+            format!("{name} ({a} before, {b} now)")
+        });
     }
 }
 
@@ -106,7 +110,12 @@ mod tests {
         let now = json!({"seed": 7, "model": "/m", "prompts": "y".repeat(300), "max_new_tokens": 4});
         assert_eq!(
             differences(&before, &now),
-            ["seed (42 before, 7 now)", "prompts (changed)", "top_p (1.0 before, unset now)", "max_new_tokens (unset before, 4 now)"]
+            [
+                "seed (42 before, 7 now)",
+                "prompts (changed)",
+                "top_p (1.0 before, unset now)",
+                "max_new_tokens (unset before, 4 now)"
+            ]
         );
         assert!(differences(&now, &now).is_empty());
     }

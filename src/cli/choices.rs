@@ -1,27 +1,23 @@
 //! Value parsers of the flags that take one of a closed set: clap lists the choices in `--help` and refuses any
 //! other value (exit 2) with a message that lists them.
 use clap::builder::{PossibleValue, PossibleValuesParser, Str, TypedValueParser};
+use clap::ValueEnum;
 
 pub fn one_of<S: Into<Str>>(names: impl IntoIterator<Item = S>) -> PossibleValuesParser {
     PossibleValuesParser::new(names.into_iter().map(PossibleValue::new))
 }
 
-/// One of `names`, parsed into `T` (the names are `T`'s own spellings).
-pub fn parsed<T, S>(names: impl IntoIterator<Item = S>) -> impl TypedValueParser<Value = T>
-where
-    T: std::str::FromStr + Clone + Send + Sync + 'static,
-    T::Err: std::fmt::Display,
-    S: Into<Str>,
-{
-    one_of(names).try_map(|name| name.parse::<T>().map_err(|e| e.to_string()))
+/// The names of `T`'s values, listed alone (the variants' docs are written for the library, not for `--help`).
+pub fn names<T: ValueEnum>() -> PossibleValuesParser {
+    one_of(T::value_variants().iter().filter_map(T::to_possible_value).map(|value| value.get_name().to_string()))
 }
 
-/// A value of a serde enum as the configs spell it.
-pub fn serde_name<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).expect("a unit variant")
+/// One of `T`'s values, by name.
+pub fn value_enum<T: ValueEnum + Clone + Send + Sync + 'static>() -> impl TypedValueParser<Value = T> {
+    names::<T>().try_map(|name| T::from_str(&name, false))
 }
 
-/// The dtypes `stic::session::parse_dtype` reads, with its long spellings as aliases.
+/// The dtypes `stic::generate::session::parse_dtype` reads, with its long spellings as aliases.
 pub fn dtype() -> PossibleValuesParser {
     PossibleValuesParser::new([
         PossibleValue::new("auto"),
@@ -41,14 +37,9 @@ pub fn device(text: &str) -> Result<String, String> {
     }
 }
 
-/// The image and prompt processings (`stic::image::Processing`).
-pub fn processing() -> impl TypedValueParser<Value = stic::image::Processing> {
-    parsed(["llava", "transformers"])
-}
-
 /// The conversation templates.
 pub fn template() -> PossibleValuesParser {
-    one_of(stic::text::Template::ALL.map(stic::text::Template::name))
+    names::<stic::text::Template>()
 }
 
 /// The benchmarks of `stic eval` (the registry's names).
@@ -68,13 +59,18 @@ mod tests {
     use clap::builder::TypedValueParser;
 
     fn names(parser: &PossibleValuesParser) -> Vec<String> {
-        parser.possible_values().into_iter().flatten().flat_map(|v| v.get_name_and_aliases().map(str::to_string).collect::<Vec<_>>()).collect()
+        parser
+            .possible_values()
+            .into_iter()
+            .flatten()
+            .flat_map(|v| v.get_name_and_aliases().map(str::to_string).collect::<Vec<_>>())
+            .collect()
     }
 
     #[test]
     fn every_listed_dtype_and_device_is_read_by_the_session() {
         for name in names(&dtype()) {
-            stic::session::parse_dtype(&name, tch::Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+            stic::generate::session::parse_dtype(&name, tch::Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         for name in ["auto", "cpu", "cuda", "cuda:3"] {
             assert_eq!(device(name).as_deref(), Ok(name));
@@ -90,17 +86,21 @@ mod tests {
         let listed = names(&profile());
         assert!(listed.contains(&"official".to_string()) && listed.contains(&"paper".to_string()), "{listed:?}");
         for name in listed {
-            stic::stic::reproduce::Profile::path_of(root, &name).unwrap();
+            stic::reproduce::Profile::path_of(root, &name).unwrap();
         }
     }
 
     #[test]
-    fn processings_parse() {
+    fn value_enums_list_their_names_and_parse_them() {
+        use stic::image::Processing;
         let cmd = clap::Command::new("t");
         let arg = clap::Arg::new("p");
-        for name in ["llava", "transformers"] {
-            processing().parse_ref(&cmd, Some(&arg), std::ffi::OsStr::new(name)).unwrap();
+        assert_eq!(names(&super::names::<Processing>()), ["llava", "transformers"]);
+        for (name, processing) in [("llava", Processing::Llava), ("transformers", Processing::Transformers)] {
+            let parsed = value_enum::<Processing>().parse_ref(&cmd, Some(&arg), std::ffi::OsStr::new(name)).unwrap();
+            assert_eq!(parsed, processing);
         }
-        assert!(processing().parse_ref(&cmd, Some(&arg), std::ffi::OsStr::new("hf")).is_err());
+        assert!(value_enum::<Processing>().parse_ref(&cmd, Some(&arg), std::ffi::OsStr::new("hf")).is_err());
+        assert_eq!(names(&template()), ["mistral_instruct", "vicuna_v1", "llava_v1", "chatml_direct"]);
     }
 }

@@ -2,11 +2,12 @@
 //! read from the shipped config the command starts from, and that of `prefs` and `describe` the sampling
 //! defaults of the shipped prompts file, so that help and files cannot drift apart.
 use clap::Command;
+use stic::train::config::{TrainConfig, STAGE1_DEFAULTS, STAGE2_DEFAULTS};
 
 /// The training commands and the shipped config each starts from (its path, for the help, and its text).
 const SHIPPED: [(&str, &str, &str); 2] = [
-    ("train-dpo", "configs/paper/stage1.yaml", super::train::STAGE1_DEFAULTS),
-    ("train-sft", "configs/paper/stage2.yaml", super::train::STAGE2_DEFAULTS),
+    ("train-dpo", "configs/paper/stage1.yaml", STAGE1_DEFAULTS),
+    ("train-sft", "configs/paper/stage2.yaml", STAGE2_DEFAULTS),
 ];
 
 const PROMPTS: &str = "third_party/stic/prompts.json";
@@ -14,12 +15,15 @@ const PROMPTS: &str = "third_party/stic/prompts.json";
 /// `cli` with the config defaults written into the help of the training and generation jobs' flags.
 pub fn with_config_defaults(cli: Command) -> Command {
     let cli = SHIPPED.iter().fold(cli, |cli, &(name, path, text)| {
-        let cfg: stic::train::trainer::TrainConfig = serde_yaml::from_str(text).expect("the shipped configs parse");
+        let cfg = TrainConfig::shipped(text);
         let values = serde_json::to_value(&cfg).expect("the config serialises");
         cli.mut_subcommand(name, |command| document(command, path, &values))
     });
-    let sampling = serde_json::to_value(stic::stic::prefs::SticPrompts::shipped().generation).expect("the prompts serialise");
-    ["prefs", "describe"].iter().fold(cli, |cli, name| cli.mut_subcommand(name, |command| document(command, PROMPTS, &sampling)))
+    let sampling =
+        serde_json::to_value(stic::method::prefs::SticPrompts::shipped().generation).expect("the prompts serialise");
+    ["prefs", "describe"]
+        .iter()
+        .fold(cli, |cli, name| cli.mut_subcommand(name, |command| document(command, PROMPTS, &sampling)))
 }
 
 fn document(command: Command, path: &str, values: &serde_json::Value) -> Command {
@@ -46,8 +50,9 @@ mod tests {
 
     #[test]
     fn the_shipped_texts_are_the_named_files() {
-        let prompts = serde_json::to_string(&stic::stic::prefs::SticPrompts::shipped()).unwrap();
-        let file: stic::stic::prefs::SticPrompts = stic::error::read_json(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPTS)).unwrap();
+        let prompts = serde_json::to_string(&stic::method::prefs::SticPrompts::shipped()).unwrap();
+        let file: stic::method::prefs::SticPrompts =
+            stic::fsutil::read_json(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(PROMPTS)).unwrap();
         assert_eq!(serde_json::to_string(&file).unwrap(), prompts);
         for (_, path, text) in SHIPPED {
             let file = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
@@ -64,13 +69,32 @@ mod tests {
             arg.get_help().unwrap().to_string()
         };
         assert!(help("train-dpo", "lr").ends_with("[default: 1e-7 from configs/paper/stage1.yaml]"));
-        assert!(help("train-sft", "lr").ends_with("[default: 0.00002 from configs/paper/stage2.yaml]"), "{}", help("train-sft", "lr"));
+        assert!(
+            help("train-sft", "lr").ends_with("[default: 0.00002 from configs/paper/stage2.yaml]"),
+            "{}",
+            help("train-sft", "lr")
+        );
         assert!(help("train-dpo", "alpha").ends_with("[default: 0.0009765625 from configs/paper/stage1.yaml]"));
         assert!(help("train-dpo", "lora_alpha").ends_with("[default: 256.0 from configs/paper/stage1.yaml]"));
         assert!(help("train-dpo", "loss_type").contains("[default: sigmoid from"));
         assert!(help("prefs", "max_new_tokens").ends_with("[default: 1024 from third_party/stic/prompts.json]"));
         assert!(help("describe", "temperature").ends_with("[default: 0.2 from third_party/stic/prompts.json]"));
-        for flag in ["lr", "projector_lr", "epochs", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "max_length", "save_steps", "seed", "device", "dtype", "gradient_checkpointing"] {
+        for flag in [
+            "lr",
+            "projector_lr",
+            "epochs",
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "save_steps",
+            "seed",
+            "device",
+            "dtype",
+            "gradient_checkpointing",
+        ] {
             assert!(help("train-sft", flag).contains("from configs/paper/stage2.yaml]"), "{flag}");
         }
     }

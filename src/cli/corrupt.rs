@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use stic::image::DEFAULT_MAX_PIXELS;
-use stic::stic::corrupt::{run_corrupt, Corruption};
+use stic::method::corrupt::{run_corrupt, Corruption};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -12,16 +12,15 @@ pub struct Args {
     #[arg(long)]
     output: PathBuf,
     /// resize20 (shorter side to 20 px) or color_jitter (brightness 0.5, hue 0.3).
-    #[arg(long, value_parser = super::choices::one_of(Corruption::ALL.map(Corruption::name)))]
-    kind: String,
+    #[arg(long, value_parser = super::choices::value_enum::<Corruption>())]
+    kind: Corruption,
     /// Seed of the colour jitter's random parameters.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let kind: Corruption = args.kind.parse().map_err(stic::Error::from)?;
     stic::fsutil::check_output("--output", &args.output, &[("--image", &args.image)])?;
-    run_corrupt(&args.image, &args.output, kind, args.seed, DEFAULT_MAX_PIXELS)?;
+    run_corrupt(&args.image, &args.output, args.kind, args.seed, DEFAULT_MAX_PIXELS)?;
     Ok(())
 }

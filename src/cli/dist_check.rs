@@ -1,6 +1,6 @@
 //! `stic dist-check`: a diagnostics run of the distributed layer under torchrun.
 use stic::dist::{backend_for, rank_and_world, ProcessGroup};
-use stic::session::parse_device;
+use stic::generate::session::parse_device;
 use tch::{Device, Tensor};
 
 #[derive(clap::Args)]

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use stic::stic::infuse::{infuse_files, save_instruction_data};
+use stic::method::infuse::infuse_into;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,17 +16,18 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    stic::fsutil::check_output("--output", &args.output, &[("--data", &args.data), ("--descriptions", &args.descriptions)])?;
-    let (entries, report) = infuse_files(&args.data, &args.descriptions)?;
-    stic::fsutil::create_parent(&args.output)?;
-    save_instruction_data(&args.output, &entries)?;
+    let report = infuse_into(&args.data, &args.descriptions, &args.output)?;
     eprintln!(
         "{}: {} entries infused, {} without an image left as they were, {} without a description{}",
         args.output.display(),
         report.infused,
         report.without_image,
         report.missing_description.len(),
-        if report.missing_description.is_empty() { String::new() } else { format!(": {}", report.missing_description.join(", ")) }
+        if report.missing_description.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", report.missing_description.join(", "))
+        }
     );
     Ok(())
 }

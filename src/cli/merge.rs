@@ -15,7 +15,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     stic::fsutil::check_output("--output", &args.output, &[("--model", &args.model), ("--adapter", &args.adapter)])?;
-    stic::merge::merge_adapter(&args.model, &args.adapter, &args.output)?;
+    stic::adapter::merge::merge_adapter(&args.model, &args.adapter, &args.output)?;
     eprintln!("merged model written to {}", args.output.display());
     Ok(())
 }

@@ -1,9 +1,7 @@
 use std::path::PathBuf;
 
 use super::model_args::ModelArgs;
-use stic::score::{full_logits, token_logprobs};
-use stic::text::Template;
-use stic::Error;
+use stic::generate::score::{score, ScoreOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,53 +30,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let template: Template = args.template.parse()?;
-    if let Some(path) = &args.logits_out {
-        args.model.check_output("--logits-out", path, &[("--image", &args.image)])?;
-    }
-    let (context, full) = match (&args.prompt, &args.text) {
-        (Some(prompt), None) => {
-            let user = stic::session::Session::user_text(prompt, true);
-            let response = args.response.as_deref().unwrap_or_default();
-            (template.prompt(&user), template.render(&[Some(&user), Some(response)]))
-        }
-        (None, Some(text)) => (text.clone(), format!("{text}{}", args.response.as_deref().unwrap_or_default())),
-        _ => return Err(Error::Input("give --prompt TEXT --response TEXT, or --text RAW".into()).into()),
-    };
-    let session = args.model.load()?;
-    let image = session.load_image(&args.image)?;
-    let features = session.image_features(&[&image])?;
-    let context_ids = session.prepare(&context, features.iter().map(|f| f.shallow_clone()).collect())?.ids;
-    let prompt = session.prepare(&full, features)?;
-    let first = if args.response.is_some() { context_ids.len() } else { 1 };
-    if args.response.is_some() && (prompt.ids.len() < first || prompt.ids[..first] != context_ids[..]) {
-        return Err(Error::Input("the response changes how the end of the prompt tokenizes; cannot separate the response tokens".into()).into());
-    }
-    let logits = full_logits(&session.model, &prompt)?;
-    let logprobs = token_logprobs(&logits, &prompt.ids, first);
-    if let Some(path) = &args.logits_out {
-        stic::fsutil::create_parent(path)?;
-        let pv = &image.pixel_values;
-        let shape: Vec<i64> = pv.shape().iter().map(|&d| d as i64).collect();
-        let pixels = tch::Tensor::from_slice(pv.as_slice().expect("contiguous")).view(shape.as_slice());
-        let (h, w) = image.original_size;
-        stic::model::weights::save_safetensors(
-            path,
-            &[
-                ("logits".into(), logits.to_device(tch::Device::Cpu)),
-                ("input_ids".into(), tch::Tensor::from_slice(&session.model.cfg.reference_ids(&prompt.ids))),
-                ("pixel_values".into(), pixels),
-                ("image_size".into(), tch::Tensor::from_slice(&[h as i64, w as i64])),
-            ],
-        )?;
-    }
-    let line = serde_json::json!({
-        "sum_logprob": logprobs.iter().sum::<f64>(),
-        "token_logprobs": logprobs,
-        "tokens": prompt.ids[first..].iter().filter(|&&id| id != stic::text::tokenizer::IMAGE_TOKEN_INDEX).collect::<Vec<_>>(),
-        "prompt_tokens": first,
-        "seq_len": prompt.ids.len(),
-    });
+    let line = score(&ScoreOptions {
+        model: args.model.spec(),
+        image: args.image,
+        prompt: args.prompt,
+        text: args.text,
+        response: args.response,
+        template: args.template.parse()?,
+        logits_out: args.logits_out,
+    })?;
     println!("{line}");
     Ok(())
 }

@@ -25,13 +25,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let processing = match args.processing.processing {
         Some(p) => p,
         None if args.model.join("config.json").is_file() => LlavaConfig::from_dir(&args.model, None)?.image.processing,
-        None => return Err(Error::Input(format!("{} has no config.json: give --processing llava or transformers", args.model.display())).into()),
+        None => {
+            return Err(Error::Input(format!(
+                "{} has no config.json: give --processing llava or transformers",
+                args.model.display()
+            ))
+            .into())
+        }
     };
     let tokenizer = TextTokenizer::from_dir(&args.model, processing)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (i, line) in std::io::stdin().lock().lines().enumerate() {
         let line = line?;
-        let text: String = serde_json::from_str(&line).map_err(|e| Error::Input(format!("stdin line {}: expected a JSON string: {e}", i + 1)))?;
+        let text: String = serde_json::from_str(&line)
+            .map_err(|e| Error::Input(format!("stdin line {}: expected a JSON string: {e}", i + 1)))?;
         writeln!(out, "{}", serde_json::to_string(&tokenizer.encode(&text, !args.no_special)?)?)?;
     }
     Ok(())

@@ -84,12 +84,16 @@ impl DistEnv {
         let need = |name: &str| {
             var(name).ok_or_else(|| Error::Distributed(format!("WORLD_SIZE={world_size} but {name} is not set (launch with torchrun, or set RANK, MASTER_ADDR and MASTER_PORT)")))
         };
-        let rank: usize = need("RANK")?.trim().parse().map_err(|_| Error::Distributed("RANK is not a whole number".into()))?;
+        let rank: usize =
+            need("RANK")?.trim().parse().map_err(|_| Error::Distributed("RANK is not a whole number".into()))?;
         if rank >= world_size {
             return Err(Error::Distributed(format!("RANK={rank} is not below WORLD_SIZE={world_size}")));
         }
         let master_addr = need("MASTER_ADDR")?;
-        let master_port: u16 = need("MASTER_PORT")?.trim().parse().map_err(|_| Error::Distributed("MASTER_PORT is not a port number".into()))?;
+        let master_port: u16 = need("MASTER_PORT")?
+            .trim()
+            .parse()
+            .map_err(|_| Error::Distributed("MASTER_PORT is not a port number".into()))?;
         let local_rank = parse_var::<usize>("LOCAL_RANK", "a whole number")?.unwrap_or(0);
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True");
         let run_id = var("TORCHELASTIC_RUN_ID").unwrap_or_else(|| "none".into());
@@ -113,7 +117,11 @@ impl DistEnv {
         let addr = self.master_addr.trim_start_matches('[').trim_end_matches(']');
         let loopback = addr == "localhost" || addr.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         if loopback {
-            if addr == "::1" { "::1".into() } else { "127.0.0.1".into() }
+            if addr == "::1" {
+                "::1".into()
+            } else {
+                "127.0.0.1".into()
+            }
         } else {
             String::new()
         }
@@ -244,7 +252,9 @@ impl ProcessGroup {
     }
 
     pub fn init(env: &DistEnv) -> Result<ProcessGroup> {
-        let cstr = |s: &str, what: &str| CString::new(s).map_err(|_| Error::Distributed(format!("{what} contains a NUL byte")));
+        let cstr = |s: &str, what: &str| {
+            CString::new(s).map_err(|_| Error::Distributed(format!("{what} contains a NUL byte")))
+        };
         let host = cstr(&env.master_addr, "MASTER_ADDR")?;
         let prefix = cstr(&env.key_prefix, "the store key prefix")?;
         let ifnames = cstr(&var("GLOO_SOCKET_IFNAME").unwrap_or_default(), "GLOO_SOCKET_IFNAME")?;
@@ -269,7 +279,10 @@ impl ProcessGroup {
         };
         if handle.is_null() {
             let why = unsafe { take_message(error) }.unwrap_or_else(|| "unknown error".into());
-            return Err(Error::Distributed(format!("rank {} of {}: joining the group failed: {why}", env.rank, env.world_size)));
+            return Err(Error::Distributed(format!(
+                "rank {} of {}: joining the group failed: {why}",
+                env.rank, env.world_size
+            )));
         }
         Ok(ProcessGroup { handle, rank: env.rank, world_size: env.world_size, local_rank: env.local_rank })
     }
@@ -316,7 +329,10 @@ impl ProcessGroup {
     /// Replaces a floating-point `tensor` (in place, on every rank) by the mean of all ranks' tensors.
     pub fn all_reduce_mean(&self, tensor: &Tensor) -> Result<()> {
         if !tensor.is_floating_point() {
-            return Err(Error::Distributed(format!("all_reduce_mean needs a floating-point tensor, not {:?}", tensor.kind())));
+            return Err(Error::Distributed(format!(
+                "all_reduce_mean needs a floating-point tensor, not {:?}",
+                tensor.kind()
+            )));
         }
         self.all_reduce_sum(tensor)?;
         let _ = tensor.shallow_clone().f_div_scalar_(self.world_size as f64)?;
@@ -351,7 +367,9 @@ impl ProcessGroup {
     /// the world size. Every rank must pass tensors of the same shapes in the same order.
     pub fn all_reduce_mean_bucketed(&self, tensors: &[Tensor]) -> Result<()> {
         if let Some(i) = tensors.iter().position(|t| !t.defined()) {
-            return Err(Error::Distributed(format!("tensor {i} of the gradient all-reduce is undefined (a parameter got no gradient)")));
+            return Err(Error::Distributed(format!(
+                "tensor {i} of the gradient all-reduce is undefined (a parameter got no gradient)"
+            )));
         }
         for bucket in buckets(tensors, BUCKET_BYTES) {
             let bucket = &tensors[bucket];
@@ -426,7 +444,8 @@ mod tests {
     #[test]
     fn buckets_split_by_size_and_kind() {
         let t = |n: i64, kind: Kind| Tensor::zeros([n], (kind, Device::Cpu));
-        let tensors = vec![t(10, Kind::Float), t(10, Kind::Float), t(30, Kind::Float), t(5, Kind::Double), t(1, Kind::Double)];
+        let tensors =
+            vec![t(10, Kind::Float), t(10, Kind::Float), t(30, Kind::Float), t(5, Kind::Double), t(1, Kind::Double)];
         // 40-byte tensors fill an 80-byte bucket; the 120-byte one stands alone; the doubles start a new one.
         assert_eq!(buckets(&tensors, 80), vec![0..2, 2..3, 3..5]);
         assert_eq!(buckets(&tensors[..0], 80), Vec::<std::ops::Range<usize>>::new());
@@ -457,7 +476,11 @@ mod tests {
                     // Three buckets at 16 bytes: [a, b] (f32, 8 + 8 bytes), [c] (too big alone), [d] (f64).
                     let rf = rank as f32;
                     let a = Tensor::from_slice(&[1.0f32 + rf, 2.0]);
-                    let b = Tensor::from_slice(&[10.0f32 * rf, 0.0, 3.0, 4.0]).reshape([2, 2]).transpose(0, 1).narrow(1, 0, 1).contiguous();
+                    let b = Tensor::from_slice(&[10.0f32 * rf, 0.0, 3.0, 4.0])
+                        .reshape([2, 2])
+                        .transpose(0, 1)
+                        .narrow(1, 0, 1)
+                        .contiguous();
                     let c = Tensor::from_slice(&[r; 6]).to_kind(Kind::Float).reshape([2, 3]).transpose(0, 1); // not contiguous
                     let d = Tensor::from_slice(&[100.0 * r]);
                     let tensors = [a, b, c, d];
@@ -469,8 +492,10 @@ mod tests {
                     group.broadcast(&root, 1)?;
                     group.barrier()?;
                     group.finish()?;
-                    let mut out: Vec<Vec<f64>> =
-                        tensors.iter().map(|t| Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1])).unwrap()).collect();
+                    let mut out: Vec<Vec<f64>> = tensors
+                        .iter()
+                        .map(|t| Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1])).unwrap())
+                        .collect();
                     out.push(Vec::<f64>::try_from(&root).unwrap());
                     Ok(out)
                 })

@@ -8,29 +8,15 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum EvalDataError {
     #[error("{benchmark}: missing {}; {origin}", path.display())]
-    MissingFile {
-        benchmark: &'static str,
-        path: PathBuf,
-        origin: String,
-    },
+    MissingFile { benchmark: &'static str, path: PathBuf, origin: String },
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}{}: invalid JSON: {source}", path.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
-    Json {
-        path: PathBuf,
-        line: Option<usize>,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, line: Option<usize>, source: serde_json::Error },
     #[error("{}: invalid TSV: {source}", path.display())]
     Tsv { path: PathBuf, source: csv::Error },
     #[error("{}: not a readable parquet file ({error}); download it again", path.display())]
-    Parquet {
-        path: PathBuf,
-        error: parquet::errors::ParquetError,
-    },
+    Parquet { path: PathBuf, error: parquet::errors::ParquetError },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
 }
@@ -40,19 +26,12 @@ pub fn require(benchmark: &'static str, path: PathBuf, origin: &str) -> Result<P
     if path.exists() {
         Ok(path)
     } else {
-        Err(EvalDataError::MissingFile {
-            benchmark,
-            path,
-            origin: origin.to_string(),
-        })
+        Err(EvalDataError::MissingFile { benchmark, path, origin: origin.to_string() })
     }
 }
 
 pub fn read_text(path: &Path) -> Result<String, EvalDataError> {
-    std::fs::read_to_string(path).map_err(|source| EvalDataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| EvalDataError::Io { path: path.to_path_buf(), source })
 }
 
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, EvalDataError> {
@@ -79,10 +58,7 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, EvalDataEr
 }
 
 pub fn invalid(path: &Path, message: impl Into<String>) -> EvalDataError {
-    EvalDataError::Invalid {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    EvalDataError::Invalid { path: path.to_path_buf(), message: message.into() }
 }
 
 pub fn to_meta(meta: impl Serialize) -> Value {

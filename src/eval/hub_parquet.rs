@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
 use super::files::EvalDataError;
 use super::item::ImageSource;
@@ -43,11 +43,7 @@ impl ParquetRelease {
                 pattern.display().to_string()
             })
             .collect();
-        format!(
-            "or, instead, {}'s parquet release from the Hugging Face hub: {}",
-            self.repo,
-            patterns.join(" or ")
-        )
+        format!("or, instead, {}'s parquet release from the Hugging Face hub: {}", self.repo, patterns.join(" or "))
     }
 
     /// The release's shards, when the folder has them and none of `layout_files` (the LLaVA layout, which is
@@ -72,10 +68,7 @@ impl ParquetRelease {
             };
             let mut files = Vec::new();
             for entry in entries {
-                let entry = entry.map_err(|source| EvalDataError::Io {
-                    path: dir.clone(),
-                    source,
-                })?;
+                let entry = entry.map_err(|source| EvalDataError::Io { path: dir.clone(), source })?;
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
                 if name.starts_with(&prefix) && name.ends_with(".parquet") {
@@ -108,25 +101,11 @@ impl ParquetRelease {
                 path: path.clone(),
                 message: format!("{message} (is it {}'s {} split?)", self.repo, self.split),
             };
-            let parquet_error = |error| EvalDataError::Parquet {
-                path: path.clone(),
-                error,
-            };
-            let file = File::open(path).map_err(|source| EvalDataError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let parquet_error = |error| EvalDataError::Parquet { path: path.clone(), error };
+            let file = File::open(path).map_err(|source| EvalDataError::Io { path: path.clone(), source })?;
             let reader = SerializedFileReader::new(file).map_err(parquet_error)?;
-            let schema = reader
-                .metadata()
-                .file_metadata()
-                .schema_descr()
-                .root_schema();
-            if !schema
-                .get_fields()
-                .iter()
-                .any(|field| field.name() == column)
-            {
+            let schema = reader.metadata().file_metadata().schema_descr().root_schema();
+            if !schema.get_fields().iter().any(|field| field.name() == column) {
                 return Err(invalid(format!("no `{column}` column")));
             }
             for (row, cells) in reader.into_iter().enumerate() {
@@ -134,25 +113,23 @@ impl ParquetRelease {
                 let mut fields = Map::new();
                 for (name, field) in cells.map_err(parquet_error)?.into_columns() {
                     if name == column {
-                        image = image_bytes(field).map_err(|message| {
-                            invalid(format!("row {row}: `{column}` {message}"))
-                        })?;
+                        image = image_bytes(field)
+                            .map_err(|message| invalid(format!("row {row}: `{column}` {message}")))?;
                     } else {
-                        fields.insert(name, json_value(field));
+                        // The JSON of a cell as pandas' `to_json` writes it (NaN as null).
+                        fields.insert(name, field.to_json_value());
                     }
                 }
                 let image = match image {
                     Some(bytes) => ImageSource::Bytes(bytes),
-                    None if required => {
-                        return Err(invalid(format!("row {row}: `{column}` is empty")))
-                    }
+                    None if required => return Err(invalid(format!("row {row}: `{column}` is empty"))),
                     None => ImageSource::None,
                 };
-                let record = serde_json::from_value(Value::Object(fields))
-                    .map_err(|e| invalid(format!("row {row}: {e}")))?;
+                let record =
+                    serde_json::from_value(Value::Object(fields)).map_err(|e| invalid(format!("row {row}: {e}")))?;
                 let position = records.len();
-                let built = build(position, record, image)
-                    .map_err(|message| invalid(format!("row {row}: {message}")))?;
+                let built =
+                    build(position, record, image).map_err(|message| invalid(format!("row {row}: {message}")))?;
                 records.push(built);
             }
         }
@@ -165,48 +142,11 @@ fn image_bytes(field: Field) -> Result<Option<Vec<u8>>, String> {
     match field {
         Field::Null => Ok(None),
         Field::Bytes(bytes) => Ok(Some(bytes.data().to_vec())),
-        Field::Group(image) => match image
-            .into_columns()
-            .into_iter()
-            .find(|(name, _)| name == "bytes")
-        {
+        Field::Group(image) => match image.into_columns().into_iter().find(|(name, _)| name == "bytes") {
             Some((_, Field::Bytes(bytes))) => Ok(Some(bytes.data().to_vec())),
-            Some((_, Field::Null)) => {
-                Err("has no embedded bytes, only a path to a file elsewhere".into())
-            }
+            Some((_, Field::Null)) => Err("has no embedded bytes, only a path to a file elsewhere".into()),
             _ => Err("is a struct without a binary `bytes` field".into()),
         },
-        other => Err(format!(
-            "is not an image (a {{bytes, path}} struct or binary): {other}"
-        )),
-    }
-}
-
-/// The JSON value of a cell, as pandas' `to_json` writes it (NaN as null).
-fn json_value(field: Field) -> Value {
-    match field {
-        Field::Null => Value::Null,
-        Field::Bool(b) => Value::Bool(b),
-        Field::Byte(n) => Value::Number(n.into()),
-        Field::Short(n) => Value::Number(n.into()),
-        Field::Int(n) => Value::Number(n.into()),
-        Field::Long(n) => Value::Number(n.into()),
-        Field::UByte(n) => Value::Number(n.into()),
-        Field::UShort(n) => Value::Number(n.into()),
-        Field::UInt(n) => Value::Number(n.into()),
-        Field::ULong(n) => Value::Number(n.into()),
-        Field::Float(n) => Number::from_f64(n.into()).map_or(Value::Null, Value::Number),
-        Field::Double(n) => Number::from_f64(n).map_or(Value::Null, Value::Number),
-        Field::Str(text) => Value::String(text),
-        Field::Group(row) => Value::Object(
-            row.into_columns()
-                .into_iter()
-                .map(|(name, field)| (name, json_value(field)))
-                .collect(),
-        ),
-        Field::ListInternal(list) => {
-            Value::Array(list.elements().iter().cloned().map(json_value).collect())
-        }
-        other => Value::String(other.to_string()),
+        other => Err(format!("is not an image (a {{bytes, path}} struct or binary): {other}")),
     }
 }

@@ -6,6 +6,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::eval::benchmarks::MmBenchOptions;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Provenance {
@@ -36,6 +37,9 @@ pub struct BenchmarkRun {
     pub data: String,
     pub circular: bool,
     pub with_text_only: bool,
+    /// Written only when not the default, so that output folders of earlier runs resume.
+    #[serde(skip_serializing_if = "MmBenchOptions::is_default")]
+    pub mmbench_options: MmBenchOptions,
 }
 
 /// A model or adapter folder and the sha256 of its config file.
@@ -63,6 +67,9 @@ pub struct Generation {
     /// Greedy decoding, as every official eval script (`--temperature 0`).
     pub temperature: f64,
     pub dar: Option<DarSettings>,
+    /// sha256 of the `--descriptions` file the answers' DaR descriptions came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub descriptions_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,11 +103,8 @@ pub fn folder_fingerprint(dir: &Path) -> Result<String> {
             continue;
         }
         let meta = entry.metadata().map_err(|e| Error::io(entry.path(), e))?;
-        let modified = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+        let modified =
+            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         files.push(format!("{name}\t{}\t{modified}", meta.len()));
     }
     files.sort();

@@ -75,12 +75,8 @@ fn python_number_text(text: &str) -> Option<String> {
 /// Removes underscores that separate digits; `None` if any other underscore is present.
 fn without_digit_underscores(text: &str) -> Option<String> {
     let chars: Vec<char> = text.chars().collect();
-    let separates_digits = |i: usize| {
-        i > 0
-            && i + 1 < chars.len()
-            && chars[i - 1].is_ascii_digit()
-            && chars[i + 1].is_ascii_digit()
-    };
+    let separates_digits =
+        |i: usize| i > 0 && i + 1 < chars.len() && chars[i - 1].is_ascii_digit() && chars[i + 1].is_ascii_digit();
     let mut out = String::with_capacity(text.len());
     for (i, &c) in chars.iter().enumerate() {
         match c {
@@ -115,9 +111,7 @@ pub fn python_float_repr(x: f64) -> String {
         return if x > 0.0 { "inf" } else { "-inf" }.to_string();
     }
     let scientific = format!("{x:e}");
-    let (mantissa, exponent) = scientific
-        .split_once('e')
-        .expect("`{:e}` always writes an exponent");
+    let (mantissa, exponent) = scientific.split_once('e').expect("`{:e}` always writes an exponent");
     let exponent: i32 = exponent.parse().expect("`{:e}` writes an integer exponent");
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
         Some(rest) => ("-", rest),

@@ -6,14 +6,16 @@ use std::path::Path;
 use super::benchmarks::Benchmark;
 use super::item::{EvalItem, ImageSource};
 use super::python;
-use crate::stic::infuse::with_description;
-use crate::stic::job::{GenerationTask, Request};
+use crate::jobs::job::{GenerationTask, Request};
+use crate::method::infuse::with_description;
 
 /// Load an item's image (`None` for text-only items).
 pub fn item_image(item: &EvalItem, max_pixels: u64) -> Result<Option<::image::RgbImage>, String> {
     match &item.image {
         ImageSource::Path(path) => crate::image::load_image(path, max_pixels).map(Some).map_err(|e| e.to_string()),
-        ImageSource::Bytes(bytes) => crate::image::load_image_bytes(bytes, &format!("item {}", item.id), max_pixels).map(Some).map_err(|e| e.to_string()),
+        ImageSource::Bytes(bytes) => crate::image::load_image_bytes(bytes, &format!("item {}", item.id), max_pixels)
+            .map(Some)
+            .map_err(|e| e.to_string()),
         ImageSource::None => Ok(None),
     }
 }
@@ -36,7 +38,9 @@ impl GenerationTask for AnswerItems<'_> {
         let image = item_image(item, self.max_pixels)?;
         let prompt = match self.descriptions.and_then(|d| d.get(&item.id)) {
             Some(description) => with_description(&item.question, description),
-            None if self.descriptions.is_some() && image.is_some() => return Err("no DaR description for this item".into()),
+            None if self.descriptions.is_some() && image.is_some() => {
+                return Err("no DaR description for this item".into())
+            }
             None => item.question.clone(),
         };
         Ok((prompt.clone(), vec![Request { user_text: prompt, image }]))
@@ -56,12 +60,12 @@ pub fn read_predictions(
     benchmark: &dyn Benchmark,
     items: &[EvalItem],
 ) -> crate::Result<HashMap<String, String>> {
-    let rows: Vec<serde_json::Value> = crate::stic::jsonl::read_jsonl(path)?;
+    let rows: Vec<serde_json::Value> = crate::jobs::jsonl::read_jsonl(path)?;
     let mut llava_index = benchmark.llava_answer_index(items);
     let mut out = HashMap::new();
     for (i, row) in rows.iter().enumerate() {
         let at = || format!("{} line {}", path.display(), i + 1);
-        let id = row.get("id").or_else(|| row.get("question_id")).and_then(crate::stic::jsonl::key_text);
+        let id = row.get("id").or_else(|| row.get("question_id")).and_then(crate::jobs::jsonl::key_text);
         let text = row.get("prediction").or_else(|| row.get("text")).and_then(|v| v.as_str());
         let (Some(id), Some(text)) = (id, text) else {
             return Err(crate::Error::Input(format!(

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <dlfcn.h>
+
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -19,6 +21,27 @@ void write_error(char* err, size_t len, const std::string& what) {
   std::strncpy(err, what.c_str(), len - 1);
   err[len - 1] = '\0';
 }
+
+// Makes a device the current CUDA device while it lives, and restores the previous one after. c10's CUDAGuard
+// would do, but it is header-only and calls the CUDA runtime directly, which the binary does not link.
+class CurrentDevice {
+ public:
+  // Never throws (the callers are C functions): when the device cannot be set, the work on it reports the error.
+  explicit CurrentDevice(c10::DeviceIndex index) {
+    try {
+      previous_ = c10::cuda::ExchangeDevice(index);
+    } catch (const std::exception&) {
+    }
+  }
+  ~CurrentDevice() {
+    if (previous_ >= 0) c10::cuda::MaybeSetDevice(previous_);
+  }
+  CurrentDevice(const CurrentDevice&) = delete;
+  CurrentDevice& operator=(const CurrentDevice&) = delete;
+
+ private:
+  c10::DeviceIndex previous_ = -1;
+};
 
 }  // namespace
 
@@ -45,6 +68,9 @@ void* stic_graph_capture(int device, int (*body)(void*), void* ctx, uint64_t poo
   const auto index = static_cast<c10::DeviceIndex>(device);
   at::cuda::CUDAGraph* graph = nullptr;
   bool capturing = false;
+  // The capture, its streams and the synchronisations act on the current device: make it the model's
+  // (cuda:LOCAL_RANK under torchrun), and restore the caller's on return.
+  const CurrentDevice on_device(index);
   const auto previous = c10::cuda::getCurrentCUDAStream(index);
   try {
     auto side = c10::cuda::getStreamFromPool(false, index);
@@ -78,9 +104,10 @@ void* stic_graph_capture(int device, int (*body)(void*), void* ctx, uint64_t poo
   return nullptr;
 }
 
-// Replays a graph on the current stream.
-int stic_graph_replay(void* graph, char* err, size_t err_len) {
+// Replays a graph on the current stream of its device.
+int stic_graph_replay(int device, void* graph, char* err, size_t err_len) {
   try {
+    const CurrentDevice on_device(static_cast<c10::DeviceIndex>(device));
     static_cast<at::cuda::CUDAGraph*>(graph)->replay();
     return 0;
   } catch (const std::exception& e) {
@@ -96,13 +123,22 @@ void stic_graph_free(void* graph) {
   }
 }
 
-// The device's memory and what libtorch's caching allocator holds of it, in bytes.
-int stic_cuda_memory(int device, uint64_t* total, uint64_t* reserved, char* err, size_t err_len) {
+// The device's memory, what libtorch's caching allocator holds of it, and what the driver reports free (what
+// the CUDA contexts and other processes leave), in bytes.
+int stic_cuda_memory(int device, uint64_t* total, uint64_t* reserved, uint64_t* free, char* err, size_t err_len) {
   try {
     const auto index = static_cast<c10::DeviceIndex>(device);
     *total = at::cuda::getDeviceProperties(index)->totalGlobalMem;
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
     *reserved = stats.reserved_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
+    // cudaMemGetInfo of the CUDA runtime that libtorch loaded (the binary does not link it directly).
+    using MemGetInfo = int (*)(size_t*, size_t*);
+    static const auto mem_get_info = reinterpret_cast<MemGetInfo>(dlsym(RTLD_DEFAULT, "cudaMemGetInfo"));
+    if (mem_get_info == nullptr) throw std::runtime_error("cudaMemGetInfo not found in the loaded CUDA runtime");
+    const CurrentDevice on_device(index);
+    size_t free_bytes = 0, total_bytes = 0;
+    if (mem_get_info(&free_bytes, &total_bytes) != 0) throw std::runtime_error("cudaMemGetInfo failed");
+    *free = free_bytes;
     return 0;
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());

@@ -17,8 +17,9 @@ fn unavailable() -> Error {
     Error::Input("this stic was built without the CUDA shim (build.rs found no CUDA headers)".into())
 }
 
-/// Bytes of GPU memory: the device's total and what libtorch's caching allocator holds now.
-pub fn memory(device: Device) -> Result<(u64, u64)> {
+/// Bytes of GPU memory: the device's total, what libtorch's caching allocator holds now, and what the driver
+/// reports free (after the CUDA contexts and the other processes on the device).
+pub fn memory(device: Device) -> Result<(u64, u64, u64)> {
     let Device::Cuda(index) = device else { return Err(Error::Input("not a CUDA device".into())) };
     imp::memory(index as i32)
 }
@@ -36,6 +37,7 @@ impl GraphPool {
 /// A captured CUDA graph: replaying it reruns the captured kernels on the same tensors.
 pub struct CudaGraph {
     raw: *mut std::ffi::c_void,
+    device: i32,
 }
 
 impl CudaGraph {
@@ -43,11 +45,11 @@ impl CudaGraph {
     /// tensors that stay alive as long as the graph (no host synchronisation, no copies from the host).
     pub fn capture(device: Device, pool: &GraphPool, body: &mut dyn FnMut()) -> Result<CudaGraph> {
         let Device::Cuda(index) = device else { return Err(unavailable()) };
-        imp::capture(index as i32, pool, body).map(|raw| CudaGraph { raw })
+        imp::capture(index as i32, pool, body).map(|raw| CudaGraph { raw, device: index as i32 })
     }
 
     pub fn replay(&self) -> Result<()> {
-        imp::replay(self.raw)
+        imp::replay(self.device, self.raw)
     }
 }
 
@@ -75,9 +77,16 @@ mod imp {
             err: *mut c_char,
             err_len: usize,
         ) -> *mut c_void;
-        fn stic_graph_replay(graph: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+        fn stic_graph_replay(device: c_int, graph: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
         fn stic_graph_free(graph: *mut c_void);
-        fn stic_cuda_memory(device: c_int, total: *mut u64, reserved: *mut u64, err: *mut c_char, err_len: usize) -> c_int;
+        fn stic_cuda_memory(
+            device: c_int,
+            total: *mut u64,
+            reserved: *mut u64,
+            free: *mut u64,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
     }
 
     /// Calls a C function that reports failure with a message in a buffer.
@@ -99,7 +108,7 @@ mod imp {
     extern "C" fn run_body(ctx: *mut c_void) -> c_int {
         // SAFETY: `capture` passes a pointer to its `&mut dyn FnMut()`, alive for the whole call.
         let body = unsafe { &mut *(ctx as *mut &mut dyn FnMut()) };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body())) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
             Ok(()) => 0,
             Err(_) => 1,
         }
@@ -115,18 +124,20 @@ mod imp {
         Ok(graph)
     }
 
-    pub fn replay(graph: *mut c_void) -> Result<()> {
-        checked("replay", |err, len| unsafe { stic_graph_replay(graph, err, len) } == 0)
+    pub fn replay(device: i32, graph: *mut c_void) -> Result<()> {
+        checked("replay", |err, len| unsafe { stic_graph_replay(device, graph, err, len) } == 0)
     }
 
     pub fn free(graph: *mut c_void) {
         unsafe { stic_graph_free(graph) }
     }
 
-    pub fn memory(device: i32) -> Result<(u64, u64)> {
-        let (mut total, mut reserved) = (0, 0);
-        checked("memory", |err, len| unsafe { stic_cuda_memory(device, &mut total, &mut reserved, err, len) } == 0)?;
-        Ok((total, reserved))
+    pub fn memory(device: i32) -> Result<(u64, u64, u64)> {
+        let (mut total, mut reserved, mut free) = (0, 0, 0);
+        checked("memory", |err, len| unsafe {
+            stic_cuda_memory(device, &mut total, &mut reserved, &mut free, err, len) == 0
+        })?;
+        Ok((total, reserved, free))
     }
 }
 
@@ -143,13 +154,13 @@ mod imp {
         Err(unavailable())
     }
 
-    pub fn replay(_graph: *mut std::ffi::c_void) -> Result<()> {
+    pub fn replay(_device: i32, _graph: *mut std::ffi::c_void) -> Result<()> {
         Err(unavailable())
     }
 
     pub fn free(_graph: *mut std::ffi::c_void) {}
 
-    pub fn memory(_device: i32) -> Result<(u64, u64)> {
+    pub fn memory(_device: i32) -> Result<(u64, u64, u64)> {
         Err(unavailable())
     }
 }

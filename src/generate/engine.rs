@@ -25,7 +25,7 @@ use super::sampling::{choose_on_host, Draw};
 use super::{new_token_limit, too_long, Generated, PreparedPrompt, SamplingConfig, StopReason};
 use crate::error::{Error, Result};
 use crate::image::anyres::num_image_features;
-use crate::model::mistral::AttnMask;
+use crate::model::decoder::AttnMask;
 use crate::model::LlavaNext;
 
 /// How the engine batches and how much memory its cache takes.
@@ -48,7 +48,13 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { slots: 8, max_batch_tokens: None, gpu_memory_fraction: 0.9, prefill_chunk: 4096, cuda_graphs: true }
+        EngineOptions {
+            slots: 8,
+            max_batch_tokens: None,
+            gpu_memory_fraction: 0.9,
+            prefill_chunk: 4096,
+            cuda_graphs: true,
+        }
     }
 }
 
@@ -92,6 +98,8 @@ pub struct EngineStats {
     pub decode_steps: usize,
     /// Decode steps replayed from a CUDA graph.
     pub graph_steps: usize,
+    /// Why decode steps ran eagerly instead of from CUDA graphs (None while graphs are in use).
+    pub cuda_graphs_off: Option<String>,
     pub finished_rows: usize,
     /// The cache's shape at the end: slots and positions per slot.
     pub cache_slots: usize,
@@ -180,7 +188,10 @@ fn common_prefix(a: &[i64], b: &[i64]) -> usize {
 
 /// Bucketed shapes of a replayed decode step: rows to a power of two, keys to a multiple of `CAPACITY_STEP`.
 fn graph_bucket(rows: usize, keys: usize, slots: usize, positions: usize) -> (i64, i64) {
-    (rows.next_power_of_two().min(slots) as i64, keys.div_ceil(CAPACITY_STEP).saturating_mul(CAPACITY_STEP).min(positions) as i64)
+    (
+        rows.next_power_of_two().min(slots) as i64,
+        keys.div_ceil(CAPACITY_STEP).saturating_mul(CAPACITY_STEP).min(positions) as i64,
+    )
 }
 
 impl<'m, T> Engine<'m, T> {
@@ -197,17 +208,22 @@ impl<'m, T> Engine<'m, T> {
         };
         let image = &model.cfg.image;
         let patch = model.cfg.vision.patch_size as u32;
-        let max_image_tokens = image.grid_pinpoints.iter().map(|&p| num_image_features(p, image, patch)).max().unwrap_or(0);
-        let graphs = if opts.cuda_graphs && cuda_graph::available(device) {
+        let max_image_tokens =
+            image.grid_pinpoints.iter().map(|&p| num_image_features(p, image, patch)).max().unwrap_or(0);
+        let (graphs, cuda_graphs_off) = if !device.is_cuda() {
+            (None, Some("cpu device".to_string()))
+        } else if !opts.cuda_graphs {
+            (None, Some("disabled by --no-cuda-graphs".to_string()))
+        } else if !cuda_graph::available(device) {
+            (None, Some("stic was built without the CUDA graph shim".to_string()))
+        } else {
             match GraphPool::new() {
-                Ok(pool) => Some(DecodeGraphs { pool, steps: HashMap::new() }),
+                Ok(pool) => (Some(DecodeGraphs { pool, steps: HashMap::new() }), None),
                 Err(e) => {
                     eprintln!("CUDA graphs unavailable ({e}): decode steps run eagerly");
-                    None
+                    (None, Some(format!("unavailable: {e}")))
                 }
             }
-        } else {
-            None
         };
         Ok(Engine {
             model,
@@ -215,7 +231,7 @@ impl<'m, T> Engine<'m, T> {
             eos_id,
             context: model.cfg.text.max_position_embeddings,
             max_image_tokens,
-            stats: EngineStats { cache_budget: budget, ..Default::default() },
+            stats: EngineStats { cache_budget: budget, cuda_graphs_off, ..Default::default() },
             budget,
             opts,
             waiting: VecDeque::new(),
@@ -306,10 +322,12 @@ impl<'m, T> Engine<'m, T> {
             None => self.cache = Some(SlotCache::new(cfg, slots, capacity, self.model.kind(), self.model.device())),
             Some(old) if self.budget.is_none() => {
                 // Unlimited (CPU): move the running rows into the larger cache at once.
-                let moves: Vec<(usize, usize, usize)> = running.iter().enumerate().map(|(to, &from)| (from, to, self.slots[from].filled)).collect();
+                let moves: Vec<(usize, usize, usize)> =
+                    running.iter().enumerate().map(|(to, &from)| (from, to, self.slots[from].filled)).collect();
                 self.cache = Some(old.relayout(slots.max(running.len()), capacity, &moves));
                 let mut old_slots = std::mem::take(&mut self.slots);
-                self.slots = running.iter().map(|&from| std::mem::replace(&mut old_slots[from], Slot::empty())).collect();
+                self.slots =
+                    running.iter().map(|&from| std::mem::replace(&mut old_slots[from], Slot::empty())).collect();
             }
             Some(old) if !running.is_empty() => {
                 self.cache = Some(old);
@@ -336,7 +354,12 @@ impl<'m, T> Engine<'m, T> {
             let (limit, _) = self.limit_of(request);
             let needed = positions_needed(request.prompt.ids.len(), limit);
             // Room for the largest image in place of each of this prompt's.
-            let headroom = request.prompt.image_features.iter().map(|f| self.max_image_tokens.saturating_sub(f.size()[0] as usize)).sum();
+            let headroom = request
+                .prompt
+                .image_features
+                .iter()
+                .map(|f| self.max_image_tokens.saturating_sub(f.size()[0] as usize))
+                .sum();
             if !self.ensure_capacity(needed, headroom) {
                 return;
             }
@@ -348,7 +371,8 @@ impl<'m, T> Engine<'m, T> {
             }
             self.stats.reused_prefix_tokens += shared;
             self.clock += 1;
-            let (limit, limit_stop) = new_token_limit(request.prompt.ids.len(), request.max_new_tokens, self.context).expect("checked by submit");
+            let (limit, limit_stop) = new_token_limit(request.prompt.ids.len(), request.max_new_tokens, self.context)
+                .expect("checked by submit");
             let target = &mut self.slots[slot];
             target.content = request.prompt.ids;
             target.images = request.images;
@@ -523,7 +547,8 @@ impl<'m, T> Engine<'m, T> {
             out.resize(rows as usize, fill);
             upload(&out)
         };
-        let (tokens, positions, writes) = (padded(tokens, 0), padded(positions, 0), padded(writes, cache.capacity() as i64));
+        let (tokens, positions, writes) =
+            (padded(tokens, 0), padded(positions, 0), padded(writes, cache.capacity() as i64));
         if !graphs.steps.contains_key(&(rows, keys)) {
             let model = self.model;
             let mut logits = None;
@@ -532,14 +557,25 @@ impl<'m, T> Engine<'m, T> {
             });
             match (captured, logits) {
                 (Ok(graph), Some(logits)) => {
-                    let step = CapturedStep { graph, tokens: tokens.shallow_clone(), positions: positions.shallow_clone(), writes: writes.shallow_clone(), logits };
+                    let step = CapturedStep {
+                        graph,
+                        tokens: tokens.shallow_clone(),
+                        positions: positions.shallow_clone(),
+                        writes: writes.shallow_clone(),
+                        logits,
+                    };
                     graphs.steps.insert((rows, keys), step);
                 }
                 (captured, _) => {
-                    let why = captured.err().map_or_else(|| "the captured step gave no logits".to_string(), |e| e.to_string());
+                    let why = captured
+                        .err()
+                        .map_or_else(|| "the captured step gave no logits".to_string(), |e| e.to_string());
                     eprintln!("CUDA graph capture failed ({why}): decode steps run eagerly");
+                    self.stats.cuda_graphs_off = Some(format!("capture failed: {why}"));
                     self.graphs = None;
-                    return Ok(decode_forward(self.model, cache, &tokens, &positions, &writes, keys).narrow(0, 0, n as i64));
+                    return Ok(
+                        decode_forward(self.model, cache, &tokens, &positions, &writes, keys).narrow(0, 0, n as i64)
+                    );
                 }
             }
         }
@@ -558,7 +594,14 @@ impl<'m, T> Engine<'m, T> {
 
 /// The decode step itself, device work only (so that it can be captured): rows [0, n) feed `tokens` at
 /// `positions`, write their keys and values at `writes` and attend to positions [0, keys) up to their own.
-fn decode_forward(model: &LlavaNext, cache: &SlotCache, tokens: &Tensor, positions: &Tensor, writes: &Tensor, keys: i64) -> Tensor {
+fn decode_forward(
+    model: &LlavaNext,
+    cache: &SlotCache,
+    tokens: &Tensor,
+    positions: &Tensor,
+    writes: &Tensor,
+    keys: i64,
+) -> Tensor {
     let lm = &model.language_model;
     let n = tokens.size()[0];
     let q = positions.view([n, 1]);
@@ -568,7 +611,8 @@ fn decode_forward(model: &LlavaNext, cache: &SlotCache, tokens: &Tensor, positio
         allowed = allowed.logical_and(&(&q - &k).lt(w as i64));
     }
     let mask = AttnMask::Explicit(allowed.view([n, 1, 1, keys]));
-    let hidden = lm.forward_with_mask(&lm.embed(&tokens.view([n, 1])), &q, &mask, Some(&mut cache.decode(writes, keys)));
+    let hidden =
+        lm.forward_with_mask(&lm.embed(&tokens.view([n, 1])), &q, &mask, Some(&mut cache.decode(writes, keys)));
     lm.logits(&hidden).squeeze_dim(1).to_kind(Kind::Float)
 }
 
@@ -579,7 +623,7 @@ fn gpu_budget(model: &LlavaNext, opts: &EngineOptions) -> Result<Option<usize>> 
         return Err(Error::Input(format!("--gpu-memory-fraction {} must be in (0, 1]", opts.gpu_memory_fraction)));
     }
     let device = model.device();
-    let (total, reserved) = match cuda_graph::memory(device) {
+    let (total, reserved, device_free) = match cuda_graph::memory(device) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("cannot read the GPU's memory ({e}): the cache grows as the rows need; set --max-batch-tokens to bound it");
@@ -587,17 +631,21 @@ fn gpu_budget(model: &LlavaNext, opts: &EngineOptions) -> Result<Option<usize>> 
         }
     };
     let allowed = (total as f64 * opts.gpu_memory_fraction) as u64;
-    let free = allowed.saturating_sub(reserved + WORKSPACE_BYTES);
+    // The fraction counts the whole device, but the CUDA context and other processes hold part of it: never
+    // plan for more than the driver reports free.
+    let free = allowed.saturating_sub(reserved).min(device_free).saturating_sub(WORKSPACE_BYTES);
     let per_token = bytes_per_token(&model.language_model.cfg, model.kind()) as u64;
     let tokens = (free / per_token) as usize;
     if tokens == 0 {
         return Err(Error::Input(format!(
             "no GPU memory left for the key/value cache: {:.1} GiB of {:.1} GiB allowed by --gpu-memory-fraction {} are taken by the model \
-             and {:.0} GiB of workspace; raise the fraction or give --max-batch-tokens",
+             and {:.0} GiB of workspace, and the device has {:.1} GiB free (other processes hold the rest); raise the \
+             fraction, free the device or give --max-batch-tokens",
             reserved as f64 / 2f64.powi(30),
             allowed as f64 / 2f64.powi(30),
             opts.gpu_memory_fraction,
-            WORKSPACE_BYTES as f64 / 2f64.powi(30)
+            WORKSPACE_BYTES as f64 / 2f64.powi(30),
+            device_free as f64 / 2f64.powi(30)
         )));
     }
     Ok(Some(tokens))
@@ -613,7 +661,7 @@ impl<T> Drop for Engine<'_, T> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::session::Session;
+    use crate::generate::session::Session;
     use rand::{Rng, SeedableRng};
     use tch::Device;
 
@@ -655,10 +703,21 @@ pub(crate) mod tests {
             }
             None => (case.ids.clone(), Vec::new(), Vec::new()),
         };
-        Request { prompt: PreparedPrompt { ids, image_features: features }, images, row_seed, max_new_tokens: case.max_new_tokens }
+        Request {
+            prompt: PreparedPrompt { ids, image_features: features },
+            images,
+            row_seed,
+            max_new_tokens: case.max_new_tokens,
+        }
     }
 
-    fn run(session: &Session, cases: &[Case], sampling: &SamplingConfig, eos: i64, opts: EngineOptions) -> (Vec<Vec<i64>>, EngineStats) {
+    fn run(
+        session: &Session,
+        cases: &[Case],
+        sampling: &SamplingConfig,
+        eos: i64,
+        opts: EngineOptions,
+    ) -> (Vec<Vec<i64>>, EngineStats) {
         let mut engine: Engine<usize> = Engine::new(&session.model, sampling.clone(), eos, opts).unwrap();
         for (i, case) in cases.iter().enumerate() {
             engine.submit(i, request(session, case, 1000 + i as u64)).map_err(|_| "refused").unwrap();
@@ -733,12 +792,18 @@ pub(crate) mod tests {
                 let (got, stats) = run(&session, &cases, sampling, eos, opts.clone());
                 assert_eq!(got, expected, "{opts:?}");
                 assert!(stats.reused_prefix_tokens >= 44, "prefixes shared: {stats:?}");
-                assert!(stats.cache_budget.is_none_or(|b| stats.cache_slots * (stats.cache_capacity + 1) <= b), "{stats:?}");
+                assert!(
+                    stats.cache_budget.is_none_or(|b| stats.cache_slots * (stats.cache_capacity + 1) <= b),
+                    "{stats:?}"
+                );
             }
-            let prompts: Vec<PreparedPrompt> = cases.iter().enumerate().map(|(i, c)| request(&session, c, i as u64).prompt).collect();
+            let prompts: Vec<PreparedPrompt> =
+                cases.iter().enumerate().map(|(i, c)| request(&session, c, i as u64).prompt).collect();
             let seeds: Vec<u64> = (0..cases.len()).map(|i| 1000 + i as u64).collect();
             let limits: Vec<usize> = cases.iter().map(|c| c.max_new_tokens).collect();
-            let (outputs, _) = super::super::static_batch::generate(&session.model, &prompts, &seeds, &limits, sampling, eos, 0).unwrap();
+            let (outputs, _) =
+                super::super::static_batch::generate(&session.model, &prompts, &seeds, &limits, sampling, eos, 0)
+                    .unwrap();
             assert_eq!(outputs.into_iter().map(|o| o.tokens).collect::<Vec<_>>(), expected, "static batches");
         }
     }
@@ -748,7 +813,13 @@ pub(crate) mod tests {
         let (_dir, mut session) = tiny_session();
         let context = 200;
         session.model.cfg.text.max_position_embeddings = context;
-        let mut engine: Engine<()> = Engine::new(&session.model, SamplingConfig::default(), -1, EngineOptions { max_batch_tokens: Some(100), ..Default::default() }).unwrap();
+        let mut engine: Engine<()> = Engine::new(
+            &session.model,
+            SamplingConfig::default(),
+            -1,
+            EngineOptions { max_batch_tokens: Some(100), ..Default::default() },
+        )
+        .unwrap();
         let prompt = |n: usize| PreparedPrompt { ids: vec![5; n], image_features: Vec::new() };
         let long = Request { prompt: prompt(context), images: Vec::new(), row_seed: 0, max_new_tokens: 4 };
         assert!(matches!(engine.submit((), long), Err(Refusal::TooLong(_))));
@@ -758,12 +829,16 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         // near the context: the row stops there, and says so
-        let mut engine: Engine<()> = Engine::new(&session.model, SamplingConfig::default(), -1, EngineOptions::default()).unwrap();
-        engine.submit((), Request { prompt: prompt(context - 3), images: Vec::new(), row_seed: 0, max_new_tokens: 10 }).unwrap();
+        let mut engine: Engine<()> =
+            Engine::new(&session.model, SamplingConfig::default(), -1, EngineOptions::default()).unwrap();
+        engine
+            .submit((), Request { prompt: prompt(context - 3), images: Vec::new(), row_seed: 0, max_new_tokens: 10 })
+            .unwrap();
         let mut out = Vec::new();
         while !engine.is_idle() {
             out.extend(engine.step().unwrap());
         }
         assert_eq!((out[0].1.tokens.len(), out[0].1.stop), (3, StopReason::Context));
+        assert_eq!(engine.stats.cuda_graphs_off.as_deref(), Some("cpu device"), "the summary says why no graphs");
     }
 }

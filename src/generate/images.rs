@@ -70,7 +70,9 @@ mod tests {
         assert_ne!(ImageKey::of(&a), ImageKey::of(&c));
         let mut cache = FeatureCache::new(2);
         for image in [&a, &a, &b, &a, &c, &b] {
-            let _ = cache.get_or_encode(ImageKey::of(image), || Ok(Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)))).unwrap();
+            let _ = cache
+                .get_or_encode(ImageKey::of(image), || Ok(Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))))
+                .unwrap();
         }
         // a, b and c encoded, a twice from the cache; c pushed b out (a was used last), so b is encoded again
         assert_eq!((cache.encoded, cache.reused), (4, 2));

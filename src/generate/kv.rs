@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::model::config::TextConfig;
-use crate::model::mistral::KvStore;
+use crate::model::decoder::KvStore;
 
 pub struct SlotCache {
     keys: Vec<Tensor>,
@@ -59,7 +59,9 @@ impl SlotCache {
 
     /// A cache of another shape holding, for each `(from, to, len)`, positions [0, len) of slot `from` in slot `to`.
     pub fn relayout(&self, slots: usize, capacity: usize, moves: &[(usize, usize, usize)]) -> SlotCache {
-        let like = |t: &Tensor| Tensor::zeros([slots as i64, self.kv_heads, capacity as i64 + 1, self.head_dim], (t.kind(), t.device()));
+        let like = |t: &Tensor| {
+            Tensor::zeros([slots as i64, self.kv_heads, capacity as i64 + 1, self.head_dim], (t.kind(), t.device()))
+        };
         let new = SlotCache {
             keys: self.keys.iter().map(like).collect(),
             values: self.values.iter().map(like).collect(),
@@ -70,7 +72,10 @@ impl SlotCache {
         };
         for (old, fresh) in self.buffers().zip(new.buffers()) {
             for &(from, to, len) in moves {
-                fresh.narrow(0, to as i64, 1).narrow(2, 0, len as i64).copy_(&old.narrow(0, from as i64, 1).narrow(2, 0, len as i64));
+                fresh
+                    .narrow(0, to as i64, 1)
+                    .narrow(2, 0, len as i64)
+                    .copy_(&old.narrow(0, from as i64, 1).narrow(2, 0, len as i64));
             }
         }
         new
@@ -156,9 +161,15 @@ mod tests {
         assert_eq!(column(1), vec![0., 0., 1., 1., 1., 1., 2., 0., 0.]);
         assert_eq!(column(0), vec![0., 0., 0., 0., 0., 0., 0., 0., 2.]);
         let moved = cache.relayout(2, 10, &[(1, 0, 7)]);
-        assert_eq!(Vec::<f32>::try_from(moved.keys[0].get(0).get(0).select(1, 0)).unwrap()[..8], [0., 0., 1., 1., 1., 1., 2., 0.]);
+        assert_eq!(
+            Vec::<f32>::try_from(moved.keys[0].get(0).get(0).select(1, 0)).unwrap()[..8],
+            [0., 0., 1., 1., 1., 1., 2., 0.]
+        );
         let mut copied = moved;
         copied.copy_prefix(0, 1, 4);
-        assert_eq!(Vec::<f32>::try_from(copied.values[0].get(1).get(0).select(1, 0)).unwrap()[..6], [0., 0., 1., 1., 0., 0.]);
+        assert_eq!(
+            Vec::<f32>::try_from(copied.values[0].get(1).get(0).select(1, 0)).unwrap()[..6],
+            [0., 0., 1., 1., 0., 0.]
+        );
     }
 }

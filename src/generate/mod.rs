@@ -5,7 +5,10 @@ pub mod cuda_graph;
 pub mod engine;
 pub mod images;
 pub mod kv;
+pub mod requests;
 pub mod sampling;
+pub mod score;
+pub mod session;
 pub mod static_batch;
 
 use tch::{Kind, Tensor};
@@ -137,7 +140,10 @@ mod tests {
     #[test]
     fn expands_each_placeholder_by_its_count() {
         let ids = [1, 5, 32000, 7, 32000, 8];
-        assert_eq!(expand_image_tokens(&ids, 32000, &[2, 3]).unwrap(), vec![1, 5, 32000, 32000, 7, 32000, 32000, 32000, 8]);
+        assert_eq!(
+            expand_image_tokens(&ids, 32000, &[2, 3]).unwrap(),
+            vec![1, 5, 32000, 32000, 7, 32000, 32000, 32000, 8]
+        );
         assert!(expand_image_tokens(&ids, 32000, &[2]).is_err());
     }
 

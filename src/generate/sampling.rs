@@ -88,6 +88,13 @@ pub fn choose(logits: &Tensor, cfg: &SamplingConfig, draws: &[Draw]) -> Tensor {
         return logits.argmax(-1, false);
     }
     let logp = (logits.to_kind(Kind::Float) / cfg.temperature).log_softmax(-1, Kind::Float);
+    let vocab = logp.size()[1];
+    if (cfg.top_k == 0 || cfg.top_k as i64 >= vocab) && cfg.top_p >= 1.0 {
+        // Nothing is filtered, and a token's noise depends on its id, not its rank: the same choice without the
+        // full-vocabulary sort.
+        let ids = Tensor::arange(vocab, (Kind::Int64, logp.device())).unsqueeze(0);
+        return (logp.to_kind(Kind::Double) + gumbel(&ids, cfg.seed, draws)).argmax(-1, false);
+    }
     let (mut candidates, ids) = top_k_candidates(&logp, cfg.top_k);
     if cfg.top_p < 1.0 {
         // The smallest set of the most likely tokens whose mass reaches top_p (at least one), renormalised over
@@ -167,6 +174,19 @@ mod tests {
         let seen: std::collections::BTreeSet<i64> =
             (0..400).map(|step| choose_on_host(&logits, &cfg(2.0, 1.0, 2), &[Draw { row_seed: 3, step }])[0]).collect();
         assert_eq!(seen, [0, 1, 2, 3].into());
+    }
+
+    #[test]
+    fn without_filters_the_unsorted_choice_is_the_sorted_one() {
+        let logits = Tensor::randn([5, 1000], (Kind::Float, tch::Device::Cpu));
+        let draws: Vec<Draw> = (0..5).map(|r| Draw { row_seed: 9 + r, step: 3 }).collect();
+        for c in [cfg(1.0, 1.0, 0), cfg(0.7, 1.0, 5000)] {
+            let logp = (&logits / c.temperature).log_softmax(-1, Kind::Float);
+            let (sorted, ids) = logp.sort(-1, true);
+            let best = (sorted.to_kind(Kind::Double) + gumbel(&ids, c.seed, &draws)).argmax(-1, true);
+            let want = Vec::<i64>::try_from(ids.gather(1, &best, false).squeeze_dim(1)).unwrap();
+            assert_eq!(choose_on_host(&logits, &c, &draws), want);
+        }
     }
 
     #[test]

@@ -4,9 +4,12 @@
 use tch::{Kind, Tensor};
 
 use super::sampling::{choose_on_host, Draw};
-use super::{left_pad, new_token_limit, positions_from_mask, too_long, Generated, GenerationTiming, PreparedPrompt, SamplingConfig, StopReason};
+use super::{
+    left_pad, new_token_limit, positions_from_mask, too_long, Generated, GenerationTiming, PreparedPrompt,
+    SamplingConfig, StopReason,
+};
 use crate::error::Result;
-use crate::model::mistral::KvCache;
+use crate::model::decoder::KvCache;
 use crate::model::LlavaNext;
 
 /// Generates for a batch of prompts; row `i` writes at most `max_new_tokens[i]` tokens and draws its samples
@@ -32,9 +35,12 @@ pub fn generate(
     let rows: Vec<&[i64]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
     let (ids, mask) = left_pad(&rows, pad_id);
     let (ids, mut mask) = (ids.to_device(device), mask.to_device(device));
-    let features: Vec<Tensor> = prompts.iter().flat_map(|p| p.image_features.iter().map(|f| f.shallow_clone())).collect();
-    let mut outputs: Vec<Generated> =
-        prompts.iter().map(|p| Generated { tokens: Vec::new(), prompt_tokens: p.ids.len(), stop: StopReason::Length }).collect();
+    let features: Vec<Tensor> =
+        prompts.iter().flat_map(|p| p.image_features.iter().map(|f| f.shallow_clone())).collect();
+    let mut outputs: Vec<Generated> = prompts
+        .iter()
+        .map(|p| Generated { tokens: Vec::new(), prompt_tokens: p.ids.len(), stop: StopReason::Length })
+        .collect();
     let started = std::time::Instant::now();
     let mut timing = GenerationTiming::default();
     tch::no_grad(|| -> Result<()> {

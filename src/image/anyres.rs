@@ -10,10 +10,7 @@ use super::{AspectMode, ImageConfig, PatchMerge, Processing};
 /// The pinpoint that keeps the most image pixels after an aspect-preserving downscale,
 /// ties broken by the least wasted area; the first such pinpoint wins.
 pub fn select_best_resolution(original: (u32, u32), pinpoints: &[(u32, u32)]) -> (u32, u32) {
-    assert!(
-        !pinpoints.is_empty(),
-        "select_best_resolution: no grid pinpoints configured"
-    );
+    assert!(!pinpoints.is_empty(), "select_best_resolution: no grid pinpoints configured");
     let (original_height, original_width) = (f64::from(original.0), f64::from(original.1));
     let original_area = i64::from(original.0) * i64::from(original.1);
     let mut best = pinpoints[0];
@@ -76,19 +73,13 @@ pub fn grid_shape(original: (u32, u32), cfg: &ImageConfig) -> (usize, usize) {
 /// rounded decimal is either an integer or at least 1e-7 away from one, so `int()` of the
 /// nearest double is the integer part of the decimal.
 fn python_int_round7(x: f64) -> usize {
-    debug_assert!(
-        x.is_finite() && (0.0..1e8).contains(&x),
-        "python_int_round7({x})"
-    );
+    debug_assert!(x.is_finite() && (0.0..1e8).contains(&x), "python_int_round7({x})");
     const SCALE: u128 = 10_000_000;
     let bits = x.to_bits();
     let biased_exponent = ((bits >> 52) & 0x7ff) as i32;
     let fraction = u128::from(bits & ((1u64 << 52) - 1));
-    let (mantissa, exponent) = if biased_exponent == 0 {
-        (fraction, -1074)
-    } else {
-        (fraction | 1 << 52, biased_exponent - 1075)
-    };
+    let (mantissa, exponent) =
+        if biased_exponent == 0 { (fraction, -1074) } else { (fraction | 1 << 52, biased_exponent - 1075) };
     if exponent >= 0 {
         return x as usize;
     }
@@ -101,11 +92,7 @@ fn python_int_round7(x: f64) -> usize {
     let quotient = numerator >> shift;
     let remainder = numerator - (quotient << shift);
     let half = 1u128 << (shift - 1);
-    let rounded = if remainder > half || (remainder == half && quotient & 1 == 1) {
-        quotient + 1
-    } else {
-        quotient
-    };
+    let rounded = if remainder > half || (remainder == half && quotient & 1 == 1) { quotient + 1 } else { quotient };
     (rounded / SCALE) as usize
 }
 
@@ -147,6 +134,8 @@ pub fn num_image_features(original: (u32, u32), cfg: &ImageConfig, patch_size: u
     match (cfg.aspect_mode, cfg.patch_merge, cfg.processing) {
         // LLaVA's code hands pad-mode images to the tower as one batch and never merges them.
         (AspectMode::Pad, _, Processing::Llava) | (AspectMode::Pad, PatchMerge::Flat, _) => base_features,
+        // LLaVA-1.5 has no `image_newline`.
+        (AspectMode::CenterCrop, _, _) => base_features,
         // A single tile is followed by one `image_newline` (the spatial_unpad merge).
         (AspectMode::Pad, PatchMerge::SpatialUnpad, Processing::Transformers) => base_features + 1,
         (AspectMode::Anyres, PatchMerge::Flat, _) => {
@@ -168,8 +157,7 @@ pub fn num_image_features(original: (u32, u32), cfg: &ImageConfig, patch_size: u
 mod tests {
     use super::*;
 
-    const PINPOINTS: [(u32, u32); 5] =
-        [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
+    const PINPOINTS: [(u32, u32); 5] = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
 
     #[test]
     fn best_resolution_follows_aspect_ratio() {
@@ -215,10 +203,7 @@ mod tests {
         ] {
             assert_eq!(num_image_features(size, &cfg, 14), expected, "{size:?}");
         }
-        let pad = ImageConfig {
-            aspect_mode: AspectMode::Pad,
-            ..ImageConfig::default()
-        };
+        let pad = ImageConfig { aspect_mode: AspectMode::Pad, ..ImageConfig::default() };
         assert_eq!(num_image_features((300, 451), &pad, 14), 577);
     }
 
@@ -239,7 +224,9 @@ mod tests {
     fn feature_counts_match_llava() {
         let llava = ImageConfig { processing: Processing::Llava, ..ImageConfig::default() };
         let hf = ImageConfig::default();
-        for ((h, w), ours, theirs) in [((240, 320), 1026, 1368), ((396, 704), 1850, 1948), ((704, 396), 1872, 1968), ((480, 640), 2340, 2340)] {
+        for ((h, w), ours, theirs) in
+            [((240, 320), 1026, 1368), ((396, 704), 1850, 1948), ((704, 396), 1872, 1968), ((480, 640), 2340, 2340)]
+        {
             assert_eq!(num_image_features((h, w), &llava, 14), ours, "{w}x{h}");
             assert_eq!(num_image_features((h, w), &hf, 14), theirs, "{w}x{h}");
         }

@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_int, c_uint, CStr};
 
 use ::image::RgbImage;
 
-use super::load::ImageError;
+use super::error::ImageError;
 
 // The libjpeg API that jpeg.c calls lives in turbojpeg-sys's static library.
 use turbojpeg_sys as _;
@@ -44,8 +44,9 @@ pub(super) fn decode(bytes: &[u8], what: &str, max_pixels: u64) -> Result<RgbIma
     let components = header.components as usize;
     let mut samples = vec![0u8; pixels as usize * components];
     // SAFETY: as above; `samples` is writable for the length passed.
-    let status =
-        unsafe { stic_jpeg_decode(bytes.as_ptr(), bytes.len(), samples.as_mut_ptr(), samples.len(), message.as_mut_ptr()) };
+    let status = unsafe {
+        stic_jpeg_decode(bytes.as_ptr(), bytes.len(), samples.as_mut_ptr(), samples.len(), message.as_mut_ptr())
+    };
     check(status, &message, what)?;
     let rgb = match components {
         1 => samples.iter().flat_map(|&grey| [grey, grey, grey]).collect(),
@@ -128,14 +129,17 @@ mod tests {
     fn the_pixel_limit_is_checked_from_the_header() {
         let jpeg = encode();
         let err = decode(&jpeg, "big.jpg", 255).unwrap_err();
-        assert!(matches!(err, ImageError::TooManyPixels { width: 16, height: 16, pixels: 256, limit: 255, .. }), "{err}");
+        assert!(
+            matches!(err, ImageError::TooManyPixels { width: 16, height: 16, pixels: 256, limit: 255, .. }),
+            "{err}"
+        );
         assert!(decode(&jpeg, "ok.jpg", 256).is_ok());
     }
 
     #[test]
     fn garbage_after_the_signature_is_corrupt() {
         let err = decode(b"\xff\xd8\xff\xe0garbage", "bad.jpg", 1000).unwrap_err();
-        assert!(matches!(err, ImageError::Corrupt { .. } ), "{err}");
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
     }
 
     #[test]

@@ -6,56 +6,16 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use ::image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use super::error::ImageError;
 
-#[derive(thiserror::Error, Debug)]
-pub enum ImageError {
-    #[error("image {what}: file not found")]
-    NotFound { what: String },
-    #[error("image {what}: cannot read file: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("image {what}: file is empty (0 bytes)")]
-    Empty { what: String },
-    #[error(
-        "image {what}: not a recognised image format (supported: PNG, JPEG, GIF, BMP, TIFF, WebP)"
-    )]
-    UnknownFormat { what: String },
-    #[error(
-        "image {what}: {width}x{height} = {pixels} pixels exceeds the limit of {limit} pixels"
-    )]
-    TooManyPixels {
-        what: String,
-        width: u32,
-        height: u32,
-        pixels: u64,
-        limit: u64,
-    },
-    #[error("image {what}: unsupported {format} variant: {detail}")]
-    Unsupported {
-        what: String,
-        format: &'static str,
-        detail: String,
-    },
-    #[error("image {what}: corrupt or truncated {format} data: {detail}")]
-    Corrupt {
-        what: String,
-        format: &'static str,
-        detail: String,
-    },
-}
+use ::image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
 /// Reads and decodes an image file; see [`load_image_bytes`].
 pub fn load_image(path: &Path, max_pixels: u64) -> Result<RgbImage, ImageError> {
     let what = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => ImageError::NotFound { what: what.clone() },
-        _ => ImageError::Io {
-            what: what.clone(),
-            source,
-        },
+        _ => ImageError::Io { what: what.clone(), source },
     })?;
     load_image_bytes(&bytes, &what, max_pixels)
 }
@@ -67,16 +27,11 @@ pub fn load_image(path: &Path, max_pixels: u64) -> Result<RgbImage, ImageError> 
 /// (neither `Image.open` nor the LLaVA processors apply it).
 pub fn load_image_bytes(bytes: &[u8], what: &str, max_pixels: u64) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
-        return Err(ImageError::Empty {
-            what: what.to_owned(),
-        });
+        return Err(ImageError::Empty { what: what.to_owned() });
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .expect("reading from memory cannot fail");
-    let format = reader.format().ok_or_else(|| ImageError::UnknownFormat {
-        what: what.to_owned(),
-    })?;
+    let mut reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().expect("reading from memory cannot fail");
+    let format = reader.format().ok_or_else(|| ImageError::UnknownFormat { what: what.to_owned() })?;
     if format == ImageFormat::Jpeg {
         return super::jpeg::decode(bytes, what, max_pixels);
     }
@@ -92,13 +47,7 @@ pub fn load_image_bytes(bytes: &[u8], what: &str, max_pixels: u64) -> Result<Rgb
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
-        return Err(ImageError::TooManyPixels {
-            what: what.to_owned(),
-            width,
-            height,
-            pixels,
-            limit: max_pixels,
-        });
+        return Err(ImageError::TooManyPixels { what: what.to_owned(), width, height, pixels, limit: max_pixels });
     }
     let decoded = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
     let grey_alpha16_is_grey16 = format == ImageFormat::Png && png_is_grey16(bytes);
@@ -121,29 +70,13 @@ fn format_name(format: ImageFormat) -> &'static str {
     }
 }
 
-fn classify_decode_error(
-    error: ::image::ImageError,
-    what: &str,
-    format: &'static str,
-) -> ImageError {
+fn classify_decode_error(error: ::image::ImageError, what: &str, format: &'static str) -> ImageError {
     use ::image::ImageError as Decode;
     let what = what.to_owned();
     match error {
-        Decode::Unsupported(e) => ImageError::Unsupported {
-            what,
-            format,
-            detail: e.to_string(),
-        },
-        Decode::Limits(e) => ImageError::Unsupported {
-            what,
-            format,
-            detail: e.to_string(),
-        },
-        other => ImageError::Corrupt {
-            what,
-            format,
-            detail: other.to_string(),
-        },
+        Decode::Unsupported(e) => ImageError::Unsupported { what, format, detail: e.to_string() },
+        Decode::Limits(e) => ImageError::Unsupported { what, format, detail: e.to_string() },
+        other => ImageError::Corrupt { what, format, detail: other.to_string() },
     }
 }
 
@@ -174,26 +107,14 @@ fn to_rgb_like_pillow(image: DynamicImage, grey_alpha16_is_grey16: bool) -> Opti
         DynamicImage::ImageRgb8(rgb) => return Some(rgb),
         DynamicImage::ImageRgba8(rgba) => rgba.pixels().flat_map(|p| [p[0], p[1], p[2]]).collect(),
         DynamicImage::ImageLuma8(grey) => replicate(grey.into_raw().into_iter()).collect(),
-        DynamicImage::ImageLumaA8(grey_alpha) => {
-            replicate(grey_alpha.pixels().map(|p| p[0])).collect()
-        }
-        DynamicImage::ImageLuma16(grey) => {
-            replicate(grey.pixels().map(|p| clamp16(p[0]))).collect()
-        }
+        DynamicImage::ImageLumaA8(grey_alpha) => replicate(grey_alpha.pixels().map(|p| p[0])).collect(),
+        DynamicImage::ImageLuma16(grey) => replicate(grey.pixels().map(|p| clamp16(p[0]))).collect(),
         DynamicImage::ImageLumaA16(grey_alpha) => {
-            let reduce = if grey_alpha16_is_grey16 {
-                clamp16
-            } else {
-                high_byte
-            };
+            let reduce = if grey_alpha16_is_grey16 { clamp16 } else { high_byte };
             replicate(grey_alpha.pixels().map(|p| reduce(p[0]))).collect()
         }
         DynamicImage::ImageRgb16(rgb) => rgb.into_raw().into_iter().map(high_byte).collect(),
-        DynamicImage::ImageRgba16(rgba) => rgba
-            .pixels()
-            .flat_map(|p| [p[0], p[1], p[2]])
-            .map(high_byte)
-            .collect(),
+        DynamicImage::ImageRgba16(rgba) => rgba.pixels().flat_map(|p| [p[0], p[1], p[2]]).map(high_byte).collect(),
         _ => return None,
     };
     Some(RgbImage::from_raw(width, height, samples).expect("RGB buffer size"))
@@ -203,17 +124,10 @@ fn to_rgb_like_pillow(image: DynamicImage, grey_alpha16_is_grey16: bool) -> Opti
 mod tests {
     use super::*;
 
-    fn encode_png(
-        width: u32,
-        height: u32,
-        color: ::image::ExtendedColorType,
-        data: &[u8],
-    ) -> Vec<u8> {
+    fn encode_png(width: u32, height: u32, color: ::image::ExtendedColorType, data: &[u8]) -> Vec<u8> {
         use ::image::ImageEncoder;
         let mut out = Vec::new();
-        ::image::codecs::png::PngEncoder::new(&mut out)
-            .write_image(data, width, height, color)
-            .unwrap();
+        ::image::codecs::png::PngEncoder::new(&mut out).write_image(data, width, height, color).unwrap();
         out
     }
 
@@ -234,19 +148,13 @@ mod tests {
     fn sixteen_bit_samples_follow_pillow() {
         // Grey 16-bit opens as I;16 and clamps; RGB 16-bit keeps the high byte.
         // (The encoder takes 16-bit samples in native byte order.)
-        let grey: Vec<u8> = [0u16, 255, 256, 65535]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
+        let grey: Vec<u8> = [0u16, 255, 256, 65535].iter().flat_map(|v| v.to_ne_bytes()).collect();
         let png = encode_png(4, 1, ::image::ExtendedColorType::L16, &grey);
         let rgb = load_image_bytes(&png, "grey16", u64::MAX).unwrap();
         let reds: Vec<u8> = rgb.pixels().map(|p| p.0[0]).collect();
         assert_eq!(reds, [0, 255, 255, 255]);
 
-        let colour: Vec<u8> = [0x1234u16, 0xff00, 0x00ff]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
+        let colour: Vec<u8> = [0x1234u16, 0xff00, 0x00ff].iter().flat_map(|v| v.to_ne_bytes()).collect();
         let png = encode_png(1, 1, ::image::ExtendedColorType::Rgb16, &colour);
         let rgb = load_image_bytes(&png, "rgb16", u64::MAX).unwrap();
         assert_eq!(rgb.as_raw(), &[0x12, 0xff, 0x00]);
@@ -258,35 +166,17 @@ mod tests {
         assert!(matches!(missing, ImageError::NotFound { .. }));
         assert!(missing.to_string().contains("/nonexistent/dir/x.png"));
 
-        assert!(matches!(
-            load_image_bytes(&[], "empty", 10),
-            Err(ImageError::Empty { .. })
-        ));
-        assert!(matches!(
-            load_image_bytes(b"hello world", "text", 10),
-            Err(ImageError::UnknownFormat { .. })
-        ));
+        assert!(matches!(load_image_bytes(&[], "empty", 10), Err(ImageError::Empty { .. })));
+        assert!(matches!(load_image_bytes(b"hello world", "text", 10), Err(ImageError::UnknownFormat { .. })));
 
         let png = encode_png(4, 3, ::image::ExtendedColorType::Rgb8, &[0; 36]);
         let err = load_image_bytes(&png, "big.png", 11).unwrap_err();
-        assert!(matches!(
-            err,
-            ImageError::TooManyPixels {
-                width: 4,
-                height: 3,
-                pixels: 12,
-                limit: 11,
-                ..
-            }
-        ));
+        assert!(matches!(err, ImageError::TooManyPixels { width: 4, height: 3, pixels: 12, limit: 11, .. }));
         assert!(err.to_string().contains("big.png"));
         assert!(load_image_bytes(&png, "ok.png", 12).is_ok());
 
         let truncated = &png[..png.len() - 20];
         let err = load_image_bytes(truncated, "cut.png", 100).unwrap_err();
-        assert!(
-            matches!(err, ImageError::Corrupt { format: "PNG", .. }),
-            "{err}"
-        );
+        assert!(matches!(err, ImageError::Corrupt { format: "PNG", .. }), "{err}");
     }
 }

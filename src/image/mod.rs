@@ -2,16 +2,19 @@
 //!
 //! Reproduces HF transformers' (slow, PIL/numpy) `LlavaNextImageProcessor` bit for bit for
 //! "anyres", LLaVA's `process_anyres_image` where it differs (the pinpoint reading), and the original
-//! LLaVA `expand2square` + `CLIPImageProcessor` path for "pad".
+//! LLaVA `expand2square` + `CLIPImageProcessor` path for "pad", and `CLIPImageProcessor` alone (LLaVA-1.5 in
+//! transformers) for the centre crop.
 //! Decoding follows `PIL.Image.open(..).convert("RGB")`.
 
 pub mod anyres;
+mod error;
 mod jpeg;
 mod load;
 mod pil;
 mod preprocess;
 
-pub use load::{load_image, load_image_bytes, ImageError};
+pub use error::ImageError;
+pub use load::{load_image, load_image_bytes};
 pub use pil::{resize, resize_bicubic, Filter};
 pub use preprocess::{preprocess, Preprocessed};
 
@@ -22,11 +25,14 @@ pub enum AspectMode {
     Anyres,
     /// Original LLaVA: pad to a square with the mean colour, one tile.
     Pad,
+    /// LLaVA-1.5 in transformers (`CLIPImageProcessor`): the shortest edge resized to `shortest_edge`, then the
+    /// centre `crop_size` square cut out, one tile.
+    CenterCrop,
 }
 
 /// Whose code the image and prompt processing follows, where LLaVA's and transformers' differ: the reading of
 /// `image_grid_pinpoints`, the rounding of `unpad_image`, the pad-mode feature layout, and the tokenizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Processing {
     /// haotian-liu/LLaVA (what made the paper's numbers): pinpoints read as (width, height), `int()` in
     /// `unpad_image`, the slow tokenizer with `tokenizer_image_token`.
@@ -39,11 +45,8 @@ impl std::str::FromStr for Processing {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "llava" => Ok(Processing::Llava),
-            "transformers" => Ok(Processing::Transformers),
-            other => Err(format!("unknown processing '{other}' (llava or transformers)")),
-        }
+        <Processing as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| format!("unknown processing '{s}' (llava or transformers)"))
     }
 }
 
@@ -116,7 +119,9 @@ impl ImageConfig {
         use ImageConfigError::{Pinpoints, Processor};
         let tile = self.crop_size;
         if tile == 0 {
-            return Err(Processor("crop_size is 0: the tiles must be the vision tower's image_size (336 for LLaVA-v1.6)".into()));
+            return Err(Processor(
+                "crop_size is 0: the tiles must be the vision tower's image_size (336 for LLaVA-v1.6)".into(),
+            ));
         }
         if self.shortest_edge == 0 || self.shortest_edge > MAX_EDGE_PER_TILE * tile {
             return Err(Processor(format!(
@@ -126,7 +131,10 @@ impl ImageConfig {
             )));
         }
         if let Some(c) = (0..3).find(|&c| !self.image_mean[c].is_finite()) {
-            return Err(Processor(format!("image_mean has {} for channel {c}: it must be a finite number", self.image_mean[c])));
+            return Err(Processor(format!(
+                "image_mean has {} for channel {c}: it must be a finite number",
+                self.image_mean[c]
+            )));
         }
         if let Some(c) = (0..3).find(|&c| !(self.image_std[c].is_finite() && self.image_std[c] > 0.0)) {
             return Err(Processor(format!(
@@ -135,15 +143,19 @@ impl ImageConfig {
                 self.image_std[c]
             )));
         }
-        if self.aspect_mode == AspectMode::Pad {
+        if self.aspect_mode != AspectMode::Anyres {
             return Ok(());
         }
         if self.grid_pinpoints.is_empty() {
-            return Err(Pinpoints("is empty: anyres needs at least one [height, width], e.g. [[336, 672], [672, 336], [672, 672]]".into()));
+            return Err(Pinpoints(
+                "is empty: anyres needs at least one [height, width], e.g. [[336, 672], [672, 336], [672, 672]]".into(),
+            ));
         }
         for &(height, width) in &self.grid_pinpoints {
             if height == 0 || width == 0 || height % tile != 0 || width % tile != 0 {
-                return Err(Pinpoints(format!("has [{height}, {width}]: each side must be a positive multiple of the tile side {tile}")));
+                return Err(Pinpoints(format!(
+                    "has [{height}, {width}]: each side must be a positive multiple of the tile side {tile}"
+                )));
             }
             let tiles = u64::from(height / tile) * u64::from(width / tile);
             if tiles > MAX_GRID_TILES {
@@ -178,5 +190,7 @@ mod tests {
         assert!(bad(|c| c.grid_pinpoints = vec![(67200, 67200)]).contains("40000 tiles"));
         let pad = ImageConfig { aspect_mode: AspectMode::Pad, grid_pinpoints: Vec::new(), ..ImageConfig::default() };
         assert_eq!(pad.validate(), Ok(()));
+        let crop = ImageConfig { aspect_mode: AspectMode::CenterCrop, ..pad };
+        assert_eq!(crop.validate(), Ok(()));
     }
 }

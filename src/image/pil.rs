@@ -94,21 +94,12 @@ fn precompute_coefficients(in_size: u32, out_size: u32, filter: Filter) -> Coeff
         for (fixed, &weight) in row.iter_mut().zip(&float_weights[..taps]) {
             let normalized = if total != 0.0 { weight / total } else { weight };
             let scaled = normalized * f64::from(1u32 << PRECISION_BITS);
-            *fixed = if normalized < 0.0 {
-                (scaled - 0.5) as i32
-            } else {
-                (scaled + 0.5) as i32
-            };
+            *fixed = if normalized < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
         }
         first.push(min as usize);
         count.push(taps);
     }
-    Coefficients {
-        taps_per_output,
-        first,
-        count,
-        weights,
-    }
+    Coefficients { taps_per_output, first, count, weights }
 }
 
 /// Rounds a fixed-point accumulator (which already holds the +0.5 offset) to a byte.
@@ -139,10 +130,7 @@ fn resample_horizontal(
         for (x, out_pixel) in out_row.chunks_exact_mut(CHANNELS).enumerate() {
             let mut sums = [ROUNDING_OFFSET; CHANNELS];
             let source = &in_row[coefficients.first[x] * CHANNELS..];
-            for (pixel, &weight) in source
-                .chunks_exact(CHANNELS)
-                .zip(coefficients.weights_of(x))
-            {
+            for (pixel, &weight) in source.chunks_exact(CHANNELS).zip(coefficients.weights_of(x)) {
                 for (sum, &value) in sums.iter_mut().zip(pixel) {
                     *sum += i32::from(value) * weight;
                 }
@@ -157,12 +145,7 @@ fn resample_horizontal(
 
 /// Resamples `input` vertically; `row_offset` is subtracted from the coefficient row indices
 /// (the horizontal pass only produced the rows the vertical pass reads).
-fn resample_vertical(
-    input: &[u8],
-    width: usize,
-    row_offset: usize,
-    coefficients: &Coefficients,
-) -> Vec<u8> {
+fn resample_vertical(input: &[u8], width: usize, row_offset: usize, coefficients: &Coefficients) -> Vec<u8> {
     let row_len = width * CHANNELS;
     let out_height = coefficients.first.len();
     let mut output = vec![0u8; out_height * row_len];
@@ -197,10 +180,7 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 ///
 /// Panics if `width` or `height` is zero (Pillow raises there too).
 pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
-    assert!(
-        width > 0 && height > 0,
-        "resize: target size {width}x{height} is empty"
-    );
+    assert!(width > 0 && height > 0, "resize: target size {width}x{height} is empty");
     let (in_width, in_height) = img.dimensions();
     let input = img.as_raw();
     let resized = match (width != in_width, height != in_height) {
@@ -226,13 +206,7 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
                 let last = vertical.first.len() - 1;
                 let first_row = vertical.first[0];
                 let end_row = vertical.first[last] + vertical.count[last];
-                let temp = resample_horizontal(
-                    input,
-                    in_width as usize,
-                    first_row,
-                    end_row - first_row,
-                    &horizontal,
-                );
+                let temp = resample_horizontal(input, in_width as usize, first_row, end_row - first_row, &horizontal);
                 resample_vertical(&temp, width as usize, first_row, &vertical)
             }
         }
@@ -275,10 +249,7 @@ mod tests {
             let c = precompute_coefficients(input, output, Filter::Bicubic);
             for i in 0..output as usize {
                 let sum: i32 = c.weights_of(i).iter().sum();
-                assert!(
-                    (sum - (1 << PRECISION_BITS)).abs() <= c.count[i] as i32,
-                    "{input}->{output}"
-                );
+                assert!((sum - (1 << PRECISION_BITS)).abs() <= c.count[i] as i32, "{input}->{output}");
             }
         }
     }
@@ -357,14 +328,36 @@ mod tests {
     fn bilinear_matches_pillow_golden_values() {
         let pixels = |img: RgbImage| img.pixels().map(|p| p.0).collect::<Vec<[u8; 3]>>();
         let down: Vec<[u8; 3]> = vec![
-            [19, 42, 102], [71, 49, 107], [124, 56, 112], [176, 63, 117], [36, 125, 103], [88, 132, 110],
-            [141, 139, 117], [193, 146, 124], [53, 208, 104], [105, 215, 113], [158, 222, 122], [210, 229, 131],
+            [19, 42, 102],
+            [71, 49, 107],
+            [124, 56, 112],
+            [176, 63, 117],
+            [36, 125, 103],
+            [88, 132, 110],
+            [141, 139, 117],
+            [193, 146, 124],
+            [53, 208, 104],
+            [105, 215, 113],
+            [158, 222, 122],
+            [210, 229, 131],
         ];
         assert_eq!(pixels(resize(&gradient(6, 5), 4, 3, Filter::Bilinear)), down);
         let tall: Vec<[u8; 3]> = vec![
-            [22, 84, 102], [64, 90, 107], [107, 96, 112], [149, 101, 117], [191, 107, 121], [52, 145, 102],
-            [94, 151, 111], [137, 157, 119], [179, 162, 126], [221, 168, 135], [82, 120, 103], [124, 126, 115],
-            [167, 132, 126], [209, 137, 136], [125, 143, 148],
+            [22, 84, 102],
+            [64, 90, 107],
+            [107, 96, 112],
+            [149, 101, 117],
+            [191, 107, 121],
+            [52, 145, 102],
+            [94, 151, 111],
+            [137, 157, 119],
+            [179, 162, 126],
+            [221, 168, 135],
+            [82, 120, 103],
+            [124, 126, 115],
+            [167, 132, 126],
+            [209, 137, 136],
+            [125, 143, 148],
         ];
         assert_eq!(pixels(resize(&gradient(6, 9), 5, 3, Filter::Bilinear)), tall);
         let up = pixels(resize(&gradient(6, 5), 9, 4, Filter::Bilinear));

@@ -1,5 +1,6 @@
 //! Tiling and normalisation: `LlavaNextImageProcessor.preprocess` for [`AspectMode::Anyres`],
-//! LLaVA's `expand2square` + `CLIPImageProcessor.preprocess` for [`AspectMode::Pad`].
+//! LLaVA's `expand2square` + `CLIPImageProcessor.preprocess` for [`AspectMode::Pad`], `CLIPImageProcessor.preprocess`
+//! alone for [`AspectMode::CenterCrop`].
 
 use ::image::{GenericImage, GenericImageView, Rgb, RgbImage};
 use ndarray::Array4;
@@ -22,28 +23,20 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageConfig) -> Preprocessed {
     let tiles = match cfg.aspect_mode {
         AspectMode::Anyres => anyres_tiles(img, cfg),
         AspectMode::Pad => vec![expand_to_square(img, mean_background(cfg.image_mean))],
+        AspectMode::CenterCrop => vec![img.clone()],
     };
     let crop = cfg.crop_size as usize;
     let mut pixel_values = Array4::<f32>::zeros((tiles.len(), 3, crop, crop));
     for (tile, mut out) in tiles.iter().zip(pixel_values.outer_iter_mut()) {
-        let tile = center_crop(
-            &resize_shortest_edge(tile, cfg.shortest_edge),
-            cfg.crop_size,
-        );
+        let tile = center_crop(&resize_shortest_edge(tile, cfg.shortest_edge), cfg.crop_size);
         for (x, y, pixel) in tile.enumerate_pixels() {
             for channel in 0..3 {
-                out[[channel, y as usize, x as usize]] = normalize(
-                    pixel.0[channel],
-                    cfg.image_mean[channel],
-                    cfg.image_std[channel],
-                );
+                out[[channel, y as usize, x as usize]] =
+                    normalize(pixel.0[channel], cfg.image_mean[channel], cfg.image_std[channel]);
             }
         }
     }
-    Preprocessed {
-        pixel_values,
-        original_size: (img.height(), img.width()),
-    }
+    Preprocessed { pixel_values, original_size: (img.height(), img.width()) }
 }
 
 /// `rescale` (float64 multiply by 1/255, cast to float32) then `normalize` in float32.
@@ -62,11 +55,7 @@ fn anyres_tiles(img: &RgbImage, cfg: &ImageConfig) -> Vec<RgbImage> {
     let resized = resize_bicubic(img, width, height);
     let mut canvas = RgbImage::new(grid_width, grid_height);
     canvas
-        .copy_from(
-            &resized,
-            (grid_width - width) / 2,
-            (grid_height - height) / 2,
-        )
+        .copy_from(&resized, (grid_width - width) / 2, (grid_height - height) / 2)
         .expect("resized image fits its grid resolution");
 
     let mut tiles = vec![resize_bicubic(img, cfg.shortest_edge, cfg.shortest_edge)];
@@ -74,12 +63,7 @@ fn anyres_tiles(img: &RgbImage, cfg: &ImageConfig) -> Vec<RgbImage> {
     for top in (0..grid_height).step_by(tile as usize) {
         for left in (0..grid_width).step_by(tile as usize) {
             // numpy slicing: edge tiles are smaller when the grid is not a multiple of the tile.
-            let view = canvas.view(
-                left,
-                top,
-                tile.min(grid_width - left),
-                tile.min(grid_height - top),
-            );
+            let view = canvas.view(left, top, tile.min(grid_width - left), tile.min(grid_height - top));
             tiles.push(view.to_image());
         }
     }
@@ -99,26 +83,16 @@ fn expand_to_square(img: &RgbImage, background: Rgb<u8>) -> RgbImage {
     }
     let side = width.max(height);
     let mut square = RgbImage::from_pixel(side, side, background);
-    square
-        .copy_from(img, (side - width) / 2, (side - height) / 2)
-        .expect("image fits its square");
+    square.copy_from(img, (side - width) / 2, (side - height) / 2).expect("image fits its square");
     square
 }
 
 /// CLIP `resize` with `{"shortest_edge": size}` (transformers' `get_resize_output_image_size`).
 fn resize_shortest_edge(img: &RgbImage, size: u32) -> RgbImage {
     let (width, height) = img.dimensions();
-    let (short, long) = if width <= height {
-        (width, height)
-    } else {
-        (height, width)
-    };
+    let (short, long) = if width <= height { (width, height) } else { (height, width) };
     let new_long = (f64::from(size) * f64::from(long) / f64::from(short)) as u32;
-    let (new_width, new_height) = if width <= height {
-        (size, new_long)
-    } else {
-        (new_long, size)
-    };
+    let (new_width, new_height) = if width <= height { (size, new_long) } else { (new_long, size) };
     resize_bicubic(img, new_width, new_height)
 }
 
@@ -127,9 +101,7 @@ fn resize_shortest_edge(img: &RgbImage, size: u32) -> RgbImage {
 fn center_crop(img: &RgbImage, crop: u32) -> RgbImage {
     let (width, height) = img.dimensions();
     if width >= crop && height >= crop {
-        return img
-            .view((width - crop) / 2, (height - crop) / 2, crop, crop)
-            .to_image();
+        return img.view((width - crop) / 2, (height - crop) / 2, crop, crop).to_image();
     }
     let place = |size: u32| -> (u32, u32, u32) {
         // (source offset, destination offset, length)
@@ -142,8 +114,7 @@ fn center_crop(img: &RgbImage, crop: u32) -> RgbImage {
     let (src_x, dst_x, len_x) = place(width);
     let (src_y, dst_y, len_y) = place(height);
     let mut out = RgbImage::new(crop, crop);
-    out.copy_from(&*img.view(src_x, src_y, len_x, len_y), dst_x, dst_y)
-        .expect("crop fits its canvas");
+    out.copy_from(&*img.view(src_x, src_y, len_x, len_y), dst_x, dst_y).expect("crop fits its canvas");
     out
 }
 
@@ -226,19 +197,31 @@ mod tests {
 
     #[test]
     fn pad_mode_uses_mean_background() {
-        let cfg = ImageConfig {
-            aspect_mode: AspectMode::Pad,
-            ..ImageConfig::default()
-        };
+        let cfg = ImageConfig { aspect_mode: AspectMode::Pad, ..ImageConfig::default() };
         assert_eq!(mean_background(cfg.image_mean), Rgb([122, 116, 104]));
         let out = preprocess(&RgbImage::from_pixel(100, 50, Rgb([9, 9, 9])), &cfg);
         assert_eq!(out.pixel_values.shape(), &[1, 3, 336, 336]);
         let background = normalize(122, cfg.image_mean[0], cfg.image_std[0]);
         assert_eq!(out.pixel_values[[0, 0, 5, 168]], background);
-        assert_eq!(
-            out.pixel_values[[0, 0, 168, 168]],
-            normalize(9, cfg.image_mean[0], cfg.image_std[0])
-        );
+        assert_eq!(out.pixel_values[[0, 0, 168, 168]], normalize(9, cfg.image_mean[0], cfg.image_std[0]));
+    }
+
+    #[test]
+    fn center_crop_mode_keeps_the_middle_of_the_long_side() {
+        // 1000x336: no resize (the short side is 336 already), then columns (1000 - 336) / 2 = 332 to 667.
+        let img = RgbImage::from_fn(1000, 336, |x, _| match x {
+            0..332 => Rgb([255, 0, 0]),
+            332..668 => Rgb([0, 255, 0]),
+            _ => Rgb([0, 0, 255]),
+        });
+        let cfg = ImageConfig { aspect_mode: AspectMode::CenterCrop, ..ImageConfig::default() };
+        let out = preprocess(&img, &cfg);
+        assert_eq!(out.pixel_values.shape(), &[1, 3, 336, 336]);
+        let green = normalize(255, cfg.image_mean[1], cfg.image_std[1]);
+        for (y, x) in [(0, 0), (100, 335), (335, 168)] {
+            assert_eq!(out.pixel_values[[0, 1, y, x]], green, "({y}, {x})");
+            assert_eq!(out.pixel_values[[0, 0, y, x]], normalize(0, cfg.image_mean[0], cfg.image_std[0]));
+        }
     }
 
     #[test]

@@ -179,7 +179,16 @@ mod tests {
                 if let Some(w) = window {
                     allowed = allowed.logical_and(&(&qp - &kp).lt(w as i64));
                 }
-                let alone = Tensor::scaled_dot_product_attention(&pick(&q), &pick(&k), &pick(&v), Some(allowed.view([1, 1, t, t])), 0.0, false, 0.3, true);
+                let alone = Tensor::scaled_dot_product_attention(
+                    &pick(&q),
+                    &pick(&k),
+                    &pick(&v),
+                    Some(allowed.view([1, 1, t, t])),
+                    0.0,
+                    false,
+                    0.3,
+                    true,
+                );
                 let diff = (pick(&packed) - alone).abs().max().double_value(&[]);
                 assert!(diff < 1e-12, "row {leaf}, window {window:?}: {diff}");
             }

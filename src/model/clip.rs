@@ -85,7 +85,8 @@ impl ClipEncoderLayer {
 pub const VISION_MODEL: &str = "vision_tower.vision_model";
 
 /// The linear layers of a CLIP encoder layer, relative to it.
-pub const LAYER_LINEARS: [&str; 6] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"];
+pub const LAYER_LINEARS: [&str; 6] =
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"];
 
 pub struct ClipVisionTower {
     patch_embedding: Tensor,
@@ -109,7 +110,9 @@ impl ClipVisionTower {
             class_embedding: emb.get(&[d], "class_embedding"),
             position_embedding: emb.get(&[num_positions, d], "position_embedding.weight"),
             pre_layrnorm: LayerNorm::new(&vb.pp("pre_layrnorm"), cfg.hidden_size, cfg.layer_norm_eps),
-            layers: (0..num_layers).map(|i| ClipEncoderLayer::new(&vb.pp(format!("encoder.layers.{i}")), cfg)).collect(),
+            layers: (0..num_layers)
+                .map(|i| ClipEncoderLayer::new(&vb.pp(format!("encoder.layers.{i}")), cfg))
+                .collect(),
             patch_size: p,
         }
     }

@@ -2,7 +2,7 @@
 use tch::Tensor;
 
 use super::weights::Vb;
-use crate::lora::LoraLayer;
+use crate::model::lora::LoraLayer;
 
 /// Row counts (batched decoding) for which MKL runs W x^T faster than x W^T on the CPU.
 const TRANSPOSED_GEMM_ROWS: std::ops::RangeInclusive<i64> = 6..=16;
@@ -78,7 +78,7 @@ impl LayerNorm {
     }
 }
 
-/// Mistral's RMSNorm: normalised in f32, cast back, then scaled (the order matters for bf16 parity).
+/// Mistral's and Llama's RMSNorm: normalised in f32, cast back, then scaled (the order matters for bf16 parity).
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,

@@ -1,17 +1,17 @@
-//! LLaVA-NeXT: CLIP tower + projector + Mistral, with anyres tiles packed and unpadded as transformers or LLaVA's
-//! code does (`ImageConfig::processing`), or laid out flat (`mm_patch_merge_type flat`).
+//! LLaVA-NeXT: CLIP tower + projector + a Mistral or Llama decoder, with anyres tiles packed and unpadded as
+//! transformers or LLaVA's code does (`ImageConfig::processing`), or laid out flat (`mm_patch_merge_type flat`).
 use std::path::Path;
 use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
 
 use super::clip::{ClipVisionTower, LAYER_LINEARS, VISION_MODEL};
-use super::config::{FeatureSelect, LlavaConfig, VisionConfig};
-use super::mistral::MistralModel;
+use super::config::{check_tower_agrees, FeatureSelect, LlavaConfig, VisionConfig, VisionTower};
+use super::decoder::DecoderModel;
 use super::projector::Projector;
-use super::weights::{Checkpoint, WeightSource};
+use super::weights::{Checkpoint, Vb, WeightSource};
 use crate::error::{Error, Result};
 use crate::image::{anyres, AspectMode, PatchMerge, Preprocessed, Processing};
-use crate::lora::LoraSwitch;
+use crate::model::lora::LoraSwitch;
 use crate::text::tokenizer::IMAGE_TOKEN_INDEX;
 
 pub struct LlavaNext {
@@ -21,8 +21,9 @@ pub struct LlavaNext {
     /// is exactly the base model again (the DPO reference policy).
     pub original_projector: Option<Projector>,
     pub adapter_switch: Option<Rc<LoraSwitch>>,
-    pub image_newline: Tensor,
-    pub language_model: MistralModel,
+    /// LLaVA-NeXT's row separator; LLaVA-1.5 has none.
+    pub image_newline: Option<Tensor>,
+    pub language_model: DecoderModel,
     pub cfg: LlavaConfig,
 }
 
@@ -56,13 +57,29 @@ fn infer_vision_config(ckpt: &Checkpoint, base: &VisionConfig) -> Result<VisionC
     })
 }
 
-/// Fills in the vision config of an original-layout checkpoint from its tensors.
-pub fn complete_vision_config(cfg: &mut LlavaConfig, ckpt: &Checkpoint) -> Result<()> {
-    if !cfg.vision_config_known {
-        cfg.vision = infer_vision_config(ckpt, &cfg.vision)?;
-        cfg.image.crop_size = cfg.vision.image_size as u32;
-        cfg.image.shortest_edge = cfg.vision.image_size as u32;
-        cfg.vision_config_known = true;
+/// Completes an original-layout checkpoint with its CLIP tower, as LLaVA's `CLIPVisionTower` loads it: the
+/// tower's tensors from its own folder when the checkpoint holds none (LLaVA-v1.5), and the tower's geometry from
+/// that folder's config (checked against the tensors) or, without the folder, from the tensors.
+pub fn complete_vision_config(cfg: &mut LlavaConfig, ckpt: &mut Checkpoint, config_path: &Path) -> Result<()> {
+    let Some(tower) = &cfg.vision_tower else { return Ok(()) };
+    let holds_tower = ckpt.contains(&format!("{VISION_MODEL}.embeddings.patch_embedding.weight"));
+    match tower {
+        VisionTower::Folder(dir) => {
+            if !holds_tower {
+                // a `CLIPVisionModel` or `CLIPModel` folder: its `vision_model.*` tensors, not a CLIPModel's text side
+                ckpt.add_renamed(dir, "vision_model.", &format!("{VISION_MODEL}."))?;
+            }
+            check_tower_agrees(&cfg.vision, &infer_vision_config(ckpt, &cfg.vision)?, dir)?;
+        }
+        VisionTower::NotFound(name) if !holds_tower => {
+            return Err(Error::Config(VisionTower::not_found_advice(name, config_path)));
+        }
+        VisionTower::NotFound(_) => {
+            cfg.vision = infer_vision_config(ckpt, &cfg.vision)?;
+            cfg.image.crop_size = cfg.vision.image_size as u32;
+            cfg.image.shortest_edge = cfg.vision.image_size as u32;
+            cfg.vision_config_known = true;
+        }
     }
     Ok(())
 }
@@ -83,17 +100,26 @@ fn may_be_unused(name: &str, built_vision_layers: usize) -> bool {
 
 /// Whether `module` is a linear layer of a CLIP encoder layer that is not built (LLaVA never runs it).
 pub fn is_unbuilt_vision_linear(module: &str, cfg: &LlavaConfig) -> Result<bool> {
-    let Some(rest) = module.strip_prefix(VISION_MODEL).and_then(|r| r.strip_prefix(".encoder.layers.")) else { return Ok(false) };
+    let Some(rest) = module.strip_prefix(VISION_MODEL).and_then(|r| r.strip_prefix(".encoder.layers.")) else {
+        return Ok(false);
+    };
     let Some((layer, linear)) = rest.split_once('.') else { return Ok(false) };
     let Ok(layer) = layer.parse::<usize>() else { return Ok(false) };
     Ok(layer >= cfg.vision_layer_index()? && layer < cfg.vision.num_hidden_layers && LAYER_LINEARS.contains(&linear))
 }
 
+/// LLaVA builds `image_newline` for the spatial_unpad merge only (LLaVA-v1.5 has none, nor llava-hf's
+/// LLaVA-1.5); the flat merge never reads it.
+fn image_newline(vb: &Vb, cfg: &LlavaConfig) -> Option<Tensor> {
+    (cfg.image.patch_merge != PatchMerge::Flat || vb.contains("image_newline"))
+        .then(|| vb.get(&[cfg.text.hidden_size as i64], "image_newline"))
+}
+
 impl LlavaNext {
     /// Loads the weights of a model folder whose config is `cfg` (`LlavaConfig::from_dir`).
     pub fn load(dir: &Path, mut cfg: LlavaConfig, kind: Kind, device: Device) -> Result<Self> {
-        let ckpt = Checkpoint::open_dir(dir)?;
-        complete_vision_config(&mut cfg, &ckpt)?;
+        let mut ckpt = Checkpoint::open_dir(dir)?;
+        complete_vision_config(&mut cfg, &mut ckpt, &dir.join("config.json"))?;
         Self::from_checkpoint(cfg, &ckpt, kind, device)
     }
 
@@ -102,12 +128,20 @@ impl LlavaNext {
         let vb = source.root();
         let model = tch::no_grad(|| -> Result<Self> {
             Ok(LlavaNext {
-                vision_tower: ClipVisionTower::new(&vb.pp("vision_tower.vision_model"), &cfg.vision, cfg.vision_layer_index()?),
-                multi_modal_projector: Projector::new(&vb.pp("multi_modal_projector"), cfg.vision.hidden_size, cfg.text.hidden_size),
+                vision_tower: ClipVisionTower::new(
+                    &vb.pp("vision_tower.vision_model"),
+                    &cfg.vision,
+                    cfg.vision_layer_index()?,
+                ),
+                multi_modal_projector: Projector::new(
+                    &vb.pp("multi_modal_projector"),
+                    cfg.vision.hidden_size,
+                    cfg.text.hidden_size,
+                ),
                 original_projector: None,
                 adapter_switch: None,
-                image_newline: vb.get(&[cfg.text.hidden_size as i64], "image_newline"),
-                language_model: MistralModel::new(&vb.pp("language_model"), &cfg.text),
+                image_newline: image_newline(&vb, &cfg),
+                language_model: DecoderModel::new(&vb.pp("language_model"), &cfg.text),
                 cfg,
             })
         })?;
@@ -117,11 +151,11 @@ impl LlavaNext {
     }
 
     pub fn device(&self) -> Device {
-        self.image_newline.device()
+        self.language_model.embed_tokens.device()
     }
 
     pub fn kind(&self) -> Kind {
-        self.image_newline.kind()
+        self.language_model.embed_tokens.kind()
     }
 
     /// The frozen CLIP tower's selected hidden states of every tile, [tiles, patches, vision_hidden] (no graph; no
@@ -154,10 +188,16 @@ impl LlavaNext {
         };
         let (tiles, patches, dim) = features.size3().unwrap();
         let img = &self.cfg.image;
-        if matches!((img.aspect_mode, img.patch_merge, img.processing), (AspectMode::Pad, _, Processing::Llava) | (_, PatchMerge::Flat, _)) {
+        if matches!(
+            (img.aspect_mode, img.patch_merge, img.processing),
+            (AspectMode::Pad, _, Processing::Llava) | (AspectMode::CenterCrop, _, _) | (_, PatchMerge::Flat, _)
+        ) {
             return Ok(features.flatten(0, 1));
         }
-        let newline = self.image_newline.view([1, dim]).to_kind(features.kind());
+        let Some(image_newline) = &self.image_newline else {
+            return Err(Error::Config("this model has no image_newline, which the spatial_unpad merge needs".into()));
+        };
+        let newline = image_newline.view([1, dim]).to_kind(features.kind());
         if tiles == 1 {
             return Ok(Tensor::cat(&[features.get(0), newline], 0));
         }
@@ -181,7 +221,11 @@ impl LlavaNext {
             .view([rows, cols, side, side, dim])
             .permute([4, 0, 2, 1, 3])
             .reshape([dim, rows * side, cols * side]);
-        let (r0, r1, c0, c1) = anyres::unpadded_size(((rows * side) as usize, (cols * side) as usize), image.original_size, img.processing);
+        let (r0, r1, c0, c1) = anyres::unpadded_size(
+            ((rows * side) as usize, (cols * side) as usize),
+            image.original_size,
+            img.processing,
+        );
         let grid = grid.narrow(1, r0 as i64, (r1 - r0) as i64).narrow(2, c0 as i64, (c1 - c0) as i64);
         let h = grid.size()[1];
         let with_newlines = Tensor::cat(&[grid, newline.view([dim, 1, 1]).expand([dim, h, 1], false)], 2);

@@ -1,10 +1,12 @@
-//! LLaVA-v1.6-Mistral: module paths mirror the llava-hf state-dict names.
+//! LLaVA-NeXT on a Mistral or Llama decoder: module paths mirror the llava-hf state-dict names.
 pub mod attention;
 pub mod clip;
 pub mod config;
+pub mod decoder;
 pub mod linear;
 pub mod llava_next;
-pub mod mistral;
+pub mod lora;
+pub mod pickle;
 pub mod projector;
 pub mod tiny;
 pub mod weights;

@@ -19,7 +19,11 @@ impl Projector {
 
     /// An independent copy of the weights.
     pub fn frozen_copy(&self) -> Self {
-        let copy = |l: &Linear| Linear { weight: l.weight.detach().copy(), bias: l.bias.as_ref().map(|b| b.detach().copy()), lora: None };
+        let copy = |l: &Linear| Linear {
+            weight: l.weight.detach().copy(),
+            bias: l.bias.as_ref().map(|b| b.detach().copy()),
+            lora: None,
+        };
         Projector { linear_1: copy(&self.linear_1), linear_2: copy(&self.linear_2) }
     }
 

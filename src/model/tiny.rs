@@ -3,9 +3,9 @@ use std::path::Path;
 use tch::{Device, Kind};
 
 use super::clip::ClipVisionTower;
-use super::config::{FeatureSelect, Layout, TextConfig, VisionConfig};
+use super::config::{DecoderFamily, FeatureSelect, Layout, TextConfig, VisionConfig};
+use super::decoder::DecoderModel;
 use super::linear::LayerNorm;
-use super::mistral::MistralModel;
 use super::projector::Projector;
 use super::weights::{save_safetensors, WeightSource};
 use super::LlavaConfig;
@@ -25,6 +25,7 @@ pub fn tiny_config() -> LlavaConfig {
     LlavaConfig {
         layout: Layout::LlavaHf,
         text: TextConfig {
+            family: DecoderFamily::Mistral,
             hidden_size: 64,
             intermediate_size: 128,
             num_hidden_layers: 2,
@@ -55,6 +56,7 @@ pub fn tiny_config() -> LlavaConfig {
         feature_select: FeatureSelect::Patch,
         projector_hidden_act: "gelu".into(),
         vision_config_known: true,
+        vision_tower: None,
         llava_max_length: None,
     }
 }
@@ -100,6 +102,6 @@ fn write_random_weights(dir: &Path, seed: i64) -> Result<()> {
     LayerNorm::new(&vision.pp("post_layernorm"), cfg.vision.hidden_size, cfg.vision.layer_norm_eps);
     Projector::new(&vb.pp("multi_modal_projector"), cfg.vision.hidden_size, cfg.text.hidden_size);
     let _ = vb.get(&[cfg.text.hidden_size as i64], "image_newline");
-    MistralModel::new(&vb.pp("language_model"), &cfg.text);
+    DecoderModel::new(&vb.pp("language_model"), &cfg.text);
     save_safetensors(&dir.join("model.safetensors"), &source.into_generated())
 }

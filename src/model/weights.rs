@@ -1,14 +1,17 @@
-//! Memory-mapped safetensors checkpoints (single file or sharded) with tensor names mapped to one canonical
-//! naming, the older llava-hf module paths, whatever layout the files use.
+//! Memory-mapped checkpoints (safetensors or PyTorch `.bin` zip archives, single file or sharded) with tensor
+//! names mapped to one canonical naming, the older llava-hf module paths, whatever layout the files use.
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use safetensors::tensor::{Dtype, SafeTensors};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
+use crate::fsutil::read_json;
+use crate::model::pickle;
 
 /// Maps a tensor name of any supported layout (llava-hf older/newer, original LLaVA) to the older llava-hf path.
 pub fn canonical_name(key: &str) -> String {
@@ -44,54 +47,221 @@ fn with_clip_vision_model(name: String) -> String {
 struct MappedFile {
     path: PathBuf,
     mmap: Mmap,
-    data_start: usize,
-    metadata: Metadata,
 }
 
-/// The tensors of a checkpoint, read lazily from memory-mapped files.
+/// Where one tensor's elements lie in a mapped file.
+struct StoredTensor {
+    file: usize,
+    raw_name: String,
+    /// The stored element type, or its name when stic does not read it.
+    dtype: std::result::Result<Kind, String>,
+    shape: Vec<i64>,
+    /// In elements.
+    strides: Vec<i64>,
+    /// The bytes from the tensor's first element to past its last one.
+    bytes: Range<usize>,
+}
+
+/// The tensors of a checkpoint, read lazily from memory-mapped safetensors files or `torch.save` zip archives.
 pub struct Checkpoint {
     files: Vec<MappedFile>,
-    /// canonical name -> (file index, name in the file)
-    index: HashMap<String, (usize, String)>,
+    /// canonical name -> where the tensor is
+    index: HashMap<String, StoredTensor>,
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index_path = dir.join("model.safetensors.index.json");
-    if index_path.is_file() {
-        #[derive(serde::Deserialize)]
-        struct Index {
-            weight_map: BTreeMap<String, String>,
-        }
-        let index: Index = read_json(&index_path)?;
-        let mut names: Vec<String> = index.weight_map.into_values().collect();
-        names.sort();
-        names.dedup();
-        return Ok(names.into_iter().map(|n| dir.join(n)).collect());
+/// The shards an index file (`model.safetensors.index.json`, `pytorch_model.bin.index.json`) names.
+fn shards_of_index(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
     }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("adapter_")))
-        .collect();
-    found.sort();
-    if found.is_empty() {
+    let index: Index = read_json(index_path)?;
+    let mut names: Vec<String> = index.weight_map.into_values().collect();
+    names.sort();
+    names.dedup();
+    let shards: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
+    if let Some(missing) = shards.iter().find(|p| !p.is_file()) {
         return Err(Error::Weights(format!(
-            "no model.safetensors, model.safetensors.index.json or *.safetensors in {}",
-            dir.display()
+            "{} names the shard {}, which is not there: download the missing shard again (or the whole model \
+             folder)",
+            index_path.display(),
+            missing.display()
         )));
     }
-    Ok(found)
+    Ok(shards)
+}
+
+/// The weight files of a model folder: safetensors when there are any (index, single file, or every
+/// `*.safetensors`), else PyTorch pickle shards (`pytorch_model.bin.index.json`, `pytorch_model*.bin`).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    for (index, single, is_shard) in [
+        ("model.safetensors.index.json", "model.safetensors", is_safetensors_file as fn(&str) -> bool),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", is_pytorch_file),
+    ] {
+        let index_path = dir.join(index);
+        if index_path.is_file() {
+            return shards_of_index(dir, &index_path);
+        }
+        let single = dir.join(single);
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.file_name().is_some_and(|n| is_shard(&n.to_string_lossy())))
+            .collect();
+        if !found.is_empty() {
+            found.sort();
+            return Ok(found);
+        }
+    }
+    Err(Error::Weights(format!(
+        "no model.safetensors, model.safetensors.index.json or *.safetensors in {} (nor PyTorch's \
+         pytorch_model.bin or pytorch_model.bin.index.json)",
+        dir.display()
+    )))
+}
+
+fn is_safetensors_file(name: &str) -> bool {
+    name.ends_with(".safetensors") && !name.starts_with("adapter_")
+}
+
+/// `pytorch_model.bin` or a shard of it; not `training_args.bin` or LLaVA's `non_lora_trainables.bin`, which hold
+/// no model weights.
+fn is_pytorch_file(name: &str) -> bool {
+    name.starts_with("pytorch_model") && name.ends_with(".bin")
+}
+
+/// The safetensors and libtorch element types that stic reads.
+fn readable_kind(kind: Kind) -> std::result::Result<Kind, String> {
+    match kind {
+        Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double | Kind::Int64 => Ok(kind),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+fn safetensors_tensors(path: &Path, mmap: &Mmap, file: usize) -> Result<Vec<(String, StoredTensor)>> {
+    let invalid = |why: String| {
+        Error::Weights(format!("{} is not a valid safetensors file (truncated or corrupt?): {why}", path.display()))
+    };
+    let (header_len, metadata) = SafeTensors::read_metadata(mmap).map_err(|e| invalid(e.to_string()))?;
+    let data_start = 8 + header_len;
+    let mut tensors = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let (start, end) = info.data_offsets;
+        if data_start + end > mmap.len() {
+            return Err(invalid(format!("{name} lies past the end of the file")));
+        }
+        let dtype = match info.dtype {
+            Dtype::F32 => Ok(Kind::Float),
+            Dtype::F16 => Ok(Kind::Half),
+            Dtype::BF16 => Ok(Kind::BFloat16),
+            Dtype::F64 => Ok(Kind::Double),
+            Dtype::I64 => Ok(Kind::Int64),
+            other => Err(format!("{other:?}")),
+        };
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        let strides = contiguous_strides(&shape);
+        let bytes = data_start + start..data_start + end;
+        tensors.push((name.clone(), StoredTensor { file, raw_name: name.clone(), dtype, shape, strides, bytes }));
+    }
+    Ok(tensors)
+}
+
+/// The tensors of a `torch.save` zip archive (torch ≥ 1.6): `<archive>/data.pkl` read by the restricted unpickler,
+/// each storage `<archive>/data/<key>` an uncompressed entry whose bytes are used where they lie.
+fn pytorch_tensors(path: &Path, mmap: &Mmap, file: usize) -> Result<Vec<(String, StoredTensor)>> {
+    let unreadable = |why: String| {
+        Error::Weights(format!(
+            "{}: {why}; download the file again, or convert the checkpoint to safetensors",
+            path.display()
+        ))
+    };
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(&mmap[..])).map_err(|e| {
+        unreadable(format!(
+            "not a zip archive as torch.save (torch 1.6 or later) writes it, truncated or corrupt? ({e})"
+        ))
+    })?;
+    let mut entries = HashMap::new();
+    for i in 0..archive.len() {
+        let entry = archive.by_index_raw(i).map_err(|e| unreadable(format!("entry {i} of the zip archive: {e}")))?;
+        let start = entry.data_start() as usize;
+        let bytes = start..start.saturating_add(entry.compressed_size() as usize);
+        entries.insert(entry.name().to_string(), (bytes, entry.compression()));
+    }
+    let entry = |name: &str| -> Result<Range<usize>> {
+        let (bytes, method) = entries.get(name).ok_or_else(|| unreadable(format!("the archive has no {name}")))?;
+        if *method != zip::CompressionMethod::Stored {
+            return Err(unreadable(format!(
+                "{name} is compressed ({method}); torch.save stores every entry uncompressed and stic reads them \
+                 in place: save it again with torch.save"
+            )));
+        }
+        if bytes.end > mmap.len() {
+            return Err(unreadable(format!("{name} lies past the end of the file (truncated?)")));
+        }
+        Ok(bytes.clone())
+    };
+    let pickle_name = entries
+        .keys()
+        .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
+        .cloned()
+        .ok_or_else(|| unreadable("no <archive>/data.pkl in the zip: not a torch.save checkpoint".into()))?;
+    let prefix = pickle_name.trim_end_matches("data.pkl");
+    let byteorder = format!("{prefix}byteorder");
+    if entries.contains_key(&byteorder) {
+        let order = &mmap[entry(&byteorder)?];
+        if order != b"little" {
+            return Err(unreadable(format!("tensors stored {} endian", String::from_utf8_lossy(order))));
+        }
+    }
+    let records = pickle::read_state_dict(path, &mmap[entry(&pickle_name)?])?;
+    let mut tensors = Vec::new();
+    for (name, record) in records {
+        let storage = entry(&format!("{prefix}data/{}", record.storage))?;
+        let dtype = record.dtype.and_then(readable_kind);
+        let element = dtype.as_ref().map_or(1, |kind| kind.elt_size_in_bytes());
+        let span = if record.shape.contains(&0) {
+            Some(0)
+        } else {
+            record.shape.iter().zip(&record.strides).try_fold(1i64, |span, (&size, &stride)| {
+                (stride >= 0).then_some(())?;
+                span.checked_add((size - 1).checked_mul(stride)?)
+            })
+        };
+        let bytes = span.and_then(|span| {
+            let start = storage.start.checked_add(usize::try_from(record.offset).ok()?.checked_mul(element)?)?;
+            let end = start.checked_add(usize::try_from(span).ok()?.checked_mul(element)?)?;
+            (end <= storage.end).then_some(start..end)
+        });
+        let bytes = bytes.ok_or_else(|| {
+            unreadable(format!(
+                "{name} (shape {:?}, stride {:?}) lies outside its storage",
+                record.shape, record.strides
+            ))
+        })?;
+        let tensor =
+            StoredTensor { file, raw_name: name.clone(), dtype, shape: record.shape, strides: record.strides, bytes };
+        tensors.push((name, tensor));
+    }
+    Ok(tensors)
 }
 
 impl Checkpoint {
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        Self::open_files(&safetensors_files(dir)?)
+        Self::open_files(&weight_files(dir)?)
     }
 
+    /// Opens safetensors files and, by their `.bin` extension, `torch.save` archives.
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
         let mut index = HashMap::new();
@@ -101,16 +271,34 @@ impl Checkpoint {
             })?;
             // SAFETY: the mapping is read-only; a file changed by another process while mapped is outside our contract.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                Error::Weights(format!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))
-            })?;
             let file_idx = files.len();
-            for name in metadata.tensors().keys() {
-                index.insert(canonical_name(name), (file_idx, name.clone()));
+            let tensors = if path.extension().is_some_and(|x| x == "bin") {
+                pytorch_tensors(path, &mmap, file_idx)?
+            } else {
+                safetensors_tensors(path, &mmap, file_idx)?
+            };
+            for (name, tensor) in tensors {
+                index.insert(canonical_name(&name), tensor);
             }
-            files.push(MappedFile { path: path.clone(), mmap, data_start: 8 + header_len, metadata });
+            files.push(MappedFile { path: path.clone(), mmap });
         }
         Ok(Checkpoint { files, index })
+    }
+
+    /// Adds the tensors of the checkpoint in `dir` whose names start with `from`, renamed to start with `to`
+    /// instead; the others are left out.
+    pub fn add_renamed(&mut self, dir: &Path, from: &str, to: &str) -> Result<()> {
+        let other = Checkpoint::open_files(&weight_files(dir)?)?;
+        let first_file = self.files.len();
+        for (name, mut tensor) in other.index {
+            let Some(rest) = name.strip_prefix(from) else { continue };
+            tensor.file += first_file;
+            // stored under its new name, so that `load_raw` finds it again
+            tensor.raw_name = format!("{to}{rest}");
+            self.index.insert(tensor.raw_name.clone(), tensor);
+        }
+        self.files.extend(other.files);
+        Ok(())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -123,18 +311,15 @@ impl Checkpoint {
 
     /// The stored dtype of a tensor.
     pub fn kind_of(&self, name: &str) -> Option<Kind> {
-        let (f, key) = self.index.get(name)?;
-        match self.files[*f].metadata.info(key)?.dtype {
-            Dtype::BF16 => Some(Kind::BFloat16),
-            Dtype::F16 => Some(Kind::Half),
-            Dtype::F32 => Some(Kind::Float),
+        match self.index.get(name)?.dtype {
+            Ok(kind @ (Kind::BFloat16 | Kind::Half | Kind::Float)) => Some(kind),
             _ => None,
         }
     }
 
     /// Tensor names as stored in the files.
     pub fn raw_names(&self) -> impl Iterator<Item = &String> {
-        self.index.values().map(|(_, raw)| raw)
+        self.index.values().map(|t| &t.raw_name)
     }
 
     /// Loads a tensor by its stored name.
@@ -143,34 +328,25 @@ impl Checkpoint {
     }
 
     pub fn shape(&self, name: &str) -> Option<Vec<i64>> {
-        let (f, key) = self.index.get(name)?;
-        let info = self.files[*f].metadata.info(key)?;
-        Some(info.shape.iter().map(|&d| d as i64).collect())
+        Some(self.index.get(name)?.shape.clone())
     }
 
     /// Copies one tensor out of the mapped file, converted to `kind` on `device`.
     pub fn load(&self, name: &str, kind: Kind, device: Device) -> Result<Option<Tensor>> {
-        let Some((f, key)) = self.index.get(name) else { return Ok(None) };
-        let file = &self.files[*f];
-        let info = file.metadata.info(key).expect("indexed tensor has metadata");
-        let (start, end) = info.data_offsets;
-        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
-        let stored = match info.dtype {
-            Dtype::F32 => Kind::Float,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            Dtype::F64 => Kind::Double,
-            Dtype::I64 => Kind::Int64,
-            other => {
-                return Err(Error::Weights(format!(
-                    "{} in {}: dtype {other:?} is not supported (expected f32, f16 or bf16)",
-                    key,
-                    file.path.display()
-                )))
-            }
-        };
-        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        let tensor = Tensor::f_from_data_size(bytes, &shape, stored)?;
+        let Some(stored) = self.index.get(name) else { return Ok(None) };
+        let file = &self.files[stored.file];
+        let stored_kind = stored.dtype.clone().map_err(|other| {
+            Error::Weights(format!(
+                "{} in {}: dtype {other} is not supported (expected f32, f16 or bf16)",
+                stored.raw_name,
+                file.path.display()
+            ))
+        })?;
+        let bytes = &file.mmap[stored.bytes.clone()];
+        let elements = (bytes.len() / stored_kind.elt_size_in_bytes()) as i64;
+        let tensor = Tensor::f_from_data_size(bytes, &[elements], stored_kind)?
+            .f_as_strided(&stored.shape, &stored.strides, 0)?
+            .f_contiguous()?;
         Ok(Some(tensor.f_to_device_(device, kind, false, false)?))
     }
 }
@@ -203,7 +379,13 @@ impl<'a> WeightSource<'a> {
     }
 
     fn with_backing(backing: Backing<'a>, kind: Kind, device: Device) -> Self {
-        WeightSource { backing, kind, device, problems: RefCell::new(Vec::new()), requested: RefCell::new(HashSet::new()) }
+        WeightSource {
+            backing,
+            kind,
+            device,
+            problems: RefCell::new(Vec::new()),
+            requested: RefCell::new(HashSet::new()),
+        }
     }
 
     pub fn root(&self) -> Vb<'_, 'a> {
@@ -226,7 +408,12 @@ impl<'a> WeightSource<'a> {
         let mut location = String::new();
         if let Backing::Checkpoint(ckpt) = &self.backing {
             let requested = self.requested.into_inner();
-            let mut unknown: Vec<&String> = ckpt.index.iter().filter(|(name, _)| !requested.contains(*name) && !may_be_unused(name)).map(|(_, (_, raw))| raw).collect();
+            let mut unknown: Vec<&String> = ckpt
+                .index
+                .iter()
+                .filter(|(name, _)| !requested.contains(*name) && !may_be_unused(name))
+                .map(|(_, stored)| &stored.raw_name)
+                .collect();
             unknown.sort();
             problems.extend(unknown.into_iter().map(|raw| format!("unknown tensor {raw}: stic maps the llava-hf and original LLaVA layouts of LLaVA-NeXT-Mistral; is this checkpoint of another model?")));
             if let Some(file) = ckpt.files.first() {
@@ -237,7 +424,11 @@ impl<'a> WeightSource<'a> {
             return Ok(());
         }
         const SHOWN: usize = 12;
-        let mut msg = format!("{} problem(s) in the checkpoint{location}:\n  {}", problems.len(), problems[..problems.len().min(SHOWN)].join("\n  "));
+        let mut msg = format!(
+            "{} problem(s) in the checkpoint{location}:\n  {}",
+            problems.len(),
+            problems[..problems.len().min(SHOWN)].join("\n  ")
+        );
         if problems.len() > SHOWN {
             msg.push_str(&format!("\n  … and {} more", problems.len() - SHOWN));
         }
@@ -285,7 +476,10 @@ impl<'a> WeightSource<'a> {
 
 fn random_init(name: &str, shape: &[i64], kind: Kind, device: Device) -> Tensor {
     let noise = Tensor::randn(shape, (Kind::Float, device));
-    let is_norm_scale = name.ends_with("norm.weight") || name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name.ends_with("layrnorm.weight");
+    let is_norm_scale = name.ends_with("norm.weight")
+        || name.ends_with("norm1.weight")
+        || name.ends_with("norm2.weight")
+        || name.ends_with("layrnorm.weight");
     let t = if is_norm_scale { noise * 0.1 + 1.0 } else { noise * 0.02 };
     t.to_kind(kind)
 }
@@ -347,7 +541,11 @@ impl<'s, 'a> Vb<'s, 'a> {
     }
 
     pub fn path(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     pub fn get(&self, shape: &[i64], name: &str) -> Tensor {
@@ -373,7 +571,71 @@ impl<'s, 'a> Vb<'s, 'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::canonical_name;
+    use super::*;
+    use std::io::Write;
+
+    /// A torch.save archive in a model folder: the pickle of `model::pickle`'s tests over one f16 storage of 6.
+    fn write_torch_archive(dir: &Path, entries: &[(&str, &[u8])]) -> PathBuf {
+        let path = dir.join("pytorch_model.bin");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        let stored = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, bytes) in entries {
+            zip.start_file(format!("pytorch_model/{name}"), stored).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        path
+    }
+
+    fn f16_storage() -> Vec<u8> {
+        (0..6).flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn pytorch_archives_give_strided_views_of_their_storages() {
+        let dir = tempfile::tempdir().unwrap();
+        let pickle = crate::model::pickle::tests::torch_state_dict();
+        let storage = f16_storage();
+        write_torch_archive(dir.path(), &[("data.pkl", &pickle), ("byteorder", b"little"), ("data/0", &storage)]);
+        let ckpt = Checkpoint::open_dir(dir.path()).unwrap();
+        assert_eq!(ckpt.kind_of("w"), Some(Kind::Half));
+        assert_eq!(ckpt.shape("tied"), Some(vec![2, 2]));
+        for name in ["w", "tied"] {
+            let t = ckpt.load(name, Kind::Float, Device::Cpu).unwrap().unwrap();
+            // offset 2, strides (1, 2): [[2, 4], [3, 5]]
+            assert_eq!(Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(), [2.0, 4.0, 3.0, 5.0], "{name}");
+        }
+    }
+
+    #[test]
+    fn broken_pytorch_archives_say_which_file_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let pickle = crate::model::pickle::tests::torch_state_dict();
+        let short_storage = &f16_storage()[..8];
+        let path = write_torch_archive(dir.path(), &[("data.pkl", &pickle), ("data/0", short_storage)]);
+        let message = Checkpoint::open_dir(dir.path()).err().unwrap().to_string();
+        assert!(
+            message.contains("pytorch_model.bin: w (shape [2, 2], stride [1, 2]) lies outside its storage"),
+            "{message}"
+        );
+
+        write_torch_archive(dir.path(), &[("data.pkl", &pickle), ("data/0", &f16_storage())]);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 40]).unwrap();
+        let message = Checkpoint::open_dir(dir.path()).err().unwrap().to_string();
+        assert!(message.contains(&format!("{}: not a zip archive", path.display())), "{message}");
+        assert!(message.contains("download the file again"), "{message}");
+    }
+
+    #[test]
+    fn an_index_naming_a_missing_shard_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = r#"{"weight_map": {"a": "pytorch_model-00001-of-00002.bin"}}"#;
+        std::fs::write(dir.path().join("pytorch_model.bin.index.json"), index).unwrap();
+        let message = Checkpoint::open_dir(dir.path()).err().unwrap().to_string();
+        assert!(message.contains("names the shard"), "{message}");
+        assert!(message.contains("pytorch_model-00001-of-00002.bin, which is not there"), "{message}");
+    }
 
     #[test]
     fn every_layout_maps_to_the_older_llava_hf_names() {
@@ -388,7 +650,10 @@ mod tests {
             assert_eq!(canonical_name(key), clip, "{key}");
         }
         for (key, canonical) in [
-            ("vision_tower.embeddings.patch_embedding.weight", "vision_tower.vision_model.embeddings.patch_embedding.weight"),
+            (
+                "vision_tower.embeddings.patch_embedding.weight",
+                "vision_tower.vision_model.embeddings.patch_embedding.weight",
+            ),
             ("vision_tower.pre_layrnorm.bias", "vision_tower.vision_model.pre_layrnorm.bias"),
             ("vision_tower.post_layernorm.weight", "vision_tower.vision_model.post_layernorm.weight"),
             ("model.language_model.layers.1.mlp.up_proj.weight", "language_model.model.layers.1.mlp.up_proj.weight"),

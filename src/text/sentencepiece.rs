@@ -132,8 +132,12 @@ impl SentencePiece {
         let mut model_type = 1u64; // UNIGRAM, the protobuf default
         let mut byte_fallback = false;
         let mut treat_whitespace_as_suffix = false;
-        let mut normalizer =
-            Normalizer { add_dummy_prefix: true, remove_extra_whitespaces: true, escape_whitespaces: true, treat_whitespace_as_suffix: false };
+        let mut normalizer = Normalizer {
+            add_dummy_prefix: true,
+            remove_extra_whitespaces: true,
+            escape_whitespaces: true,
+            treat_whitespace_as_suffix: false,
+        };
         let mut charsmap_len = 0;
         for field in fields(bytes) {
             let (number, value) = field.ok_or(MALFORMED)?;
@@ -142,7 +146,9 @@ impl SentencePiece {
                     let mut p = Piece { text: String::new(), score: 0.0, kind: PieceType::Normal };
                     for f in fields(piece) {
                         match f.ok_or(MALFORMED)? {
-                            (1, Field::Bytes(text)) => p.text = String::from_utf8(text.to_vec()).map_err(|_| "a piece is not UTF-8")?,
+                            (1, Field::Bytes(text)) => {
+                                p.text = String::from_utf8(text.to_vec()).map_err(|_| "a piece is not UTF-8")?
+                            }
                             (2, Field::Fixed32(bits)) => p.score = f32::from_bits(bits),
                             (3, Field::Varint(kind)) => {
                                 p.kind = match kind {
@@ -185,7 +191,9 @@ impl SentencePiece {
             }
         }
         if model_type != 2 {
-            return Err(format!("model type {model_type} is not BPE (2): only BPE sentencepiece models (Llama, Mistral) are supported"));
+            return Err(format!(
+                "model type {model_type} is not BPE (2): only BPE sentencepiece models (Llama, Mistral) are supported"
+            ));
         }
         if charsmap_len > 0 {
             return Err("the normalizer has a character map (NFKC-style rules), which stic does not apply: only identity normalizers are supported".into());
@@ -220,7 +228,12 @@ impl SentencePiece {
         }
         let unk_id = unk_id.ok_or("the model defines no unknown piece")?;
         let byte_ids = if byte_fallback {
-            Some(bytes_found.into_iter().collect::<Option<Vec<u32>>>().ok_or("byte_fallback is on but the 256 byte pieces are not all there")?)
+            Some(
+                bytes_found
+                    .into_iter()
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or("byte_fallback is on but the 256 byte pieces are not all there")?,
+            )
         } else {
             None
         };
@@ -388,20 +401,21 @@ impl SentencePiece {
         // merged piece -> its two halves, for unused pieces that must be split again
         let mut reverse_merges: HashMap<&'t str, (&'t str, &'t str)> = HashMap::new();
         let text_of = |s: &Symbol| &normalized[s.start..s.start + s.len];
-        let mut consider = |symbols: &[Symbol], agenda: &mut BinaryHeap<Candidate>, left: Option<usize>, right: Option<usize>| {
-            let (Some(left), Some(right)) = (left, right) else { return };
-            let (l, r) = (&symbols[left], &symbols[right]);
-            if l.frozen || r.frozen {
-                return;
-            }
-            let merged = &normalized[l.start..l.start + l.len + r.len];
-            let Some(&id) = self.mergeable.get(merged) else { return };
-            let piece = &self.pieces[id as usize];
-            agenda.push(Candidate { score: piece.score, left, right, len: merged.len() });
-            if piece.kind == PieceType::Unused {
-                reverse_merges.insert(merged, (text_of(l), text_of(r)));
-            }
-        };
+        let mut consider =
+            |symbols: &[Symbol], agenda: &mut BinaryHeap<Candidate>, left: Option<usize>, right: Option<usize>| {
+                let (Some(left), Some(right)) = (left, right) else { return };
+                let (l, r) = (&symbols[left], &symbols[right]);
+                if l.frozen || r.frozen {
+                    return;
+                }
+                let merged = &normalized[l.start..l.start + l.len + r.len];
+                let Some(&id) = self.mergeable.get(merged) else { return };
+                let piece = &self.pieces[id as usize];
+                agenda.push(Candidate { score: piece.score, left, right, len: merged.len() });
+                if piece.kind == PieceType::Unused {
+                    reverse_merges.insert(merged, (text_of(l), text_of(r)));
+                }
+            };
         for i in 1..symbols.len() {
             consider(&symbols, &mut agenda, Some(i - 1), Some(i));
         }
@@ -422,7 +436,12 @@ impl SentencePiece {
             consider(&symbols, &mut agenda, Some(top.left), right_next);
         }
         let mut out = Vec::new();
-        fn resegment<'t>(sp: &SentencePiece, piece: &'t str, reverse: &HashMap<&'t str, (&'t str, &'t str)>, out: &mut Vec<(&'t str, u32)>) {
+        fn resegment<'t>(
+            sp: &SentencePiece,
+            piece: &'t str,
+            reverse: &HashMap<&'t str, (&'t str, &'t str)>,
+            out: &mut Vec<(&'t str, u32)>,
+        ) {
             let id = sp.piece_to_id(piece);
             match reverse.get(piece) {
                 Some(&(left, right)) if sp.pieces[id as usize].kind == PieceType::Unused => {
@@ -530,7 +549,8 @@ mod tests {
 
     #[test]
     fn merges_by_score_and_leftmost_on_ties() {
-        let sp = toy(&[("▁", 0.0, 1), ("a", 0.0, 1), ("b", 0.0, 1), ("ab", -1.0, 1), ("▁a", -2.0, 1), ("▁ab", -3.0, 1)]);
+        let sp =
+            toy(&[("▁", 0.0, 1), ("a", 0.0, 1), ("b", 0.0, 1), ("ab", -1.0, 1), ("▁a", -2.0, 1), ("▁ab", -3.0, 1)]);
         // "▁ab": a+b (score -1) is merged before ▁+a (-2), then ▁+ab.
         assert_eq!(sp.encode("ab"), vec![8]);
         // "▁abab": both "ab" pairs merge (leftmost first), then ▁+ab.

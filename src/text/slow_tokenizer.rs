@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::sentencepiece::{SentencePiece, SPACE_SYMBOL};
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
+use crate::fsutil::read_json;
 
 #[derive(Debug, Clone)]
 pub(super) struct AddedToken {
@@ -73,7 +74,10 @@ impl SlowTokenizer {
         let bool_or = |key: &str, default: bool| config.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
         let legacy = bool_or("legacy", true);
         let special = |key: &str, default: Option<&str>| -> Option<String> {
-            map.get(key).and_then(token_content).or_else(|| config.get(key).and_then(token_content)).or(default.map(String::from))
+            map.get(key)
+                .and_then(token_content)
+                .or_else(|| config.get(key).and_then(token_content))
+                .or(default.map(String::from))
         };
         let bos = special("bos_token", Some("<s>")).expect("default");
         let eos = special("eos_token", Some("</s>")).expect("default");
@@ -89,8 +93,12 @@ impl SlowTokenizer {
         special_contents.extend(pad.clone());
         special_contents.append(&mut additional);
         let bytes = std::fs::read(&model_path).map_err(|e| Error::io(&model_path, e))?;
-        let sp = if legacy { SentencePiece::from_bytes(&bytes) } else { SentencePiece::from_bytes_without_dummy_prefix(&bytes) }
-            .map_err(|why| Error::Tokenizer(format!("{}: {why}", model_path.display())))?;
+        let sp = if legacy {
+            SentencePiece::from_bytes(&bytes)
+        } else {
+            SentencePiece::from_bytes_without_dummy_prefix(&bytes)
+        }
+        .map_err(|why| Error::Tokenizer(format!("{}: {why}", model_path.display())))?;
         let mut tok = SlowTokenizer {
             sp,
             added: Vec::new(),
@@ -110,12 +118,16 @@ impl SlowTokenizer {
         if let Some(decoder) = config.get("added_tokens_decoder").and_then(|v| v.as_object()) {
             let mut entries: Vec<(u32, &serde_json::Value)> = Vec::new();
             for (id, token) in decoder {
-                let id = id.parse::<u32>().map_err(|_| Error::Tokenizer(format!("{}: added token id {id} is not a number", config_path.display())))?;
+                let id = id.parse::<u32>().map_err(|_| {
+                    Error::Tokenizer(format!("{}: added token id {id} is not a number", config_path.display()))
+                })?;
                 entries.push((id, token));
             }
             entries.sort_by_key(|(id, _)| *id);
             for (id, token) in entries {
-                let content = token_content(token).ok_or_else(|| Error::Tokenizer(format!("{}: added token {id} has no content", config_path.display())))?;
+                let content = token_content(token).ok_or_else(|| {
+                    Error::Tokenizer(format!("{}: added token {id} has no content", config_path.display()))
+                })?;
                 tok.add(AddedToken {
                     content,
                     id,
@@ -130,7 +142,14 @@ impl SlowTokenizer {
             for (content, id) in extra {
                 if let Some(id) = id.as_u64() {
                     if !tok.added_by_content.contains_key(content) {
-                        tok.add(AddedToken { content: content.clone(), id: id as u32, lstrip: false, rstrip: false, single_word: false, special: false });
+                        tok.add(AddedToken {
+                            content: content.clone(),
+                            id: id as u32,
+                            lstrip: false,
+                            rstrip: false,
+                            single_word: false,
+                            special: false,
+                        });
                     }
                 }
             }
@@ -139,7 +158,14 @@ impl SlowTokenizer {
         for content in &special_contents {
             if !tok.added_by_content.contains_key(content) {
                 let id = tok.vocab_id(content).unwrap_or_else(|| tok.vocab_len() as u32);
-                tok.add(AddedToken { content: content.clone(), id, lstrip: false, rstrip: false, single_word: false, special: true });
+                tok.add(AddedToken {
+                    content: content.clone(),
+                    id,
+                    lstrip: false,
+                    rstrip: false,
+                    single_word: false,
+                    special: true,
+                });
             }
         }
         tok.bos_id = tok.vocab_id(&bos).expect("added above");
@@ -216,7 +242,8 @@ impl SlowTokenizer {
             prepared = if self.add_prefix_space { format!("{SPACE_SYMBOL}{replaced}") } else { replaced };
             &prepared
         };
-        let mut parts: Vec<(String, Option<usize>)> = self.split_added(text).into_iter().map(|(s, t)| (s.to_string(), t)).collect();
+        let mut parts: Vec<(String, Option<usize>)> =
+            self.split_added(text).into_iter().map(|(s, t)| (s.to_string(), t)).collect();
         for i in 0..parts.len() {
             let Some(index) = parts[i].1 else { continue };
             let token = &self.added[index];
@@ -226,11 +253,21 @@ impl SlowTokenizer {
             if token.lstrip && i > 0 && parts[i - 1].1.is_none() {
                 parts[i - 1].0 = parts[i - 1].0.trim_end().to_string();
             }
-            if token.single_word && i > 0 && parts[i - 1].1.is_none() && !parts[i - 1].0.is_empty() && !parts[i - 1].0.ends_with(' ') {
+            if token.single_word
+                && i > 0
+                && parts[i - 1].1.is_none()
+                && !parts[i - 1].0.is_empty()
+                && !parts[i - 1].0.ends_with(' ')
+            {
                 let content = std::mem::take(&mut parts[i].0);
                 parts[i - 1].0.push_str(&content);
                 parts[i].1 = None;
-            } else if token.single_word && i + 1 < parts.len() && parts[i + 1].1.is_none() && !parts[i + 1].0.is_empty() && !parts[i + 1].0.starts_with(' ') {
+            } else if token.single_word
+                && i + 1 < parts.len()
+                && parts[i + 1].1.is_none()
+                && !parts[i + 1].0.is_empty()
+                && !parts[i + 1].0.starts_with(' ')
+            {
                 let content = std::mem::take(&mut parts[i].0);
                 parts[i + 1].0.insert_str(0, &content);
                 parts[i].1 = None;
@@ -248,7 +285,8 @@ impl SlowTokenizer {
         }
         if !self.legacy && ids.len() > 1 {
             let space = self.sp.piece_to_id(&SPACE_SYMBOL.to_string());
-            let second_is_special = self.added_by_id.get(&ids[1]).is_some_and(|&i| self.special_contents.contains(&self.added[i].content));
+            let second_is_special =
+                self.added_by_id.get(&ids[1]).is_some_and(|&i| self.special_contents.contains(&self.added[i].content));
             if ids[0] == space && second_is_special {
                 ids.remove(0);
             }
@@ -263,7 +301,11 @@ impl SlowTokenizer {
         }
         let unk_len = self.sp.encode(&self.unk_content).len();
         let ids = self.sp.encode(&format!("{}{text}", self.unk_content));
-        if ids.len() >= unk_len { ids[unk_len..].to_vec() } else { ids }
+        if ids.len() >= unk_len {
+            ids[unk_len..].to_vec()
+        } else {
+            ids
+        }
     }
 
     /// Pieces go back through `convert_tokens_to_ids`, where an added token with the same text wins.
@@ -324,9 +366,20 @@ impl SlowTokenizer {
         if !self.clean_up_spaces {
             return text;
         }
-        [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
-            .iter()
-            .fold(text, |t, (from, to)| t.replace(from, to))
+        [
+            (" .", "."),
+            (" ?", "?"),
+            (" !", "!"),
+            (" ,", ","),
+            (" ' ", "'"),
+            (" n't", "n't"),
+            (" 'm", "'m"),
+            (" 's", "'s"),
+            (" 've", "'ve"),
+            (" 're", "'re"),
+        ]
+        .iter()
+        .fold(text, |t, (from, to)| t.replace(from, to))
     }
 
     /// `LlamaTokenizer.convert_tokens_to_string`.

@@ -12,6 +12,8 @@ pub const IMAGE_TOKEN: &str = "<image>";
 /// LLaVA's `IMAGE_TOKEN_INDEX`: where an image goes in the ids; never looked up in an embedding.
 pub const IMAGE_TOKEN_INDEX: i64 = -200;
 
+// One per loaded tokenizer: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     /// `tokenizer.json` with the Hugging Face `tokenizers` library (transformers' fast tokenizer).
     Fast { inner: tokenizers::Tokenizer, image_id: Option<u32> },
@@ -60,9 +62,11 @@ impl TextTokenizer {
                     json.display()
                 )));
             }
-            let inner = tokenizers::Tokenizer::from_file(&json).map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
+            let inner = tokenizers::Tokenizer::from_file(&json)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
             let id = |token: &str| inner.token_to_id(token).map(i64::from);
-            let missing = |token: &str| Error::Tokenizer(format!("{}: token {token} is not in the vocabulary", json.display()));
+            let missing =
+                |token: &str| Error::Tokenizer(format!("{}: token {token} is not in the vocabulary", json.display()));
             Ok(TextTokenizer {
                 bos_id: id("<s>").ok_or_else(|| missing("<s>"))?,
                 eos_id: id("</s>").ok_or_else(|| missing("</s>"))?,
@@ -96,7 +100,9 @@ impl TextTokenizer {
 
     fn encode_chunk(&self, text: &str, add_special: bool) -> Result<Vec<i64>> {
         let ids: Vec<u32> = match &self.backend {
-            Backend::Fast { inner, .. } => inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec(),
+            Backend::Fast { inner, .. } => {
+                inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec()
+            }
             Backend::Slow(slow) => slow.encode(text, add_special),
         };
         Ok(ids.into_iter().map(i64::from).collect())
@@ -113,10 +119,14 @@ impl TextTokenizer {
         let ids = match (&self.backend, self.processing) {
             (Backend::Fast { image_id: Some(image), .. }, Processing::Transformers) => {
                 let image = i64::from(*image);
-                self.encode_chunk(text, add_special)?.into_iter().map(|id| if id == image { IMAGE_TOKEN_INDEX } else { id }).collect()
+                self.encode_chunk(text, add_special)?
+                    .into_iter()
+                    .map(|id| if id == image { IMAGE_TOKEN_INDEX } else { id })
+                    .collect()
             }
             (_, Processing::Llava) => {
-                let chunks = text.split(IMAGE_TOKEN).map(|c| self.encode_chunk(c, add_special)).collect::<Result<Vec<_>>>()?;
+                let chunks =
+                    text.split(IMAGE_TOKEN).map(|c| self.encode_chunk(c, add_special)).collect::<Result<Vec<_>>>()?;
                 let offset = usize::from(chunks[0].first() == Some(&self.bos_id));
                 let mut ids = chunks[0][..offset].to_vec();
                 for (i, chunk) in chunks.iter().enumerate() {
@@ -154,7 +164,9 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
         match &self.backend {
-            Backend::Fast { inner, .. } => inner.decode(&ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string())),
+            Backend::Fast { inner, .. } => {
+                inner.decode(&ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
+            }
             Backend::Slow(slow) => Ok(slow.decode(&ids, skip_special)),
         }
     }

@@ -15,7 +15,14 @@ impl SlowTokenizer {
         for content in contents {
             if self.vocab_id(content).is_none() {
                 let id = self.vocab_len() as u32;
-                self.add(AddedToken { content: content.to_string(), id, lstrip: false, rstrip: false, single_word: false, special: true });
+                self.add(AddedToken {
+                    content: content.to_string(),
+                    id,
+                    lstrip: false,
+                    rstrip: false,
+                    single_word: false,
+                    special: true,
+                });
             }
         }
     }
@@ -74,7 +81,9 @@ impl SlowTokenizer {
         if self.add_prefix_space {
             normalizers.push(serde_json::json!({"type": "Prepend", "prepend": SPACE_SYMBOL.to_string()}));
         }
-        normalizers.push(serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE_SYMBOL.to_string()}));
+        normalizers.push(
+            serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE_SYMBOL.to_string()}),
+        );
         let mut decoders = vec![
             serde_json::json!({"type": "Replace", "pattern": {"String": SPACE_SYMBOL.to_string()}, "content": " "}),
             serde_json::json!({"type": "ByteFallback"}),
@@ -166,7 +175,10 @@ impl SlowTokenizer {
                     "use_default_system_prompt": false,
                 }),
             ),
-            ("special_tokens_map.json", serde_json::json!({"bos_token": entry(&bos), "eos_token": entry(&eos), "pad_token": entry(pad), "unk_token": entry(&unk)})),
+            (
+                "special_tokens_map.json",
+                serde_json::json!({"bos_token": entry(&bos), "eos_token": entry(&eos), "pad_token": entry(pad), "unk_token": entry(&unk)}),
+            ),
         ]
     }
 }

@@ -20,7 +20,11 @@ const PANELS: [(&str, &str, Option<&str>); 4] = [
 ];
 
 fn points(history: &[Map<String, Value>], key: &str) -> Vec<(f64, f64)> {
-    history.iter().filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?))).filter(|(_, v)| v.is_finite()).collect()
+    history
+        .iter()
+        .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?)))
+        .filter(|(_, v)| v.is_finite())
+        .collect()
 }
 
 /// The size of the picture for `panels` panels: two per row.
@@ -30,7 +34,13 @@ pub fn size(panels: usize) -> (u32, u32) {
 
 /// Draws the curves of `history` (trainer_state.json's log_history) to `path`, all or nothing.
 pub fn draw(path: &Path, history: &[Map<String, Value>]) -> Result<()> {
-    let panels: Vec<_> = PANELS.iter().map(|&(title, train, eval)| (title, points(history, train), eval.map(|k| points(history, k)).unwrap_or_default())).filter(|(_, train, _)| !train.is_empty()).collect();
+    let panels: Vec<_> = PANELS
+        .iter()
+        .map(|&(title, train, eval)| {
+            (title, points(history, train), eval.map(|k| points(history, k)).unwrap_or_default())
+        })
+        .filter(|(_, train, _)| !train.is_empty())
+        .collect();
     let (width, height) = size(panels.len());
     let mut pixels = vec![0u8; (width * height * 3) as usize];
     let failed = |e: &dyn std::fmt::Display| Error::Training(format!("drawing {}: {e}", path.display()));
@@ -41,7 +51,10 @@ pub fn draw(path: &Path, history: &[Map<String, Value>]) -> Result<()> {
         let areas = root.split_evenly((panels.len().div_ceil(2).max(1), 2));
         for ((title, train, eval), area) in panels.iter().zip(&areas) {
             let all = train.iter().chain(eval);
-            let (x_max, (y_min, y_max)) = all.clone().fold((1.0f64, (f64::INFINITY, f64::NEG_INFINITY)), |(x, (lo, hi)), &(s, v)| (x.max(s), (lo.min(v), hi.max(v))));
+            let (x_max, (y_min, y_max)) =
+                all.clone().fold((1.0f64, (f64::INFINITY, f64::NEG_INFINITY)), |(x, (lo, hi)), &(s, v)| {
+                    (x.max(s), (lo.min(v), hi.max(v)))
+                });
             let pad = ((y_max - y_min).abs() * 0.05).max(y_max.abs() * 1e-3).max(1e-12);
             let mut chart = ChartBuilder::on(area)
                 .caption(*title, (font, 20))
@@ -53,17 +66,31 @@ pub fn draw(path: &Path, history: &[Map<String, Value>]) -> Result<()> {
             chart
                 .configure_mesh()
                 .x_desc("step")
-                .y_label_formatter(&|v| if v.abs() < 1e-2 && *v != 0.0 { format!("{v:.1e}") } else { format!("{v:.3}") })
+                .y_label_formatter(&|v| {
+                    if v.abs() < 1e-2 && *v != 0.0 {
+                        format!("{v:.1e}")
+                    } else {
+                        format!("{v:.3}")
+                    }
+                })
                 .label_style((font, 13))
                 .draw()
                 .map_err(|e| failed(&e))?;
             let blue = RGBColor(31, 119, 180);
-            chart.draw_series(LineSeries::new(train.iter().copied(), blue.stroke_width(2))).map_err(|e| failed(&e))?.label("train").legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], blue.stroke_width(2)));
+            chart
+                .draw_series(LineSeries::new(train.iter().copied(), blue.stroke_width(2)))
+                .map_err(|e| failed(&e))?
+                .label("train")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], blue.stroke_width(2)));
             if !eval.is_empty() {
                 let red = RGBColor(214, 39, 40);
-                chart.draw_series(eval.iter().map(|&p| Circle::new(p, 4, red.filled()))).map_err(|e| failed(&e))?.label("eval").legend(move |(x, y)| Circle::new((x + 8, y), 4, red.filled()));
+                chart
+                    .draw_series(eval.iter().map(|&p| Circle::new(p, 4, red.filled())))
+                    .map_err(|e| failed(&e))?
+                    .label("eval")
+                    .legend(move |(x, y)| Circle::new((x + 8, y), 4, red.filled()));
             }
-            chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font((font, 13)).draw().map_err(|e| failed(&e))?;
+            crate::plot::draw_legend(&mut chart, 13).map_err(|e| failed(&e))?;
         }
         root.present().map_err(|e| failed(&e))?;
     }

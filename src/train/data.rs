@@ -39,9 +39,12 @@ impl PreferencePair {
     }
 }
 
+/// The usable records of a data file, each with its position in the file, and why the others were skipped.
+pub type Records<T> = (Vec<(usize, T)>, Vec<String>);
+
 /// Records of a JSON list or of JSON lines, with the line (JSONL) or position (JSON list) of each, counted from 1.
-pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool) -> Result<(Vec<(usize, T)>, Vec<String>)> {
-    let text = crate::error::read_text(path)?;
+pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool) -> Result<Records<T>> {
+    let text = crate::fsutil::read_text(path)?;
     let mut records = Vec::new();
     let mut skipped = Vec::new();
     let mut bad = |what: String| -> Result<()> {
@@ -97,7 +100,7 @@ pub fn encode_conversation(
     turns: &[(String, String)],
     image_features: usize,
     max_length: usize,
-) -> std::result::Result<(super::trainer::EncodedRow, bool), String> {
+) -> std::result::Result<(super::objective::EncodedRow, bool), String> {
     let mut messages: Vec<Option<&str>> = Vec::new();
     let mut spans = Vec::new();
     let encode = |msgs: &[Option<&str>]| tokenizer.encode(&template.render(msgs), true).map_err(|e| e.to_string());
@@ -118,7 +121,8 @@ pub fn encode_conversation(
         scored[*start..upto.len()].iter_mut().for_each(|s| *s = true);
     }
     let image_id = tokenizer.image_id;
-    let (mut ids_out, mut scored_out) = (Vec::with_capacity(ids.len() + image_features), Vec::with_capacity(ids.len() + image_features));
+    let (mut ids_out, mut scored_out) =
+        (Vec::with_capacity(ids.len() + image_features), Vec::with_capacity(ids.len() + image_features));
     for (id, s) in ids.into_iter().zip(scored) {
         let copies = if id == image_id { image_features } else { 1 };
         ids_out.extend(std::iter::repeat_n(id, copies));
@@ -126,12 +130,14 @@ pub fn encode_conversation(
     }
     let first_scored = scored_out.iter().position(|&s| s).ok_or("no response tokens")?;
     if first_scored >= max_length {
-        return Err(format!("the prompt alone is {first_scored} tokens (image included), over max_length {max_length}"));
+        return Err(format!(
+            "the prompt alone is {first_scored} tokens (image included), over max_length {max_length}"
+        ));
     }
     let truncated = ids_out.len() > max_length;
     ids_out.truncate(max_length);
     scored_out.truncate(max_length);
-    Ok((super::trainer::EncodedRow { ids: ids_out, scored: scored_out }, truncated))
+    Ok((super::objective::EncodedRow { ids: ids_out, scored: scored_out }, truncated))
 }
 
 /// The image's size (height, width) from its header, without decoding it.

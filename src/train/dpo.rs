@@ -3,36 +3,30 @@
 use tch::{Kind, Tensor};
 
 use super::forward::{backward, decoder_forward, row_logps};
+use super::objective::{load_preprocessed, EncodedRow, Objective, StepOutput};
 use super::packing::{pack, shared_prefix_len, PackedBatch, RowGroup};
-use super::trainer::{load_preprocessed, EncodedRow, Objective, StepOutput};
 use crate::error::{Error, Result};
 use crate::image::Preprocessed;
-use std::path::PathBuf;
 use crate::model::LlavaNext;
+use std::path::PathBuf;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum LossType {
     Sigmoid,
     Hinge,
     Ipo,
 }
 
-impl LossType {
-    pub const ALL: [LossType; 3] = [LossType::Sigmoid, LossType::Hinge, LossType::Ipo];
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum RejectedScoring {
     /// The log-probability of the rejected tokens (the paper's equation).
     Paper,
     /// The official code's quirk: the model's own top-1 token (top-2 where top-1 is the label).
     OfficialTopToken,
-}
-
-impl RejectedScoring {
-    pub const ALL: [RejectedScoring; 2] = [RejectedScoring::Paper, RejectedScoring::OfficialTopToken];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -47,12 +41,23 @@ pub struct DpoConfig {
 
 impl Default for DpoConfig {
     fn default() -> Self {
-        DpoConfig { beta: 0.1, alpha: 1.0 / 1024.0, loss_type: LossType::Sigmoid, rejected_scoring: RejectedScoring::Paper }
+        DpoConfig {
+            beta: 0.1,
+            alpha: 1.0 / 1024.0,
+            loss_type: LossType::Sigmoid,
+            rejected_scoring: RejectedScoring::Paper,
+        }
     }
 }
 
 /// Per-pair losses and rewards from summed log-probabilities (each [pairs]).
-pub fn dpo_loss(cfg: &DpoConfig, policy_chosen: &Tensor, policy_rejected: &Tensor, ref_chosen: &Tensor, ref_rejected: &Tensor) -> (Tensor, Tensor, Tensor) {
+pub fn dpo_loss(
+    cfg: &DpoConfig,
+    policy_chosen: &Tensor,
+    policy_rejected: &Tensor,
+    ref_chosen: &Tensor,
+    ref_rejected: &Tensor,
+) -> (Tensor, Tensor, Tensor) {
     let h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected);
     let preference = match cfg.loss_type {
         LossType::Sigmoid => -(&h * cfg.beta).log_sigmoid(),
@@ -120,20 +125,27 @@ impl DpoObjective {
     }
 
     /// Summed log-probs of every row ([chosen..., rejected...]); `features` has one entry per pair with an image.
-    fn logps(&self, model: &LlavaNext, batch: &PackedBatch, features: &[Tensor], with_graph: bool, seed: i64) -> Result<(Tensor, Option<super::forward::Recompute>)> {
+    fn logps(
+        &self,
+        model: &LlavaNext,
+        batch: &PackedBatch,
+        features: &[Tensor],
+        with_graph: bool,
+        seed: i64,
+    ) -> Result<(Tensor, Option<super::forward::Recompute>)> {
         let runs: Vec<Tensor> = batch.image_runs.iter().map(|&i| features[i].shallow_clone()).collect();
         let embeds = model.embed_inputs(&batch.ids, &runs)?;
         let pairs = batch.rows as i64 / 2;
-        let own_top = (self.cfg.rejected_scoring == RejectedScoring::OfficialTopToken).then(|| {
-            Tensor::arange(2 * pairs, (Kind::Int64, batch.ids.device())).ge(pairs)
-        });
+        let own_top = (self.cfg.rejected_scoring == RejectedScoring::OfficialTopToken)
+            .then(|| Tensor::arange(2 * pairs, (Kind::Int64, batch.ids.device())).ge(pairs));
         let (hidden, recompute) = decoder_forward(model, &embeds, batch, with_graph && self.checkpointing, seed);
         Ok((row_logps(model, &hidden, &batch.scored, own_top.as_ref()), recompute))
     }
 
     /// Reference log-probs: the same weights with the adapter switched off.
     pub fn reference_logps(&self, model: &LlavaNext, batch: &PackedBatch, images: &[PairImage]) -> Result<Tensor> {
-        let switch = model.adapter_switch.clone().ok_or_else(|| Error::Input("DPO needs an adapter on the model".into()))?;
+        let switch =
+            model.adapter_switch.clone().ok_or_else(|| Error::Input("DPO needs an adapter on the model".into()))?;
         switch.set_enabled(false);
         let result = tch::no_grad(|| {
             let features = images.iter().map(|i| i.features(model)).collect::<Result<Vec<_>>>()?;
@@ -148,7 +160,15 @@ impl Objective for DpoObjective {
     type Example = PairExample;
 
     fn metric_names(&self) -> &'static [&'static str] {
-        &["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
+        &[
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+        ]
     }
 
     fn tokens(&self, example: &PairExample) -> usize {
@@ -157,7 +177,13 @@ impl Objective for DpoObjective {
         c.ids.len() + r.ids.len() - shared
     }
 
-    fn step(&self, model: &LlavaNext, examples: &[(usize, &PairExample)], loss_scale: f64, seed: i64) -> Result<StepOutput> {
+    fn step(
+        &self,
+        model: &LlavaNext,
+        examples: &[(usize, &PairExample)],
+        loss_scale: f64,
+        seed: i64,
+    ) -> Result<StepOutput> {
         let (pass, recompute) = self.forward(model, examples, true, seed)?;
         let loss = pass.losses.mean(Kind::Float);
         let loss_value = loss.double_value(&[]);
@@ -195,21 +221,40 @@ impl PairsPass {
     /// In the order of `metric_names`.
     fn per_pair_metrics(&self) -> [Tensor; 7] {
         let (c, r) = (&self.chosen_rewards, &self.rejected_rewards);
-        [self.losses.detach(), c.shallow_clone(), r.shallow_clone(), c - r, c.gt_tensor(r), self.policy_chosen.detach(), self.policy_rejected.detach()]
+        [
+            self.losses.detach(),
+            c.shallow_clone(),
+            r.shallow_clone(),
+            c - r,
+            c.gt_tensor(r),
+            self.policy_chosen.detach(),
+            self.policy_rejected.detach(),
+        ]
     }
 }
 
 impl DpoObjective {
     /// Reference and policy log-probs and the loss of each pair. `train`: dropout on, with a graph to backward
     /// through, and reference log-probs from the cache when there is one (it is indexed by training example).
-    fn forward(&self, model: &LlavaNext, examples: &[(usize, &PairExample)], train: bool, seed: i64) -> Result<(PairsPass, Option<super::forward::Recompute>)> {
+    fn forward(
+        &self,
+        model: &LlavaNext,
+        examples: &[(usize, &PairExample)],
+        train: bool,
+        seed: i64,
+    ) -> Result<(PairsPass, Option<super::forward::Recompute>)> {
         let device = model.device();
         let batch = self.pack(model, &examples.iter().map(|(_, e)| *e).collect::<Vec<_>>())?;
-        let images = examples.iter().filter_map(|(_, e)| e.image.as_deref()).map(|path| PairImage::load(model, path)).collect::<Result<Vec<_>>>()?;
+        let images = examples
+            .iter()
+            .filter_map(|(_, e)| e.image.as_deref())
+            .map(|path| PairImage::load(model, path))
+            .collect::<Result<Vec<_>>>()?;
         let pairs = examples.len() as i64;
         let reference = match self.reference_cache.as_ref().filter(|_| train) {
             Some(cache) => {
-                let (c, r): (Vec<f32>, Vec<f32>) = examples.iter().map(|(i, _)| (cache[*i].0 as f32, cache[*i].1 as f32)).unzip();
+                let (c, r): (Vec<f32>, Vec<f32>) =
+                    examples.iter().map(|(i, _)| (cache[*i].0 as f32, cache[*i].1 as f32)).unzip();
                 Tensor::cat(&[Tensor::from_slice(&c), Tensor::from_slice(&r)], 0).to_device(device)
             }
             None => self.reference_logps(model, &batch, &images)?,
@@ -220,7 +265,14 @@ impl DpoObjective {
         let (pc, pr) = (policy.narrow(0, 0, pairs), policy.narrow(0, pairs, pairs));
         let (rc, rr) = (reference.narrow(0, 0, pairs), reference.narrow(0, pairs, pairs));
         let (losses, chosen_rewards, rejected_rewards) = dpo_loss(&self.cfg, &pc, &pr, &rc, &rr);
-        let pass = PairsPass { losses, chosen_rewards, rejected_rewards, policy_chosen: pc, policy_rejected: pr, tokens: batch.row_tokens };
+        let pass = PairsPass {
+            losses,
+            chosen_rewards,
+            rejected_rewards,
+            policy_chosen: pc,
+            policy_rejected: pr,
+            tokens: batch.row_tokens,
+        };
         Ok((pass, recompute))
     }
 }
@@ -228,6 +280,24 @@ impl DpoObjective {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_names_agree_on_the_command_line_and_in_the_configs() {
+        use clap::ValueEnum;
+        fn check<T: ValueEnum + serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+            names: &[&str],
+        ) {
+            let all = T::value_variants();
+            assert_eq!(all.len(), names.len());
+            for (value, &name) in all.iter().zip(names) {
+                assert_eq!(value.to_possible_value().unwrap().get_name(), name);
+                assert_eq!(serde_json::to_value(value).unwrap(), name);
+                assert_eq!(&serde_json::from_value::<T>(name.into()).unwrap(), value);
+            }
+        }
+        check::<LossType>(&["sigmoid", "hinge", "ipo"]);
+        check::<RejectedScoring>(&["paper", "official_top_token"]);
+    }
 
     #[test]
     fn sigmoid_loss_matches_the_formula() {

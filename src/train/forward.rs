@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::packing::{PackedBatch, ScoredTokens};
-use crate::model::mistral::AttnMask;
+use crate::model::decoder::AttnMask;
 use crate::model::LlavaNext;
 
 /// Dropout masks are drawn from a generator reseeded before each layer, so that a recomputed layer sees the same
@@ -25,7 +25,13 @@ pub struct Recompute {
 
 /// Runs the decoder over the packed `embeds` [1, n, d] and returns the final-normed hidden states (with a graph
 /// to whatever requires grad) and, when checkpointing, what `backward` needs.
-pub fn decoder_forward(model: &LlavaNext, embeds: &Tensor, batch: &PackedBatch, checkpointing: bool, seed: i64) -> (Tensor, Option<Recompute>) {
+pub fn decoder_forward(
+    model: &LlavaNext,
+    embeds: &Tensor,
+    batch: &PackedBatch,
+    checkpointing: bool,
+    seed: i64,
+) -> (Tensor, Option<Recompute>) {
     let lm = &model.language_model;
     let attn = AttnMask::Segments(batch.layout.attention(lm.cfg.sliding_window, embeds.device()));
     let rope = lm.rotary.cos_sin(&batch.positions, embeds.kind());

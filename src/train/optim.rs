@@ -93,7 +93,8 @@ pub fn clip_grad_norm<'a>(params: impl Iterator<Item = &'a Tensor>, max_norm: f6
         return 0.0;
     }
     let total = tch::no_grad(|| {
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float)).collect();
+        let squares: Vec<Tensor> =
+            grads.iter().map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float)).collect();
         Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[])
     });
     if max_norm > 0.0 {
@@ -135,7 +136,10 @@ mod tests {
     fn adamw_matches_the_closed_form_of_its_first_step() {
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         (&p * &p).sum(Kind::Float).backward();
-        let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.1, ..Default::default() }, vec![ParamGroup { params: vec![("p".into(), p.shallow_clone())], lr: 0.01 }]);
+        let mut opt = AdamW::new(
+            AdamWConfig { weight_decay: 0.1, ..Default::default() },
+            vec![ParamGroup { params: vec![("p".into(), p.shallow_clone())], lr: 0.01 }],
+        );
         opt.step(1.0);
         // First step: m̂ = g, v̂ = g², so the update is lr * g / (|g| + eps) = ±lr, after decay p *= 1 - lr*wd.
         let got: Vec<f32> = Vec::try_from(&p.detach()).unwrap();

@@ -3,7 +3,7 @@
 //! text, image, user turn), which then run once: the other rows continue that prefix and attend to its keys.
 use tch::{Device, Tensor};
 
-use super::trainer::EncodedRow;
+use super::objective::EncodedRow;
 use crate::error::{Error, Result};
 use crate::model::attention::{Segment, SegmentLayout};
 use crate::text::tokenizer::IMAGE_TOKEN_INDEX;
@@ -44,15 +44,25 @@ pub struct PackedBatch {
 /// whole to one segment, so that it takes the image's features whole).
 pub fn shared_prefix_len(rows: &[&EncodedRow]) -> usize {
     let Some((first, rest)) = rows.split_first() else { return 0 };
-    let mut len = rest.iter().map(|r| first.ids.iter().zip(&r.ids).take_while(|(a, b)| a == b).count()).min().unwrap_or(first.ids.len());
-    while len > 0 && first.ids[len - 1] == IMAGE_TOKEN_INDEX && rows.iter().any(|r| r.ids.get(len) == Some(&IMAGE_TOKEN_INDEX)) {
+    let mut len = rest
+        .iter()
+        .map(|r| first.ids.iter().zip(&r.ids).take_while(|(a, b)| a == b).count())
+        .min()
+        .unwrap_or(first.ids.len());
+    while len > 0
+        && first.ids[len - 1] == IMAGE_TOKEN_INDEX
+        && rows.iter().any(|r| r.ids.get(len) == Some(&IMAGE_TOKEN_INDEX))
+    {
         len -= 1;
     }
     len
 }
 
 fn image_runs(ids: &[i64]) -> usize {
-    ids.iter().enumerate().filter(|&(i, &id)| id == IMAGE_TOKEN_INDEX && (i == 0 || ids[i - 1] != IMAGE_TOKEN_INDEX)).count()
+    ids.iter()
+        .enumerate()
+        .filter(|&(i, &id)| id == IMAGE_TOKEN_INDEX && (i == 0 || ids[i - 1] != IMAGE_TOKEN_INDEX))
+        .count()
 }
 
 /// Packs the groups in order (each group: its shared prefix, then what each row adds to it).
@@ -68,7 +78,9 @@ pub fn pack(groups: &[RowGroup], device: Device) -> Result<PackedBatch> {
             let runs = image_runs(tokens);
             match group.image {
                 Some(image) => image_runs_out.extend(std::iter::repeat_n(image, runs)),
-                None if runs > 0 => return Err(Error::Input(format!("a row has {runs} image placeholders but no image"))),
+                None if runs > 0 => {
+                    return Err(Error::Input(format!("a row has {runs} image placeholders but no image")))
+                }
                 None => {}
             }
             segments.push(Segment { len: tokens.len() as i64, parent });
@@ -79,9 +91,15 @@ pub fn pack(groups: &[RowGroup], device: Device) -> Result<PackedBatch> {
         for (out, row) in &group.rows {
             let runs = image_runs(&row.ids);
             if runs != group.image.is_some() as usize {
-                return Err(Error::Input(format!("a row has {runs} image placeholders; one image per row is supported")));
+                return Err(Error::Input(format!(
+                    "a row has {runs} image placeholders; one image per row is supported"
+                )));
             }
-            let leaf = if row.ids.len() > shared { push(&row.ids[shared..], prefix, &mut ids)? } else { prefix.expect("a non-empty row") };
+            let leaf = if row.ids.len() > shared {
+                push(&row.ids[shared..], prefix, &mut ids)?
+            } else {
+                prefix.expect("a non-empty row")
+            };
             leaves[*out] = (leaf, shared, &row.ids, &row.scored);
             row_tokens += row.ids.len();
         }
@@ -124,7 +142,11 @@ pub fn padded(rows: &[&EncodedRow], pad_id: i64) -> (Tensor, Tensor, Tensor) {
         scored.extend(row.scored.iter().map(|&s| s as i64).chain(std::iter::repeat_n(0, pad)));
     }
     let shape = [rows.len() as i64, t as i64];
-    (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape), Tensor::from_slice(&scored).view(shape))
+    (
+        Tensor::from_slice(&ids).view(shape),
+        Tensor::from_slice(&mask).view(shape),
+        Tensor::from_slice(&scored).view(shape),
+    )
 }
 
 #[cfg(test)]
@@ -168,11 +190,13 @@ mod tests {
     #[test]
     fn a_row_that_is_the_whole_prefix_or_prompts_that_differ() {
         let (c, r) = (row(&[1, IMG, 5], 2), row(&[1, IMG, 5, 6], 2));
-        let b = pack(&[RowGroup { rows: vec![(0, &c), (1, &r)], image: Some(0), share_prefix: true }], Device::Cpu).unwrap();
+        let b = pack(&[RowGroup { rows: vec![(0, &c), (1, &r)], image: Some(0), share_prefix: true }], Device::Cpu)
+            .unwrap();
         assert_eq!(Vec::<i64>::try_from(b.ids.view([-1])).unwrap(), vec![1, IMG, 5, 6]);
         assert_eq!(Vec::<i64>::try_from(&b.scored.prev).unwrap(), vec![1, 1, 2]);
         let (c, r) = (row(&[2, IMG, 5], 2), row(&[1, IMG, 5], 2));
-        let b = pack(&[RowGroup { rows: vec![(0, &c), (1, &r)], image: Some(3), share_prefix: true }], Device::Cpu).unwrap();
+        let b = pack(&[RowGroup { rows: vec![(0, &c), (1, &r)], image: Some(3), share_prefix: true }], Device::Cpu)
+            .unwrap();
         assert_eq!(b.ids.size(), vec![1, 6]);
         assert_eq!(b.image_runs, vec![3, 3]);
         let none = pack(&[RowGroup { rows: vec![(0, &c)], image: None, share_prefix: true }], Device::Cpu);

@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 use crate::generate::engine::{Engine, EngineOptions, Refusal, Request};
 use crate::generate::images::ImageKey;
+use crate::generate::session::Session;
 use crate::generate::SamplingConfig;
-use crate::session::Session;
 use crate::text::Template;
 
 #[derive(serde::Deserialize)]
@@ -36,12 +36,15 @@ impl SamplePrompts {
     /// Reads and checks the prompts (JSON lines `{"image": name or path, "prompt": text}`, images resolved
     /// against `image_dir`), decoding each image once: a bad file stops the command before any training.
     pub fn load(prompts_file: &Path, image_dir: &Path, max_pixels: u64) -> Result<Self> {
-        let text = crate::error::read_text(prompts_file)?;
-        let at = |line: usize, why: String| Error::Input(format!("--sample-prompts {} line {line}: {why}", prompts_file.display()));
+        let text = crate::fsutil::read_text(prompts_file)?;
+        let at = |line: usize, why: String| {
+            Error::Input(format!("--sample-prompts {} line {line}: {why}", prompts_file.display()))
+        };
         let mut prompts = Vec::new();
         for (i, raw) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let line = i + 1;
-            let parsed: PromptLine = serde_json::from_str(raw).map_err(|e| at(line, format!("{e} (expected {{\"image\": ..., \"prompt\": ...}})")))?;
+            let parsed: PromptLine = serde_json::from_str(raw)
+                .map_err(|e| at(line, format!("{e} (expected {{\"image\": ..., \"prompt\": ...}})")))?;
             if parsed.prompt.trim().is_empty() {
                 return Err(at(line, "the prompt is empty".into()));
             }
@@ -50,7 +53,10 @@ impl SamplePrompts {
             prompts.push(SamplePrompt { image_name: parsed.image, image, prompt: parsed.prompt, line });
         }
         if prompts.is_empty() {
-            return Err(Error::Input(format!("--sample-prompts {}: no prompts (write one JSON object per line)", prompts_file.display())));
+            return Err(Error::Input(format!(
+                "--sample-prompts {}: no prompts (write one JSON object per line)",
+                prompts_file.display()
+            )));
         }
         Ok(SamplePrompts { prompts, source: prompts_file.to_path_buf() })
     }
@@ -69,7 +75,14 @@ pub struct SampleWriter<'a> {
 
 impl<'a> SampleWriter<'a> {
     /// Writes to `output`/samples.jsonl every `every` steps.
-    pub fn new(session: &'a Session, prompts: SamplePrompts, template: Template, every: usize, max_new_tokens: usize, output: &Path) -> Self {
+    pub fn new(
+        session: &'a Session,
+        prompts: SamplePrompts,
+        template: Template,
+        every: usize,
+        max_new_tokens: usize,
+        output: &Path,
+    ) -> Self {
         let path = output.join("samples.jsonl");
         SampleWriter { session, template, prompts, every: every.max(1), max_new_tokens, path, file: None }
     }
@@ -91,7 +104,8 @@ impl<'a> SampleWriter<'a> {
             }
         }
         write_atomic(&self.path, kept.as_bytes())?;
-        self.file = Some(std::fs::OpenOptions::new().append(true).open(&self.path).map_err(|e| Error::io(&self.path, e))?);
+        self.file =
+            Some(std::fs::OpenOptions::new().append(true).open(&self.path).map_err(|e| Error::io(&self.path, e))?);
         Ok(())
     }
 
@@ -107,7 +121,8 @@ impl<'a> SampleWriter<'a> {
         }
         let mut text = String::new();
         for (p, response) in self.prompts.prompts.iter().zip(responses?) {
-            let record = serde_json::json!({"step": step, "image": p.image_name, "prompt": p.prompt, "response": response});
+            let record =
+                serde_json::json!({"step": step, "image": p.image_name, "prompt": p.prompt, "response": response});
             text.push_str(&format!("{record}\n"));
         }
         let file = self.file.as_mut().expect("opened before the first step");
@@ -122,17 +137,31 @@ impl<'a> SampleWriter<'a> {
             let features = session.image_features(&[&crate::image::preprocess(&p.image, &session.model.cfg.image)])?;
             let text = self.template.prompt(&Session::user_text(&p.prompt, true));
             let prompt = session.prepare(&text, features)?;
-            requests.push(Request { prompt, images: vec![ImageKey::of(&p.image)], row_seed: 0, max_new_tokens: self.max_new_tokens });
+            requests.push(Request {
+                prompt,
+                images: vec![ImageKey::of(&p.image)],
+                row_seed: 0,
+                max_new_tokens: self.max_new_tokens,
+            });
         }
         // A cache for exactly these rows: on a GPU the training run holds the rest of the memory.
         let budget = requests.iter().map(|r| r.prompt.ids.len() + self.max_new_tokens + 1).sum();
-        let opts = EngineOptions { slots: requests.len().min(8), max_batch_tokens: Some(budget), cuda_graphs: false, ..Default::default() };
+        let opts = EngineOptions {
+            slots: requests.len().min(8),
+            max_batch_tokens: Some(budget),
+            cuda_graphs: false,
+            ..Default::default()
+        };
         let sampling = SamplingConfig { max_new_tokens: self.max_new_tokens, ..Default::default() };
         let mut engine: Engine<usize> = Engine::new(&session.model, sampling, session.tokenizer.eos_id, opts)?;
         for (i, request) in requests.into_iter().enumerate() {
             engine.submit(i, request).map_err(|refusal| {
                 let (Refusal::TooLong(e) | Refusal::CannotFit(e)) = refusal;
-                Error::Input(format!("--sample-prompts {} line {}: {e}", self.prompts.source.display(), prompts[i].line))
+                Error::Input(format!(
+                    "--sample-prompts {} line {}: {e}",
+                    self.prompts.source.display(),
+                    prompts[i].line
+                ))
             })?;
         }
         let mut responses = vec![String::new(); prompts.len()];

@@ -90,7 +90,11 @@ fn hostname() -> String {
     let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let name = if ok { String::from_utf8_lossy(&buf[..end]).into_owned() } else { String::new() };
-    if name.is_empty() { "localhost".into() } else { name }
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
 }
 
 /// Files opened by this process, for the last part of the name (as TensorFlow's writer numbers them).
@@ -132,7 +136,10 @@ impl EventWriter {
     /// One event per (tag, value), all at `step`.
     pub fn add_scalars(&mut self, step: usize, scalars: &[(String, f64)]) -> Result<()> {
         let wall = now();
-        let bytes: Vec<u8> = scalars.iter().flat_map(|(tag, value)| record(&scalar_event(wall, step as i64, tag, *value as f32))).collect();
+        let bytes: Vec<u8> = scalars
+            .iter()
+            .flat_map(|(tag, value)| record(&scalar_event(wall, step as i64, tag, *value as f32)))
+            .collect();
         self.write(&bytes)
     }
 

@@ -112,16 +112,35 @@ pub struct Tracker {
 
 impl Tracker {
     /// Continues `resumed` (the state of the checkpoint a run resumes from, at its step) or starts afresh.
-    pub fn open(output: &Path, metric_names: &[&str], eval_metric_names: &[&str], report_to: ReportTo, logging_dir: &Path, resumed: Option<&TrainerState>) -> Result<Self> {
+    pub fn open(
+        output: &Path,
+        metric_names: &[&str],
+        eval_metric_names: &[&str],
+        report_to: ReportTo,
+        logging_dir: &Path,
+        resumed: Option<&TrainerState>,
+    ) -> Result<Self> {
         let start = resumed.map_or(0, |s| s.global_step);
-        let header = |first: &[&str], rest: &[&str], last: &[&str]| first.iter().chain(rest).chain(last).map(|s| s.to_string()).collect();
+        let header = |first: &[&str], rest: &[&str], last: &[&str]| {
+            first.iter().chain(rest).chain(last).map(|s| s.to_string()).collect()
+        };
         let events_to = match report_to {
             ReportTo::Tensorboard => Some((logging_dir.to_path_buf(), resumed.map(|_| start + 1))),
             ReportTo::None => None,
         };
         Ok(Tracker {
-            train_log: CsvLog { path: output.join("train_log.csv"), header: header(&["step"], metric_names, &["grad_norm", "lr", "tokens_per_s"]), keep_steps: start, file: None },
-            eval_log: CsvLog { path: output.join("eval_log.csv"), header: header(&["step"], eval_metric_names, &[]), keep_steps: start, file: None },
+            train_log: CsvLog {
+                path: output.join("train_log.csv"),
+                header: header(&["step"], metric_names, &["grad_norm", "lr", "tokens_per_s"]),
+                keep_steps: start,
+                file: None,
+            },
+            eval_log: CsvLog {
+                path: output.join("eval_log.csv"),
+                header: header(&["step"], eval_metric_names, &[]),
+                keep_steps: start,
+                file: None,
+            },
             logging_dir: events_to.as_ref().map(|(dir, _)| dir.clone()),
             events: None,
             events_to,
@@ -134,10 +153,20 @@ impl Tracker {
     pub fn log_train(&mut self, row: &TrainRow) -> Result<()> {
         let mut csv = vec![row.step.to_string()];
         csv.extend(row.metrics.iter().map(|v| format!("{v:.6}")));
-        csv.extend([format!("{:.6}", row.grad_norm), format!("{:.3e}", row.learning_rate), format!("{:.1}", row.tokens_per_s)]);
+        csv.extend([
+            format!("{:.6}", row.grad_norm),
+            format!("{:.3e}", row.learning_rate),
+            format!("{:.1}", row.tokens_per_s),
+        ]);
         self.train_log.append(&csv)?;
-        let mut scalars: Vec<(String, f64)> = row.metric_names.iter().map(|n| n.to_string()).zip(row.metrics.iter().copied()).collect();
-        scalars.extend([("grad_norm".into(), row.grad_norm), ("learning_rate".into(), row.learning_rate), ("tokens_per_s".into(), row.tokens_per_s), ("epoch".into(), row.epoch)]);
+        let mut scalars: Vec<(String, f64)> =
+            row.metric_names.iter().map(|n| n.to_string()).zip(row.metrics.iter().copied()).collect();
+        scalars.extend([
+            ("grad_norm".into(), row.grad_norm),
+            ("learning_rate".into(), row.learning_rate),
+            ("tokens_per_s".into(), row.tokens_per_s),
+            ("epoch".into(), row.epoch),
+        ]);
         self.record(row.step, row.epoch, "train/", "", scalars)
     }
 
@@ -155,7 +184,14 @@ impl Tracker {
     }
 
     /// Writes the scalars to TensorBoard under `tag_prefix` and to the log history under `key_prefix`.
-    fn record(&mut self, step: usize, epoch: f64, tag_prefix: &str, key_prefix: &str, scalars: Vec<(String, f64)>) -> Result<()> {
+    fn record(
+        &mut self,
+        step: usize,
+        epoch: f64,
+        tag_prefix: &str,
+        key_prefix: &str,
+        scalars: Vec<(String, f64)>,
+    ) -> Result<()> {
         if let Some((dir, purge_from)) = self.events_to.take() {
             self.events = Some(EventWriter::create(&dir, purge_from)?);
         }
@@ -199,14 +235,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.csv");
         std::fs::write(&path, "step,loss\n1,0.5\n2,0.4\n3,0.3\n").unwrap();
-        let mut log = CsvLog { path: path.clone(), header: vec!["step".into(), "loss".into()], keep_steps: 2, file: None };
+        let mut log =
+            CsvLog { path: path.clone(), header: vec!["step".into(), "loss".into()], keep_steps: 2, file: None };
         log.append(&["3".into(), "0.25".into()]).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "step,loss\n1,0.5\n2,0.4\n3,0.25\n");
     }
 
     #[test]
     fn an_old_checkpoint_state_reads() {
-        let state: TrainerState = serde_json::from_str(r#"{"step": 4, "total_steps": 9, "config": {"lr": 1}}"#).unwrap();
+        let state: TrainerState =
+            serde_json::from_str(r#"{"step": 4, "total_steps": 9, "config": {"lr": 1}}"#).unwrap();
         assert_eq!((state.global_step, state.max_steps, state.log_history.len()), (4, 9, 0));
     }
 }

@@ -8,149 +8,24 @@
 //! the log, checkpoints and the adapter. Rank 0 also restores a checkpoint and sends it to the others.
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+use super::config::TrainConfig;
+use super::objective::Objective;
 use super::optim::{clip_grad_norm, cosine_with_warmup, AdamW, AdamWConfig, ParamGroup};
 use super::samples::SampleWriter;
-use super::tracking::{ReportTo, Tracker, TrainRow, TrainerState};
+use super::tracking::{Tracker, TrainRow, TrainerState};
+use crate::adapter::Adapter;
 use crate::dist::ProcessGroup;
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
+use crate::fsutil::read_json;
 use crate::fsutil::{create_dir, write_atomic, FolderLock};
-use crate::image::{self, Preprocessed};
-use crate::lora::{Adapter, LoraSettings};
 use crate::model::weights::{save_safetensors, Checkpoint};
 use crate::model::LlavaNext;
 use crate::progress::Progress;
-
-/// A token row for training: ids with image placeholders expanded, and which positions are scored.
-#[derive(Debug, Clone)]
-pub struct EncodedRow {
-    pub ids: Vec<i64>,
-    pub scored: Vec<bool>,
-}
-
-pub struct StepOutput {
-    /// In the order of `Objective::metric_names`.
-    pub metrics: Vec<f64>,
-    pub tokens: usize,
-}
-
-pub trait Objective {
-    type Example;
-    fn metric_names(&self) -> &'static [&'static str];
-    /// Tokens the model runs for this example (what a micro-batch costs).
-    fn tokens(&self, example: &Self::Example) -> usize;
-    /// Forward and backward over one micro-batch (gradients accumulate, the loss is multiplied by `loss_scale`).
-    fn step(&self, model: &LlavaNext, examples: &[(usize, &Self::Example)], loss_scale: f64, seed: i64) -> Result<StepOutput>;
-    /// Names of the held-out metrics `evaluate` gives.
-    fn eval_metric_names(&self) -> &'static [&'static str];
-    /// The same forward pass without gradients and with dropout off: the metrics of `eval_metric_names` summed
-    /// over the micro-batch, and the weight they average by (pairs, scored tokens).
-    fn evaluate(&self, model: &LlavaNext, examples: &[(usize, &Self::Example)]) -> Result<(Vec<f64>, f64)>;
-}
-
-pub fn load_preprocessed(model: &LlavaNext, path: &Path) -> Result<Preprocessed> {
-    let img = image::load_image(path, model.cfg.image.max_pixels)?;
-    Ok(image::preprocess(&img, &model.cfg.image))
-}
-
-/// Settings of a training run; `configs/*.yaml` hold them and command-line flags override them.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    pub lora: LoraSettings,
-    pub lr: f64,
-    pub projector_lr: f64,
-    pub epochs: f64,
-    #[serde(default)]
-    pub max_steps: Option<usize>,
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub warmup_ratio: f64,
-    #[serde(default)]
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub max_length: usize,
-    pub save_steps: usize,
-    /// Steps between held-out evaluations (default: save_steps); there is one at the end too.
-    #[serde(default)]
-    pub eval_steps: Option<usize>,
-    /// Steps whose metrics one log row averages.
-    #[serde(default = "default_logging_steps")]
-    pub logging_steps: usize,
-    #[serde(default)]
-    pub report_to: ReportTo,
-    #[serde(default = "default_save_total_limit")]
-    pub save_total_limit: usize,
-    pub seed: u64,
-    pub gradient_checkpointing: bool,
-    pub template: crate::text::Template,
-    #[serde(default = "default_auto")]
-    pub dtype: String,
-    #[serde(default = "default_auto")]
-    pub device: String,
-    #[serde(default)]
-    pub dpo: super::dpo::DpoConfig,
-    /// Prompts without `<image>` and no image features (the official stage 1: its stored prompts have none, so
-    /// LLaVA drops the features).
-    #[serde(default)]
-    pub text_only: bool,
-    /// How images become features (the official stage 2 uses `pad_flat`).
-    #[serde(default)]
-    pub image_layout: ImageLayout,
-    /// Put `<image>` at the front of the message that holds it, on its own line (LLaVA's `preprocess_multimodal`).
-    #[serde(default)]
-    pub image_token_first: bool,
-    /// LoRA dropout 0 whatever `lora.dropout` says (the official DPO trainer's `disable_dropout=True`).
-    #[serde(default)]
-    pub disable_dropout: bool,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ImageLayout {
-    /// As the model's config says (anyres for LLaVA-v1.6).
-    #[default]
-    Model,
-    /// LLaVA's `image_aspect_ratio pad` + `mm_patch_merge_type flat`: the image padded to a square with the mean
-    /// colour, one tile, its 576 features without `image_newline`.
-    PadFlat,
-}
-
-fn default_logging_steps() -> usize {
-    1
-}
-
-fn default_save_total_limit() -> usize {
-    2
-}
-
-fn default_auto() -> String {
-    "auto".into()
-}
-
-impl TrainConfig {
-    pub fn from_yaml(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_yaml::from_str(&text).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
-    }
-
-    /// Settings that must not change between a run and its resumption.
-    fn resume_signature(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        for volatile in ["save_steps", "save_total_limit", "device", "eval_steps", "logging_steps", "report_to"] {
-            v.as_object_mut().expect("object").remove(volatile);
-        }
-        v
-    }
-
-    /// Steps between held-out evaluations.
-    pub fn eval_every(&self) -> usize {
-        self.eval_steps.unwrap_or(self.save_steps).max(1)
-    }
-}
 
 /// What a finished (or stopped) run did, for its summary.
 pub struct RunReport {
@@ -212,7 +87,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
 
     pub fn total_steps(&self) -> usize {
         let per_step = self.global_batch();
-        self.cfg.max_steps.unwrap_or(((self.examples.len() as f64 * self.cfg.epochs) / per_step as f64).ceil() as usize).max(1)
+        self.cfg
+            .max_steps
+            .unwrap_or(((self.examples.len() as f64 * self.cfg.epochs) / per_step as f64).ceil() as usize)
+            .max(1)
     }
 
     /// The example order of one epoch (epochs follow each other in the stream, each in its own seeded order).
@@ -226,7 +104,8 @@ impl<'a, O: Objective> Trainer<'a, O> {
     fn optimizer(&self) -> AdamW {
         let mut groups = vec![ParamGroup { params: self.adapter.lora_params.clone_handles(), lr: self.cfg.lr }];
         if !self.adapter.projector_params.is_empty() {
-            groups.push(ParamGroup { params: self.adapter.projector_params.clone_handles(), lr: self.cfg.projector_lr });
+            groups
+                .push(ParamGroup { params: self.adapter.projector_params.clone_handles(), lr: self.cfg.projector_lr });
         }
         AdamW::new(AdamWConfig { weight_decay: self.cfg.weight_decay, ..Default::default() }, groups)
     }
@@ -241,78 +120,22 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let mut optimizer = self.optimizer();
         let resumed = if resume && main { Some(self.restore(&mut optimizer)?) } else { None };
         let start = self.sync_start(resumed.as_ref().map_or(0, |s| s.global_step), &mut optimizer)?;
-        let mut tracker = if main {
-            let (names, eval_names) = (self.objective.metric_names(), self.objective.eval_metric_names());
-            Some(Tracker::open(&self.output, names, eval_names, self.cfg.report_to, &self.logging_dir, resumed.as_ref())?)
-        } else {
-            None
-        };
+        let mut tracker = if main { Some(self.open_tracker(resumed.as_ref())?) } else { None };
         if let Some(samples) = self.samples.as_mut() {
             samples.open(start)?;
         }
         let mut progress = Progress::new(total as u64, start as u64, "step", "steps", main);
-        let (rank, world) = crate::dist::rank_and_world(self.group);
         let (n, global) = (self.examples.len(), self.global_batch());
-        let tokens_of: Vec<usize> = self.examples.iter().map(|e| self.objective.tokens(e)).collect();
-        let mut orders: std::collections::HashMap<usize, Vec<usize>> = Default::default();
+        let mut stream = ExampleStream::new(self);
         let end = self.stop_after.map_or(total, |s| (start + s).min(total));
-        // Example positions in the seeded stream of epochs that the run takes (all it needs with max_steps).
-        let positions = if self.cfg.max_steps.is_some() { usize::MAX } else { (n as f64 * self.cfg.epochs).ceil() as usize };
         let logging_steps = self.cfg.logging_steps.max(1);
-        // The steps since the last log row: their metrics (summed), tokens and seconds.
-        let mut window = (vec![0.0; self.objective.metric_names().len()], 0usize, 0usize, 0.0f64);
+        let mut window = LogWindow::new(self.objective.metric_names().len());
         let mut run_tokens = 0;
         for step in start..end {
             let started = Instant::now();
-            let mut sums = vec![0.0; self.objective.metric_names().len()];
-            let mut tokens = 0;
-            // The step's examples, dealt into micro-batches (of all ranks) with even token counts. The run's last
-            // step holds what is left of its epochs (as transformers' Trainer: no example twice in one epoch).
-            let batch: Vec<usize> = (step * global..((step + 1) * global).min(positions))
-                .map(|p| orders.entry(p / n).or_insert_with(|| self.order(p / n))[p % n])
-                .collect();
-            let chunks = even_chunks(&batch, &tokens_of, world * self.cfg.grad_accum);
-            let mine = |micro: usize| &chunks[micro * world + rank];
-            let empty_rank = (0..self.cfg.grad_accum).all(|micro| mine(micro).is_empty());
-            for micro in 0..self.cfg.grad_accum {
-                // Each example's loss weighs 1/(examples in the step) after the mean over ranks. A rank left without
-                // an example runs one with weight 0, so that its gradients exist as on the other ranks.
-                let (picked, weight): (Vec<(usize, &O::Example)>, f64) = match (mine(micro).is_empty(), empty_rank && micro == 0) {
-                    (false, _) => (mine(micro).iter().map(|&i| (i, &self.examples[i])).collect(), (mine(micro).len() * world) as f64 / batch.len() as f64),
-                    (true, true) => (vec![(batch[0], &self.examples[batch[0]])], 0.0),
-                    (true, false) => continue,
-                };
-                let seed = (self.cfg.seed as i64)
-                    .wrapping_mul(1_000_000_007)
-                    .wrapping_add((step * self.cfg.grad_accum + micro) as i64)
-                    .wrapping_add((rank as i64) << 32);
-                let out = self.objective.step(self.model, &picked, weight, seed).map_err(|e| match e {
-                    Error::Training(why) => Error::Training(format!(
-                        "{why} at step {} (records {:?}); {}: lower the learning rate or check those records",
-                        step + 1,
-                        picked.iter().map(|(i, _)| i).collect::<Vec<_>>(),
-                        self.last_good_checkpoint()
-                    )),
-                    other => other,
-                })?;
-                for (s, m) in sums.iter_mut().zip(&out.metrics) {
-                    *s += m * weight;
-                }
-                if weight > 0.0 {
-                    tokens += out.tokens;
-                }
-            }
-            if let Some(group) = self.group {
-                let grads: Vec<Tensor> = optimizer.parameters().map(|p| p.grad()).filter(|g| g.defined()).collect();
-                group.all_reduce_mean_bucketed(&grads)?;
-                // Metrics: the mean over ranks; tokens: the sum.
-                let mut values = sums.iter().map(|v| v / world as f64).collect::<Vec<_>>();
-                values.push(tokens as f64);
-                let reduced = group.all_reduce_sum_f64(&values)?;
-                let n = sums.len();
-                sums.copy_from_slice(&reduced[..n]);
-                tokens = reduced[n] as usize;
-            }
+            let batch = stream.batch(self, step);
+            let mut totals = self.micro_batches(step, &batch, &stream.tokens)?;
+            self.reduce_across_ranks(&optimizer, &mut totals)?;
             let grad_norm = clip_grad_norm(optimizer.parameters(), self.cfg.max_grad_norm);
             let factor = cosine_with_warmup(step, warmup, total);
             optimizer.step(factor);
@@ -325,45 +148,23 @@ impl<'a, O: Objective> Trainer<'a, O> {
                     self.last_good_checkpoint()
                 )));
             }
-            let done = step + 1;
-            let epoch = (done * global) as f64 / n as f64;
-            run_tokens += tokens;
-            window.0.iter_mut().zip(&sums).for_each(|(w, s)| *w += s);
-            window.1 += 1;
-            window.2 += tokens;
-            window.3 += started.elapsed().as_secs_f64();
-            if let Some(tracker) = tracker.as_mut().filter(|_| done % logging_steps == 0 || done == end) {
-                let metrics: Vec<f64> = window.0.iter().map(|s| s / window.1 as f64).collect();
-                let row = TrainRow {
-                    step: done,
-                    epoch,
-                    metric_names: self.objective.metric_names(),
-                    metrics: &metrics,
-                    grad_norm,
-                    learning_rate: self.cfg.lr * factor,
-                    tokens_per_s: window.2 as f64 / window.3,
-                };
-                tracker.log_train(&row)?;
-                window = (vec![0.0; metrics.len()], 0, 0, 0.0);
+            run_tokens += totals.tokens;
+            window.add(&totals, started.elapsed().as_secs_f64());
+            let done = StepDone {
+                step: step + 1,
+                epoch: ((step + 1) * global) as f64 / n as f64,
+                grad_norm,
+                learning_rate: self.cfg.lr * factor,
+                loss: totals.metrics[0],
+            };
+            if let Some(tracker) =
+                tracker.as_mut().filter(|_| done.step.is_multiple_of(logging_steps) || done.step == end)
+            {
+                self.log_train(tracker, &done, &mut window)?;
             }
-            progress.set_message(format!("loss {:.4}", sums[0]));
+            progress.set_message(format!("loss {:.4}", done.loss));
             progress.inc(1);
-            if !self.eval_examples.is_empty() && (done % self.cfg.eval_every() == 0 || done == total) {
-                let values = self.evaluate()?;
-                if let Some(tracker) = tracker.as_mut() {
-                    tracker.log_eval(done, epoch, self.objective.eval_metric_names(), &values)?;
-                }
-            }
-            if let Some(samples) = self.samples.as_mut().filter(|s| done % s.every == 0 || done == total) {
-                samples.write(done)?;
-            }
-            if done % self.cfg.save_steps.max(1) == 0 || done == total {
-                if let Some(tracker) = tracker.as_mut() {
-                    self.save_checkpoint(done, total, epoch, &optimizer, tracker)?;
-                    self.write_records(done, total, epoch, tracker)?;
-                }
-                self.barrier()?;
-            }
+            self.evaluate_sample_save(&done, total, &optimizer, tracker.as_mut())?;
         }
         progress.finish();
         let epoch = (end * global) as f64 / n as f64;
@@ -372,7 +173,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 self.adapter.save(&self.output, &self.base_model)?;
             }
             // (a run that ended on a save wrote them there)
-            let saved_at_end = end > start && (end % self.cfg.save_steps.max(1) == 0 || end == total);
+            let saved_at_end = end > start && (end.is_multiple_of(self.cfg.save_steps.max(1)) || end == total);
             if !saved_at_end {
                 self.write_records(end, total, epoch, tracker)?;
             }
@@ -393,6 +194,122 @@ impl<'a, O: Objective> Trainer<'a, O> {
             best_metric: tracker.as_ref().and_then(|t| t.best.map(|(v, _)| v)),
             best_model_checkpoint: tracker.as_ref().and_then(|t| t.best_checkpoint.clone()),
         })
+    }
+
+    fn open_tracker(&self, resumed: Option<&TrainerState>) -> Result<Tracker> {
+        let (names, eval_names) = (self.objective.metric_names(), self.objective.eval_metric_names());
+        Tracker::open(&self.output, names, eval_names, self.cfg.report_to, &self.logging_dir, resumed)
+    }
+
+    /// Runs this rank's micro-batches of one step (`batch`: the step's examples over all ranks), accumulating
+    /// their gradients; returns their weighted metrics and tokens.
+    fn micro_batches(&self, step: usize, batch: &[usize], tokens_of: &[usize]) -> Result<StepTotals> {
+        let (rank, world) = crate::dist::rank_and_world(self.group);
+        let mut totals = StepTotals { metrics: vec![0.0; self.objective.metric_names().len()], tokens: 0 };
+        // The step's examples, dealt into micro-batches (of all ranks) with even token counts.
+        let loss_tokens = |i: usize| self.objective.loss_tokens(&self.examples[i]);
+        let (chunks, shares) = weighted_chunks(
+            batch,
+            tokens_of,
+            world * self.cfg.grad_accum,
+            self.cfg.pooled_device_batch(),
+            loss_tokens,
+        )?;
+        let mine = |micro: usize| &chunks[micro * world + rank];
+        let empty_rank = (0..self.cfg.grad_accum).all(|micro| mine(micro).is_empty());
+        for micro in 0..self.cfg.grad_accum {
+            // Each example's loss weighs 1/(examples in the step) after the mean over ranks. A rank left without
+            // an example runs one with weight 0, so that its gradients exist as on the other ranks.
+            let (picked, weight): (Vec<(usize, &O::Example)>, f64) =
+                match (mine(micro).is_empty(), empty_rank && micro == 0) {
+                    (false, _) => (
+                        mine(micro).iter().map(|&i| (i, &self.examples[i])).collect(),
+                        shares[micro * world + rank] * world as f64,
+                    ),
+                    (true, true) => (vec![(batch[0], &self.examples[batch[0]])], 0.0),
+                    (true, false) => continue,
+                };
+            let seed = (self.cfg.seed as i64)
+                .wrapping_mul(1_000_000_007)
+                .wrapping_add((step * self.cfg.grad_accum + micro) as i64)
+                .wrapping_add((rank as i64) << 32);
+            let out = self.objective.step(self.model, &picked, weight, seed).map_err(|e| match e {
+                Error::Training(why) => Error::Training(format!(
+                    "{why} at step {} (records {:?}); {}: lower the learning rate or check those records",
+                    step + 1,
+                    picked.iter().map(|(i, _)| i).collect::<Vec<_>>(),
+                    self.last_good_checkpoint()
+                )),
+                other => other,
+            })?;
+            for (s, m) in totals.metrics.iter_mut().zip(&out.metrics) {
+                *s += m * weight;
+            }
+            if weight > 0.0 {
+                totals.tokens += out.tokens;
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Under torchrun: averages the gradients and the metrics over the ranks and sums their tokens.
+    fn reduce_across_ranks(&self, optimizer: &AdamW, totals: &mut StepTotals) -> Result<()> {
+        let Some(group) = self.group else { return Ok(()) };
+        let world = group.world_size();
+        let grads: Vec<Tensor> = optimizer.parameters().map(|p| p.grad()).filter(|g| g.defined()).collect();
+        group.all_reduce_mean_bucketed(&grads)?;
+        let mut values = totals.metrics.iter().map(|v| v / world as f64).collect::<Vec<_>>();
+        values.push(totals.tokens as f64);
+        let reduced = group.all_reduce_sum_f64(&values)?;
+        let n = totals.metrics.len();
+        totals.metrics.copy_from_slice(&reduced[..n]);
+        totals.tokens = reduced[n] as usize;
+        Ok(())
+    }
+
+    /// Writes the log row of the steps in `window` (their mean metrics) and starts a new window.
+    fn log_train(&self, tracker: &mut Tracker, done: &StepDone, window: &mut LogWindow) -> Result<()> {
+        let metrics: Vec<f64> = window.metrics.iter().map(|s| s / window.steps as f64).collect();
+        let row = TrainRow {
+            step: done.step,
+            epoch: done.epoch,
+            metric_names: self.objective.metric_names(),
+            metrics: &metrics,
+            grad_norm: done.grad_norm,
+            learning_rate: done.learning_rate,
+            tokens_per_s: window.tokens as f64 / window.seconds,
+        };
+        tracker.log_train(&row)?;
+        *window = LogWindow::new(metrics.len());
+        Ok(())
+    }
+
+    /// After a step: the held-out evaluation, the samples and the checkpoint that are due.
+    fn evaluate_sample_save(
+        &mut self,
+        done: &StepDone,
+        total: usize,
+        optimizer: &AdamW,
+        mut tracker: Option<&mut Tracker>,
+    ) -> Result<()> {
+        let step = done.step;
+        if !self.eval_examples.is_empty() && (step.is_multiple_of(self.cfg.eval_every()) || step == total) {
+            let values = self.evaluate()?;
+            if let Some(tracker) = tracker.as_mut() {
+                tracker.log_eval(step, done.epoch, self.objective.eval_metric_names(), &values)?;
+            }
+        }
+        if let Some(samples) = self.samples.as_mut().filter(|s| step.is_multiple_of(s.every) || step == total) {
+            samples.write(step)?;
+        }
+        if step.is_multiple_of(self.cfg.save_steps.max(1)) || step == total {
+            if let Some(tracker) = tracker {
+                self.save_checkpoint(step, total, done.epoch, optimizer, tracker)?;
+                self.write_records(step, total, done.epoch, tracker)?;
+            }
+            self.barrier()?;
+        }
+        Ok(())
     }
 
     /// The held-out metrics: each rank evaluates every world-th micro-batch, the sums are added over ranks.
@@ -433,7 +350,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
     /// trainer_state.json and train_curves.png in the output folder, as they stand at `step`.
     fn write_records(&self, step: usize, total: usize, epoch: f64, tracker: &Tracker) -> Result<()> {
         let state = self.state(step, total, epoch, tracker);
-        write_atomic(&self.output.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())?;
+        write_atomic(
+            &self.output.join("trainer_state.json"),
+            serde_json::to_string_pretty(&state).expect("json").as_bytes(),
+        )?;
         super::curves::draw(&self.output.join(super::curves::FILE), &tracker.history)
     }
 
@@ -441,7 +361,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
     fn last_good_checkpoint(&self) -> String {
         let root = checkpoints_dir(&self.output);
         match std::fs::read_to_string(root.join(LATEST)) {
-            Ok(latest) => format!("the last good checkpoint is {} (--resume continues from it)", root.join(latest.trim()).display()),
+            Ok(latest) => format!(
+                "the last good checkpoint is {} (--resume continues from it)",
+                root.join(latest.trim()).display()
+            ),
             Err(_) => "there is no checkpoint yet".into(),
         }
     }
@@ -472,7 +395,14 @@ impl<'a, O: Objective> Trainer<'a, O> {
         Ok(start)
     }
 
-    fn save_checkpoint(&self, step: usize, total: usize, epoch: f64, optimizer: &AdamW, tracker: &mut Tracker) -> Result<()> {
+    fn save_checkpoint(
+        &self,
+        step: usize,
+        total: usize,
+        epoch: f64,
+        optimizer: &AdamW,
+        tracker: &mut Tracker,
+    ) -> Result<()> {
         let root = checkpoints_dir(&self.output);
         create_dir(&root)?;
         let name = format!("step-{step:06}");
@@ -488,7 +418,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
             }
             save_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
             let state = self.state(step, total, epoch, tracker);
-            write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())
+            write_atomic(
+                &tmp.join("trainer_state.json"),
+                serde_json::to_string_pretty(&state).expect("json").as_bytes(),
+            )
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -504,7 +437,8 @@ impl<'a, O: Objective> Trainer<'a, O> {
 
     fn prune_checkpoints(&self, root: &Path, keep_latest: &str) {
         let Ok(entries) = std::fs::read_dir(root) else { return };
-        let mut names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("step-")).collect();
+        let mut names: Vec<String> =
+            entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("step-")).collect();
         names.sort();
         let excess = names.len().saturating_sub(self.cfg.save_total_limit.max(1));
         for old in names.iter().take(excess).filter(|n| n.as_str() != keep_latest) {
@@ -517,7 +451,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
     fn restore(&self, optimizer: &mut AdamW) -> Result<TrainerState> {
         let root = checkpoints_dir(&self.output);
         let latest = std::fs::read_to_string(root.join(LATEST)).map_err(|_| {
-            Error::Input(format!("--resume: no checkpoint in {} (nothing to resume; run without --resume)", root.display()))
+            Error::Input(format!(
+                "--resume: no checkpoint in {} (nothing to resume; run without --resume)",
+                root.display()
+            ))
         })?;
         let dir = root.join(latest.trim());
         let state: TrainerState = read_json(&dir.join("trainer_state.json"))?;
@@ -544,6 +481,74 @@ impl<'a, O: Objective> Trainer<'a, O> {
     }
 }
 
+/// The seeded stream of example positions a run takes: epoch after epoch, each in its own seeded order.
+struct ExampleStream {
+    /// The order of each epoch reached so far.
+    orders: HashMap<usize, Vec<usize>>,
+    /// Example positions in the stream that the run takes (all it needs with max_steps).
+    positions: usize,
+    /// Tokens of each example, for dealing a step's examples into even micro-batches.
+    tokens: Vec<usize>,
+}
+
+impl ExampleStream {
+    fn new<O: Objective>(trainer: &Trainer<O>) -> Self {
+        let (n, cfg) = (trainer.examples.len(), &trainer.cfg);
+        ExampleStream {
+            orders: HashMap::new(),
+            positions: if cfg.max_steps.is_some() { usize::MAX } else { (n as f64 * cfg.epochs).ceil() as usize },
+            tokens: trainer.examples.iter().map(|e| trainer.objective.tokens(e)).collect(),
+        }
+    }
+
+    /// The examples of one step over all ranks. The run's last step holds what is left of its epochs (as
+    /// transformers' Trainer: no example twice in one epoch).
+    fn batch<O: Objective>(&mut self, trainer: &Trainer<O>, step: usize) -> Vec<usize> {
+        let (n, global) = (trainer.examples.len(), trainer.global_batch());
+        (step * global..((step + 1) * global).min(self.positions))
+            .map(|p| self.orders.entry(p / n).or_insert_with(|| trainer.order(p / n))[p % n])
+            .collect()
+    }
+}
+
+/// One step's metrics (weighted by the examples' share of the step) and tokens: of this rank's micro-batches,
+/// over all ranks once reduced.
+struct StepTotals {
+    metrics: Vec<f64>,
+    tokens: usize,
+}
+
+/// The steps since the last log row: their metrics (summed), tokens and seconds.
+struct LogWindow {
+    metrics: Vec<f64>,
+    steps: usize,
+    tokens: usize,
+    seconds: f64,
+}
+
+impl LogWindow {
+    fn new(metrics: usize) -> Self {
+        LogWindow { metrics: vec![0.0; metrics], steps: 0, tokens: 0, seconds: 0.0 }
+    }
+
+    fn add(&mut self, step: &StepTotals, seconds: f64) {
+        self.metrics.iter_mut().zip(&step.metrics).for_each(|(w, s)| *w += s);
+        self.steps += 1;
+        self.tokens += step.tokens;
+        self.seconds += seconds;
+    }
+}
+
+/// A finished optimizer step, as it is logged.
+struct StepDone {
+    /// Steps done (the step's number counted from 1).
+    step: usize,
+    epoch: f64,
+    grad_norm: f64,
+    learning_rate: f64,
+    loss: f64,
+}
+
 /// Splits `batch` into `chunks` chunks of equal size (sizes one apart when they cannot be equal) with token totals as even as a greedy deal makes them
 /// (LLaVA's `split_to_even_chunks`, what the official scripts' `group_by_modality_length` does within a global
 /// batch): longest first, each to the chunk with the fewest tokens that still has room.
@@ -555,11 +560,48 @@ fn even_chunks(batch: &[usize], tokens: &[usize], chunks: usize) -> Vec<Vec<usiz
     let mut out = vec![Vec::with_capacity(per_chunk); chunks];
     let mut totals = vec![0usize; chunks];
     for i in by_length {
-        let c = (0..chunks).filter(|&c| out[c].len() < per_chunk).min_by_key(|&c| totals[c]).expect("a chunk with room");
+        let c =
+            (0..chunks).filter(|&c| out[c].len() < per_chunk).min_by_key(|&c| totals[c]).expect("a chunk with room");
         out[c].push(i);
         totals[c] += tokens[i];
     }
     out
+}
+
+/// The step's micro-batches and each one's share of the step's loss (before the mean over ranks). Without
+/// `device_batch`: even chunks, each weighing its examples' share. With `device_batch` n: the step's runs of n consecutive examples,
+/// each dealt into its own chunks, a chunk weighing its scored tokens over its run's times the runs' count, so
+/// that the chunks' token means add up to the mean over runs of each run's pooled token mean.
+fn weighted_chunks(
+    batch: &[usize],
+    tokens: &[usize],
+    chunks: usize,
+    device_batch: Option<usize>,
+    loss_tokens: impl Fn(usize) -> Option<usize>,
+) -> Result<(Vec<Vec<usize>>, Vec<f64>)> {
+    let Some(device_batch) = device_batch else {
+        let dealt = even_chunks(batch, tokens, chunks);
+        let shares = dealt.iter().map(|c| c.len() as f64 / batch.len() as f64).collect();
+        return Ok((dealt, shares));
+    };
+    let runs: Vec<&[usize]> = batch.chunks(device_batch.max(1)).collect();
+    let scored = |i: usize| {
+        loss_tokens(i).ok_or_else(|| {
+            Error::Input("loss_weighting device_batch weighs token losses: it applies to SFT (train-sft) only".into())
+        })
+    };
+    let (mut dealt, mut shares) = (Vec::with_capacity(chunks), Vec::with_capacity(chunks));
+    for (r, run) in runs.iter().enumerate() {
+        // the run's part of the chunks: the first runs take one more when they do not divide evenly
+        let count = chunks / runs.len() + usize::from(r < chunks % runs.len());
+        let run_tokens: usize = run.iter().map(|&i| scored(i)).sum::<Result<usize>>()?;
+        for chunk in even_chunks(run, tokens, count) {
+            let chunk_tokens: usize = chunk.iter().map(|&i| scored(i)).sum::<Result<usize>>()?;
+            shares.push(chunk_tokens as f64 / (run_tokens.max(1) * runs.len()) as f64);
+            dealt.push(chunk);
+        }
+    }
+    Ok((dealt, shares))
 }
 
 /// Refuses fewer examples than a run needs: one per rank, or a full micro-batch for `--dump-first-step`.
@@ -586,6 +628,44 @@ impl CloneHandles for Vec<(String, Tensor)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_batch_weighting_is_the_pooled_token_mean_of_each_device_batch() {
+        // 32 examples of uneven lengths: scored tokens and summed negative log-likelihoods
+        let scored: Vec<usize> = (0..32).map(|i| 5 + (i * 37) % 23).collect();
+        let nll: Vec<f64> = (0..32).map(|i| scored[i] as f64 * (1.0 + (i % 7) as f64 * 0.3)).collect();
+        let tokens: Vec<usize> = scored.iter().map(|s| s + 40).collect();
+        let batch: Vec<usize> = (0..32).rev().collect();
+        // each chunk's token mean times its share, as the trainer's micro-batches add up
+        let loss = |weighting| {
+            let (chunks, shares) = weighted_chunks(&batch, &tokens, 8, weighting, |i| Some(scored[i])).unwrap();
+            assert_eq!(chunks.len(), 8);
+            let mut all: Vec<usize> = chunks.concat();
+            all.sort();
+            assert_eq!(all, (0..32).collect::<Vec<_>>());
+            chunks
+                .iter()
+                .zip(shares)
+                .map(|(c, share)| {
+                    let mean =
+                        c.iter().map(|&i| nll[i]).sum::<f64>() / c.iter().map(|&i| scored[i]).sum::<usize>() as f64;
+                    mean * share
+                })
+                .sum::<f64>()
+        };
+        // transformers' Trainer at 16 per device: each device batch's tokens pooled, the devices averaged
+        let pooled = |run: &[usize]| {
+            run.iter().map(|&i| nll[i]).sum::<f64>() / run.iter().map(|&i| scored[i]).sum::<usize>() as f64
+        };
+        let direct = (pooled(&batch[..16]) + pooled(&batch[16..])) / 2.0;
+        assert!((loss(Some(16)) - direct).abs() < 1e-12);
+        let whole = pooled(&batch);
+        assert!((loss(Some(32)) - whole).abs() < 1e-12);
+        // the micro-batch weighting is another number on uneven rows
+        assert!((loss(None) - direct).abs() > 1e-6);
+        let refused = weighted_chunks(&batch, &tokens, 8, Some(16), |_| None);
+        assert!(refused.unwrap_err().to_string().contains("SFT"));
+    }
 
     #[test]
     fn even_chunks_balance_tokens_and_keep_every_example_once() {

@@ -24,10 +24,6 @@ def top(**values):
     return lambda cfg: cfg.update(values)
 
 
-def without_text(key):
-    return lambda cfg: cfg["text_config"].pop(key)
-
-
 # (id, file of the model folder, edit of its JSON, phrases of the message)
 MODEL_CASES = [
     ("heads_zero", "config.json", text(num_attention_heads=0), ["config.json", "text_config.num_attention_heads is 0"]),
@@ -70,8 +66,8 @@ MODEL_CASES = [
     ("text_act_gelu", "config.json", text(hidden_act="gelu"), ["hidden_act 'gelu' is not supported"]),
     ("projector_act", "config.json", top(projector_hidden_act="relu"), ["projector_hidden_act 'relu'"]),
     ("projector_without_bias", "config.json", top(multimodal_projector_bias=False), ["multimodal_projector_bias is false"]),
-    ("text_llama", "config.json", text(model_type="llama"), ["text_config.model_type is 'llama'"]),
-    ("text_without_model_type", "config.json", without_text("model_type"), ["text_config has no model_type", "llama"]),
+    ("text_qwen2", "config.json", text(model_type="qwen2"),
+     ["text_config.model_type is 'qwen2'", "Mistral and Llama decoders only", "mistral or llama"]),
     ("vision_siglip", "config.json", vision(model_type="siglip_vision_model"), ["'siglip_vision_model'"]),
 ]
 

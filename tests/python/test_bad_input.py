@@ -8,6 +8,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -79,7 +80,8 @@ class World:
         (self.images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
 
         stage1 = (ROOT / "configs" / "paper" / "stage1.yaml").read_text()
-        for key, value in [("warmup_ratio", "2"), ("max_grad_norm", "-1"), ("weight_decay", "-0.1"), ("lr", "-1")]:
+        for key, value in [("warmup_ratio", "2"), ("max_grad_norm", "-1"), ("weight_decay", "-0.1"), ("lr", "-1"),
+                           ("dtype", "f16")]:
             lines = [f"{key}: {value}" if line.startswith(f"{key}:") else line for line in stage1.splitlines()]
             self.write(f"config_{key}.yaml", "\n".join(lines) + "\n")
         self.image = self.write("photo.png", (IMAGES / "chelsea.png").read_bytes())
@@ -179,6 +181,12 @@ CASES = [
          f"weight_decay: -0.1 {RANGE}"),
     Case("config lr: -1", train("train-sft", "--config", "@config_lr.yaml", data="@data.json"),
          f"training setting lr: -1 {RANGE}"),
+    # f16 without loss scaling would underflow the gradients
+    Case("train-dpo --dtype f16", train("train-dpo", "--dtype", "f16"),
+         "training setting dtype: f16 trains without loss scaling, so small gradients underflow; use bf16 (or f32); "
+         "set it with --dtype"),
+    Case("config dtype: f16", train("train-sft", "--config", "@config_dtype.yaml", data="@data.json"),
+         "training setting dtype: f16 trains without loss scaling"),
     # Outputs that would destroy an input
     Case("prefs --output = --images", stic("prefs", "--model", "@model", "--image-dir", IMAGES, "--images",
                                            "@list.json", "--output", "@list.json"), "is the --images file"),
@@ -366,3 +374,21 @@ def test_a_read_only_disk_says_what_to_do_and_leaves_nothing(world, read_only_di
         proc = run_stic(*argv, check=False)
         assert_clean_failure(proc, "Read-only file system", "mounted read-only")
         assert list(read_only_disk.iterdir()) == [], name
+
+
+# ---------------------------------------------------------------- out of memory
+def test_out_of_memory_says_which_flags_lower_it_and_leaves_nothing(world, tmp_path):
+    """An allocation libtorch cannot make (here: address space capped at 6 GB, long rows of attention scores)
+    ends with exit 2 and the flags that lower the memory, not with a panic and its C++ backtrace."""
+    data = write_pairs(tmp_path / "long_pairs.jsonl", n=4, chosen="word " * 8000)
+    out = tmp_path / "out"
+    argv = [str(ROOT / "target" / "release" / "stic"), "train-dpo", "--model", world.model, "--data", data,
+            "--image-dir", IMAGES, "--output", out, *CPU, "--lora-r", "2", "--grad-accum", "1",
+            "--max-length", "8192", "--batch-size", "100000"]
+    limit = 6 * 2**30
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert_clean_failure(proc, "error: out of memory: DefaultCPUAllocator: can't allocate memory",
+                         "halve --batch-size", "--grad-accum", "--max-length", "--gradient-checkpointing true")
+    assert "frame #" not in proc.stderr, proc.stderr
+    assert not out.exists(), "the run left its output folder behind"

@@ -64,8 +64,8 @@ WITH_DEFAULT = {
     "generate": ["--template", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--dtype",
                  "--device", "--batch-size", "--gpu-memory-fraction", "--prefill-chunk", "--processing"],
     "prefs": ["--corruption", "--resize-filter", "--seed", "--batch-size", "--dtype", "--device", "--max-new-tokens",
-              "--temperature"],
-    "describe": ["--seed", "--dtype", "--device", "--max-new-tokens", "--temperature"],
+              "--temperature", "--template"],
+    "describe": ["--seed", "--dtype", "--device", "--max-new-tokens", "--temperature", "--template"],
     "eval": ["--benchmark", "--template", "--description-max-new-tokens", "--dtype", "--device", "--judge-key-env"],
     "eval-score": ["--benchmark"],
     "corrupt": ["--kind", "--seed"],
@@ -85,7 +85,8 @@ CHOICES = {
     "corrupt": ["--kind"],
     "reproduce": ["--profile", "--benchmarks"],
     "train-dpo": ["--loss-type", "--rejected-scoring", "--dtype"],
-    "prefs": ["--corruption", "--resize-filter"],
+    "prefs": ["--corruption", "--resize-filter", "--template"],
+    "describe": ["--template"],
 }
 
 

@@ -5,10 +5,12 @@ pairing, TextVQA's (image, question) join, MMBench's option columns, MathVista's
 Where the official scorer is installed (LLaVA's `eval_science_qa.py`, `eval_textvqa.py` and `m4c_evaluator.py`, from
 `llava-torch`), it runs here on the same files; elsewhere the test runs the official line itself (pandas' `read_csv`
 and `pd.isna` for VLMEvalKit's `build_choices`, `float()`, `int()`, `str.split()`) and names it."""
+import ast
 import contextlib
 import importlib
 import io
 import json
+import math
 import runpy
 import sys
 import types
@@ -19,7 +21,7 @@ import pytest
 
 import eval_data
 from conftest import run_stic, run_stic_json
-from test_eval import StubJudge, assert_clean_failure, read_jsonl, write_predictions
+from test_eval import StubJudge, assert_clean_failure, read_jsonl, stic_eval, tiny_model, write_predictions  # noqa: F401
 
 
 def llava_eval_module(name):
@@ -79,6 +81,22 @@ def test_scienceqa_reads_raw_predictions_as_eval_science_qa(tmp_path):
     summary = score("scienceqa", answers, bench.path, "--with-text-only")
     assert summary["accuracy"] == accuracy / 100
     assert summary["extra"]["img_accuracy"] == pytest.approx(img_accuracy / 100, abs=1e-4)
+
+
+def test_scienceqa_missing_prediction_is_failed_as_in_eval_science_qa(tmp_path):
+    """eval_science_qa.py walks every problem of the split and grades one without a prediction as the text FAILED
+    with the prompt "Unknown": wrong in Accuracy, and (no `<image>` in that prompt) not in IMG-Accuracy."""
+    bench = eval_data.scienceqa(tmp_path / "data")
+    (bench.path / "pid_splits.json").write_text(json.dumps({"test": [r[0] for r in eval_data.SCIENCEQA_RECORDS]}))
+    prompts = {r[0]: ("<image>\n" if r[1] else "") + r[4] for r in eval_data.SCIENCEQA_RECORDS}
+    answered = dict(list({"4": "A", "5": "A", "7": "B", "12": "C"}.items())[::2])
+    answers = llava_answers(tmp_path / "answers.jsonl", [(i, prompts[i], t) for i, t in answered.items()])
+    accuracy, img_accuracy = official_scienceqa(bench.path, answers, tmp_path)
+    summary = score("scienceqa", answers, bench.path, "--with-text-only")
+    assert summary["missing_predictions"] == len(eval_data.SCIENCEQA_RECORDS) - len(answered)
+    assert summary["total"] == len(eval_data.SCIENCEQA_RECORDS) and summary["answered"] == len(answered)
+    assert summary["accuracy"] * 100 == pytest.approx(accuracy, abs=0.01)
+    assert summary["extra"]["img_accuracy"] * 100 == pytest.approx(img_accuracy, abs=0.01)
 
 
 # ---------------------------------------------------------------- TextVQA: eval_textvqa.py itself
@@ -188,6 +206,77 @@ def test_mmbench_choices_are_the_columns_pandas_reads_as_text(tmp_path):
     assert summary["answered"] == 6 and summary["accuracy"] == 1.0
 
 
+def test_mmbench_missing_prediction_is_nan_and_its_circular_group_wrong(tmp_path):
+    """convert_mmbench_for_submission.py leaves an unanswered row's prediction empty; VLMEvalKit reads the sheet with
+    pandas (NaN) and grades `str(prediction)`, "nan": no option letter, so wrong, and so is the row's circular
+    group (every variant must be right)."""
+    bench = eval_data.mmbench(tmp_path / "data")
+    sheet = tmp_path / "upload.tsv"
+    sheet.write_text("index\tprediction\n0\tB\n1000000\t\n")
+    read = pd.read_csv(sheet, sep="\t")
+    assert [str(x) for x in read["prediction"]] == ["B", "nan"]
+    right = {i: p for i, p in zip(bench.ids, ["B", "a launch", "A"])}
+    full = score("mmbench", write_predictions(tmp_path / "full.jsonl", right), bench.path)
+    assert full["missing_predictions"] == 0 and full["extra"]["plain_correct"] == 3 and full["accuracy"] == 1.0
+    without_copy = {i: p for i, p in right.items() if i != "1000000"}
+    summary = score("mmbench", write_predictions(tmp_path / "p.jsonl", without_copy), bench.path)
+    assert summary["missing_predictions"] == 1 and summary["answered"] == 2
+    assert summary["extra"]["plain_total"] == 3 and summary["extra"]["plain_correct"] == 2
+    assert summary["accuracy"] == 0.5, "group 0 lost its copy: wrong; group 1 right"
+    circular = {"0": "cat", "1000000": "cat", "1": "a launch", "1000001": "a launch", "2000001": "a launch",
+                "3000001": "a launch"}
+    summary = score("mmbench", write_predictions(tmp_path / "c.jsonl", circular), bench.path, "--circular")
+    assert summary["missing_predictions"] == 1 and summary["accuracy"] == 0.5
+
+
+def llava_get_options():
+    """`get_options` of the pinned llava/eval/model_vqa_mmbench.py with its `is_none` and `all_options`, compiled from
+    that file's source alone (importing the module would load LLaVA's whole model code)."""
+    llava_eval_module("m4c_evaluator")  # the llava package, the light way
+    path = Path(sys.modules["llava"].__path__[0]) / "eval" / "model_vqa_mmbench.py"
+    tree = ast.parse(path.read_text())
+    wanted = [node for node in tree.body
+              if isinstance(node, ast.FunctionDef) and node.name in ("is_none", "get_options")
+              or isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "all_options" for t in node.targets)]
+    assert len(wanted) == 3, "model_vqa_mmbench.py changed"
+    namespace = {"math": math}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["get_options"], namespace["all_options"]
+
+
+def test_mmbench_official_options_are_llava_get_options(tiny_model, tmp_path):
+    """With --mmbench-options official the prompt lists what LLaVA's get_options lists (A-D up to the first option
+    is_none rejects: "none", "nan", or a cell pandas reads as NaN), built as model_vqa_mmbench.py builds it (hint,
+    question, "X. option" lines, --single-pred-prompt); summary.json counts the questions it cuts."""
+    get_options, all_options = llava_get_options()
+    root = tmp_path / "data"
+    root.mkdir()
+    image = eval_data.base64.b64encode((eval_data.IMAGES / "chelsea.png").read_bytes()).decode()
+    rows = [["index", "question", "hint", "A", "B", "C", "D", "answer", "image"],
+            ["0", "Which is a fruit?", "nan", "stone", "sand", "none", "apple", "D", image],
+            ["1", "Is it a cat?", "Look closely.", "yes", "None", "no", "", "C", image],
+            ["2", "Which colour?", "nan", "red", "NAN", "blue", "green", "A", image],
+            ["3", "How many?", "nan", "one", "two", "three", "four", "B", image]]
+    tsv = root / "mmbench_dev_20230712.tsv"
+    tsv.write_text("".join("\t".join(r) + "\n" for r in rows))
+    expected = {}
+    for _, row in pd.read_table(tsv).iterrows():
+        question = row["question"] if pd.isna(row["hint"]) else row["hint"] + "\n" + row["question"]
+        for letter, option in zip(all_options, get_options(row, all_options)):
+            question += "\n" + letter + ". " + option
+        expected[str(row["index"])] = question + "\n" + "Answer with the option's letter from the given choices directly."
+    out = tmp_path / "official"
+    stic_eval(tiny_model, eval_data.Bench("mmbench", root, list(expected), expected, tsv.name), out,
+              "--mmbench-options", "official")
+    prompts = {r["id"]: r["prompt"] for r in read_jsonl(out / "predictions.jsonl")}
+    assert prompts == expected
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["extra"]["options_cut"] == 3 and summary["provenance"]["benchmark"]["mmbench_options"] == "official"
+    # the default lists every option the scorer reads, and counts the same cuts
+    summary = score("mmbench", out / "predictions.jsonl", root)
+    assert summary["extra"]["options_cut"] == 3
+
+
 # ---------------------------------------------------------------- MathVista
 
 def test_mathvista_int_and_float_read_any_decimal_digits(tmp_path):
@@ -212,6 +301,21 @@ def test_mathvista_github_layout_reads_query_json(tmp_path):
     assert_clean_failure(proc, "query.json")
     (bench.path / "query.json").write_text(json.dumps(queries, indent=4))
     assert score("mathvista", preds, bench.path)["correct"] == 2.0
+
+
+def test_textvqa_and_mathvista_leave_a_missing_prediction_out_as_their_scorers_do(tmp_path):
+    """eval_textvqa.py scores the lines of the answer file and MathVista's calculate_score.py the problems of its
+    results file: an unanswered question is in neither denominator; summary.json counts it."""
+    bench = eval_data.textvqa(tmp_path / "data")
+    (image_id, _, prompt, *_), *_ = eval_data.TEXTVQA
+    answers = llava_answers(tmp_path / "answers.jsonl", [(image_id, prompt, "dakota")])
+    official = official_textvqa(bench.path / "TextVQA_0.5.1_val.json", answers)
+    summary = score("textvqa", answers, bench.path)
+    assert summary["accuracy"] * 100 == pytest.approx(official)
+    assert summary["missing_predictions"] == len(eval_data.TEXTVQA) - 1 and summary["total"] == 1
+    bench = eval_data.mathvista(tmp_path / "mathvista")
+    summary = score("mathvista", write_predictions(tmp_path / "m.jsonl", {"1": "B"}), bench.path)
+    assert (summary["total"], summary["missing_predictions"]) == (1, len(bench.ids) - 1)
 
 
 # ---------------------------------------------------------------- the judges' replies

@@ -82,8 +82,8 @@ def test_template_profile_and_token_limit_reach_the_run_and_its_provenance(tiny_
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert_clean_failure(stic_eval(model, bench, tmp_path / "copy", check=False), "model_files")
 
-    proc = stic_eval(tiny_model, bench, tmp_path / "x", "--template", "llava_v1", check=False)
-    assert_clean_failure(proc, "invalid value 'llava_v1' for '--template", "mistral_instruct, vicuna_v1")
+    proc = stic_eval(tiny_model, bench, tmp_path / "x", "--template", "llama_2", check=False)
+    assert_clean_failure(proc, "invalid value 'llama_2' for '--template", "mistral_instruct, vicuna_v1, llava_v1, chatml_direct")
     proc = stic_eval(tiny_model, bench, tmp_path / "x", "--dar-image-blind", check=False)
     assert proc.returncode == 2 and "--dar" in proc.stderr
 
@@ -104,3 +104,46 @@ def test_scienceqa_text_only_questions_are_answered_on_request(tiny_model, tmp_p
     assert summary["provenance"]["benchmark"]["with_text_only"] is True
     rescored = score_json("scienceqa", out / "predictions.jsonl", bench.path, "--with-text-only")
     assert without_provenance(rescored) == without_provenance(summary)
+
+
+def test_descriptions_file_gives_the_answers_of_generated_dar(tiny_model, tmp_path):
+    """`--descriptions FILE`: the paper's DaR on the benchmarks other than MMBench read descriptions made
+    beforehand, keyed by the image path (the commented-out code of the official model_vqa_science.py / model_vqa.py),
+    into the same answer prompt as the generated DaR."""
+    import hashlib
+    bench = eval_data.scienceqa(tmp_path / "data")
+    generated = tmp_path / "generated"
+    stic_eval(tiny_model, bench, generated, *DAR, timeout=DAR_TIMEOUT)
+    by_sha = {d["image_sha256"]: d["description"] for d in read_jsonl(generated / "descriptions.jsonl")}
+    records = []
+    for qid in bench.ids:  # the official key: the image folder joined with the file name, "./" cut
+        image = bench.path / "images" / "test" / qid / "image.png"
+        records.append({"image": f"playground/data/eval/scienceqa/images/test/{qid}/image.png",
+                        "description": by_sha[hashlib.sha256(image.read_bytes()).hexdigest()]})
+    file = tmp_path / "descriptions.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    from_file = tmp_path / "from_file"
+    stic_eval(tiny_model, bench, from_file, "--descriptions", file)
+    rows = {r["id"]: (r["prompt"], r["prediction"]) for r in read_jsonl(from_file / "predictions.jsonl")}
+    assert rows == {r["id"]: (r["prompt"], r["prediction"]) for r in read_jsonl(generated / "predictions.jsonl")}
+    provenance = summary_of(from_file)["provenance"]["generation"]
+    assert provenance["descriptions_sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert provenance["dar"] is None
+
+    # another file into the same folder is another setting
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "description": "x"}) + "\n" for r in records))
+    assert_clean_failure(stic_eval(tiny_model, bench, from_file, "--descriptions", other, check=False),
+                         "holds predictions made with other settings", "descriptions_sha256")
+
+    # a file that misses questions names how many and which
+    file.write_text("".join(json.dumps(r) + "\n" for r in records[1:]))
+    proc = stic_eval(tiny_model, bench, tmp_path / "x", "--descriptions", file, check=False)
+    assert_clean_failure(proc, "no description for 1 of the 3 questions with an image", f"{bench.ids[0]} (",
+                         "stic describe")
+    file.write_text(json.dumps(records[0]) + "\n{\"image\": 1}\n")
+    assert_clean_failure(stic_eval(tiny_model, bench, tmp_path / "x", "--descriptions", file, check=False),
+                         "descriptions.jsonl:2: a record without a string \"image\"")
+    proc = stic_eval(tiny_model, bench, tmp_path / "x", "--descriptions", file, "--dar", check=False)
+    assert proc.returncode == 2 and "--dar" in proc.stderr

@@ -419,6 +419,47 @@ def test_a_repeated_key_in_the_input_is_not_a_crash_half_way(tiny, tmp_path, com
             assert keys == distinct
 
 
+def test_keep_duplicates_makes_a_pair_per_list_entry_and_resumes_and_shards(tiny, tmp_path):
+    """`--keep-duplicates`: as the official generate_pref.py loops over every entry of its list, a name listed
+    twice makes two pairs, each its own draw (its own position, so its own seed). Records are keyed by `index`;
+    a resumed run and two joined shards give the file of one straight run."""
+    names = ["chelsea.png", "coffee.png", "chelsea.png", "camera.png", "chelsea.png"]
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps(names))
+    straight = tmp_path / "straight.jsonl"
+    proc = prefs(tiny, straight, "--images", listing, "--keep-duplicates", "--batch-size", "2")
+    assert summary_counts(proc.stderr) == (5, 0, 0), proc.stderr
+    records = read_jsonl(straight)
+    assert [(r["index"], r["image"]) for r in records] == list(enumerate(names))
+    chelsea = [r["chosen"][1]["content"] for r in records if r["image"] == "chelsea.png"]
+    assert len(set(chelsea)) == 3, "a repeated entry must be a new draw, not a copy"
+    # Without the switch, one pair per image, keyed by name.
+    deduplicated = tmp_path / "dedup.jsonl"
+    prefs(tiny, deduplicated, "--images", listing, "--batch-size", "2")
+    assert [r["image"] for r in read_jsonl(deduplicated)] == ["chelsea.png", "coffee.png", "camera.png"]
+
+    # Killed after two records, mid-write of the third: the rerun finishes the same file.
+    expected = straight.read_bytes()
+    lines = expected.splitlines(keepends=True)
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_bytes(b"".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
+    settings = Path(str(straight) + ".settings.json")
+    shutil.copy(settings, str(resumed) + ".settings.json")
+    proc = prefs(tiny, resumed, "--images", listing, "--keep-duplicates", "--batch-size", "1")
+    assert summary_counts(proc.stderr) == (3, 2, 0), proc.stderr
+    assert resumed.read_bytes() == expected
+
+    # Two shards joined (the merge reads the keying from the shards' settings) equal one run.
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    prefs(tiny, a, "--images", listing, "--keep-duplicates", "--shard", "0/2", "--batch-size", "1")
+    prefs(tiny, b, "--images", listing, "--keep-duplicates", "--shard", "1/2", "--batch-size", "3")
+    assert [r["index"] for r in read_jsonl(a)] == [0, 2, 4]
+    merged = tmp_path / "merged.jsonl"
+    proc = stic("prefs-merge", "--inputs", b, a, "--images", listing, "--output", merged)
+    assert "5 records from 2 shards" in proc.stderr, proc.stderr
+    assert merged.read_bytes() == expected
+
+
 def test_a_truncated_jpeg_is_skipped_and_named(tiny, tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -26,6 +26,13 @@ from eval_data import MMBENCH_HEADER
 TIMEOUT = 900
 IMAGE_ID = 32000
 PROFILES = ["official", "paper"]
+# The profiles for the paper's other base models: name -> (hub id of the model, its separate CLIP tower).
+OTHER_BASE_MODELS = {
+    "official-llava-v1.5-7b": ("liuhaotian/llava-v1.5-7b", "openai/clip-vit-large-patch14-336"),
+    "paper-llava-v1.5-7b": ("liuhaotian/llava-v1.5-7b", "openai/clip-vit-large-patch14-336"),
+    "official-llava-v1.6-vicuna-13b": ("liuhaotian/llava-v1.6-vicuna-13b", None),
+    "paper-llava-v1.6-vicuna-13b": ("llava-hf/llava-v1.6-vicuna-13b-hf", None),
+}
 # COCO sizes: (file, source photo, width, height)
 COCO_SIZES = [("wide.jpg", "waterview.jpg", 640, 480), ("tall.jpg", "waterview.jpg", 480, 640),
               ("rocket.jpg", "rocket.jpg", 640, 427), ("coffee.jpg", "coffee.png", 500, 375),
@@ -153,7 +160,8 @@ def test_unknown_key_anywhere_exits_2_naming_key_and_file(world, tmp_path, profi
 
 def test_unknown_profile_is_a_clear_error(world, tmp_path):
     proc = reproduce("--profile", "papr", "--plan", env=env_for(world, tmp_path))
-    assert_clean_failure(proc, "invalid value 'papr' for '--profile", "[possible values: official, paper]")
+    assert_clean_failure(proc, "invalid value 'papr' for '--profile",
+                         "[possible values: official, official-llava-v1.5-7b, official-llava-v1.6-vicuna-13b, paper,")
 
 
 def test_missing_input_stops_it_at_the_start_with_where_to_get_it(world, tmp_path):
@@ -179,15 +187,71 @@ def test_plan_lists_steps_reads_writes_and_what_is_missing(world, tmp_path, prof
         assert f". {name} [to run]" in proc.stdout, name
     assert proc.stdout.count("reads:") == steps and proc.stdout.count("writes:") == steps
     assert ("eval-stic_dar-scienceqa" in proc.stdout) == (profile == "paper")
-    official_args = ["--corruption flag-only", "--top-k 50", "--dtype f16", "--max-new-tokens 1024"]
+    official_args = ["--corruption flag-only", "--keep-duplicates", "--top-k 50", "--dtype f16", "--max-new-tokens 1024"]
     paper_args = ["--corruption apply", "--top-k 0", "--config configs/paper/stage1.yaml"]
     for arg in official_args if profile == "official" else paper_args:
         assert arg in proc.stdout, arg
+    assert ("--keep-duplicates" in proc.stdout) == (profile == "official")
     assert not (tmp_path / "run").exists()
     if profile == "official":  # the world's model is a llava-hf checkpoint; the official profile wants the original
         assert "is not the checkpoint model.checkpoint asks for" in proc.stdout, proc.stdout
     else:
         assert "nothing is missing" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("profile", sorted(OTHER_BASE_MODELS))
+def test_plan_of_another_base_model_lists_what_to_fetch_and_its_template(world, tmp_path, profile):
+    """Each profile says its model; the v1.5 ones also the CLIP tower their checkpoint lacks (missing until it is in
+    the Hugging Face cache); prefs and describe get llava_v1, generate_pref.py's pick for a "v1" name."""
+    hub, tower = OTHER_BASE_MODELS[profile]
+    cache = tmp_path / "hub"
+    env = env_for(world, tmp_path, HF_HUB_CACHE=cache)
+    proc = reproduce("--profile", profile, "--plan", "--benchmarks", "scienceqa", env=env)
+    assert proc.returncode == 0, proc.stderr
+    fetch = proc.stdout.split("\n  1. ")[0]
+    assert f"  model: {world / 'model'}: huggingface.co/{hub} " in fetch, fetch
+    for key in ("coco_train2014", "instruction_json", "instruction_images", "eval_root"):
+        assert f"  {key}: " in fetch, key
+    assert ("  tower: " in fetch) == (tower is not None), fetch
+    commands = [line for line in proc.stdout.splitlines() if "command: stic prefs" in line or "command: stic describe" in line]
+    assert len(commands) == 2 and all("--template llava_v1" in c for c in commands), commands
+    kind = profile.split("-")[0]
+    assert f"--config configs/{kind}/stage1.yaml" in proc.stdout, "the stage configs of the profile it extends"
+    missing = proc.stdout.split("missing (a run stops")[-1]
+    if tower:
+        assert f"  tower: {tower} is neither a folder nor in the Hugging Face cache" in missing, missing
+        assert f"huggingface-cli download {tower}" in missing
+        snapshot = cache / f"models--{tower.replace('/', '--')}" / "snapshots" / "0"
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text("{}")
+        proc = reproduce("--profile", profile, "--plan", "--benchmarks", "scienceqa", env=env)
+        assert proc.returncode == 0 and "  tower: " not in proc.stdout.split("missing (a run stops")[-1], proc.stdout
+    else:
+        assert "  tower: " not in missing
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_plan_passes_the_official_textvqa_limit_and_mmbench_options(world, tmp_path, profile):
+    """scripts/eval/textvqa.sh runs model_vqa_loader.py, whose --max_new_tokens defaults to 128 (the other official
+    scripts pass 1024); model_vqa_mmbench.py lists the options get_options returns."""
+    proc = reproduce("--profile", profile, "--plan", "--benchmarks", "scienceqa,textvqa,mmbench",
+                     env=env_for(world, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    commands = {}
+    for step, line in zip(proc.stdout.splitlines(), proc.stdout.splitlines()[1:]):
+        if ". eval-" in step and "command:" in line:
+            commands[step.split(". ")[1].split(" ")[0]] = line.split("command: ")[1].split(" ")
+    assert set(commands) >= {"eval-original-textvqa", "eval-stic-textvqa", "eval-original-mmbench"}
+
+    def flag(step, name):
+        args = commands[step]
+        return args[args.index(name) + 1] if name in args else None
+    for row in ("original", "stic"):
+        expected = ("128", "1024", "1024", "official") if profile == "official" else (None, None, None, None)
+        assert (flag(f"eval-{row}-textvqa", "--max-new-tokens"), flag(f"eval-{row}-scienceqa", "--max-new-tokens"),
+                flag(f"eval-{row}-mmbench", "--max-new-tokens"),
+                flag(f"eval-{row}-mmbench", "--mmbench-options")) == expected
+    assert all(flag(step, "--mmbench-options") is None for step in commands if "mmbench" not in step)
 
 
 # ------------------------------------------------------------------------------------------ both profiles, end to end

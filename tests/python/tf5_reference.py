@@ -2,8 +2,8 @@
 4.57). `python tf5_reference.py JOBS.json` runs the jobs of the file in order:
 
 - {"build": VARIANT, "seed": S, "out": DIR, "image_mean": [...], "image_std": [...], "adapter": DIR}: a tiny
-  LLaVA-NeXT-Mistral built from its config and saved by transformers 5 with its processor, as a user of
-  transformers 5 makes one today; with "adapter", test_dpo's PEFT adapter on it (non-zero B, trained projector),
+  LLaVA-NeXT (a tiny_models variant, Mistral or Llama) built from its config and saved by transformers 5 with its
+  processor, as a user of transformers 5 makes one today; with "adapter", test_dpo's PEFT adapter on it (non-zero B, trained projector),
   saved by PEFT 0.21.
 - {"reference": DIR, "image": PATH, "text": TEXT, "adapter": DIR or null, "input_ids": FILE or null, "out": FILE}:
   the processor's input_ids, pixel_values and image_sizes (PIL backend: the one whose pixels match transformers 4 and

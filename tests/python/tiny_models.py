@@ -1,4 +1,5 @@
-"""Small random LLaVA-NeXT-Mistral models built with transformers, in every weight layout stic reads."""
+"""Small random LLaVA-NeXT models (Mistral or Llama decoder) built with transformers, in every weight layout stic
+reads."""
 import json
 import shutil
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                          LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig, PreTrainedTokenizerFast)
+                          LlamaConfig, LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig,
+                          PreTrainedTokenizerFast)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "third_party" / "mistral-7b-tokenizer"
@@ -26,6 +28,19 @@ VARIANTS = {
     "mha": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5),
             dict(hidden_size=128, intermediate_size=160, num_hidden_layers=3, num_attention_heads=2)),
+}
+
+# LLaVA-NeXT on a Llama decoder, as llava-hf/llava-v1.6-vicuna-7b-hf is (`LlamaConfig`: no sliding window, RoPE theta
+# 1e4, untied embeddings, all by LlamaConfig's defaults); name -> (text, vision config overrides)
+LLAMA_VARIANTS = {
+    # multi-head attention, as Vicuna-7B/13B have it
+    "llama_mha": (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=4096),
+                  dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)),
+    # grouped-query attention 4:2, as Yi-34B has it
+    "llama_gqa": (dict(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5),
+                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
 }
 
 
@@ -66,9 +81,15 @@ def processor():
 
 
 def build_model(variant, seed=0):
-    text, vision = VARIANTS[variant]
+    """A variant of VARIANTS (Mistral) or LLAMA_VARIANTS, with random weights."""
+    if variant in LLAMA_VARIANTS:
+        text, vision = LLAMA_VARIANTS[variant]
+        text_config = LlamaConfig(vocab_size=32002, **text)
+    else:
+        text, vision = VARIANTS[variant]
+        text_config = MistralConfig(vocab_size=32002, max_position_embeddings=8192, **{"sliding_window": None, **text})
     config = LlavaNextConfig(
-        text_config=MistralConfig(vocab_size=32002, max_position_embeddings=8192, **{"sliding_window": None, **text}),
+        text_config=text_config,
         vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
         image_token_index=32000, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
         vision_feature_select_strategy="default")
@@ -223,30 +244,64 @@ def build_llava_original(folder, seed=0):
     """Builds a tiny LLaVA-v1.6-Mistral with LLaVA's classes, saves it to `folder` as LLaVA does and returns
     (model, slow tokenizer, the tower's CLIPImageProcessor)."""
     from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
-    from transformers import CLIPImageProcessor, CLIPVisionModel
-    folder = Path(folder)
-    tower = folder.parent / f"{folder.name}-clip-tower"
-    torch.manual_seed(seed)
-    CLIPVisionModel(CLIPVisionConfig(**LLAVA_CLIP)).save_pretrained(tower)
-    # openai/clip-vit-large-patch14-336's preprocessor (CLIP mean and std are the class defaults)
-    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(tower)
-    config = LlavaMistralConfig(
-        vocab_size=32000, **LLAVA_TEXT,
-        mm_vision_tower=str(tower), mm_hidden_size=LLAVA_CLIP["hidden_size"], mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="spatial_unpad",
-        image_aspect_ratio="anyres", image_grid_pinpoints=PINPOINTS, unfreeze_mm_vision_tower=True,
-        mm_use_im_start_end=False, mm_use_im_patch_token=False, use_mm_proj=True, tokenizer_model_max_length=4096,
-        tokenizer_padding_side="right", tie_word_embeddings=False)
-    model = LlavaMistralForCausalLM(config).eval()
-    with torch.no_grad():  # random norms, biases and newline, so that every parameter matters for parity
+    return build_llava_checkpoint(folder, LlavaMistralConfig, LlavaMistralForCausalLM, LLAVA_TEXT, seed,
+                                  mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
+                                  unfreeze_mm_vision_tower=True)
+
+
+# LLaVA-v1.5 and LLaVA-v1.6-Vicuna's decoder (`LlavaLlamaForCausalLM`, a LlamaConfig: multi-head attention, no
+# sliding window, RoPE theta 1e4)
+LLAVA_LLAMA_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def build_llava_llama_original(folder, seed=0, tower_inside=True, **settings):
+    """A tiny `LlavaLlamaForCausalLM` as LLaVA saves it. `tower_inside=False` is LLaVA-v1.5: the tower was frozen
+    (no `unfreeze_mm_vision_tower`), so the model is built without it, saves no tower tensors, and loads the tower
+    from its folder (`mm_vision_tower`) as LLaVA's builder does; `settings` are further config entries."""
+    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+    return build_llava_checkpoint(folder, LlavaConfig, LlavaLlamaForCausalLM, LLAVA_LLAMA_TEXT, seed,
+                                  unfreeze_mm_vision_tower=tower_inside, **settings)
+
+
+def randomise_norms_and_biases(model):
+    """Random norms, biases and newline, so that every parameter matters for parity."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias") or name.endswith("image_newline"):
                 p.copy_(0.02 * torch.randn_like(p))
-    model.save_pretrained(folder, safe_serialization=True)
+
+
+def build_llava_checkpoint(folder, config_cls, model_cls, text, seed, unfreeze_mm_vision_tower, save_kwargs=None,
+                           tower_name=LLAVA_TOWER_NAME, **settings):
+    """Builds a tiny original-layout LLaVA with LLaVA's classes, the CLIP tower in its own folder beside it, saves it
+    as LLaVA does (`save_kwargs` for `save_pretrained`), writes `tower_name` into mm_vision_tower (None: the tower
+    folder's path) and returns (model, slow tokenizer, the tower's CLIPImageProcessor)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+    folder = Path(folder)
+    tower = folder.parent / f"{folder.name}-clip-tower"
+    torch.manual_seed(seed)
+    clip = CLIPVisionModel(CLIPVisionConfig(**LLAVA_CLIP))
+    randomise_norms_and_biases(clip)
+    clip.save_pretrained(tower)
+    # openai/clip-vit-large-patch14-336's preprocessor (CLIP mean and std are the class defaults)
+    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(tower)
+    config = config_cls(
+        vocab_size=32000, **text,
+        mm_vision_tower=str(tower), mm_hidden_size=LLAVA_CLIP["hidden_size"], mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2, mm_vision_select_feature="patch", image_grid_pinpoints=PINPOINTS,
+        mm_use_im_start_end=False, mm_use_im_patch_token=False, use_mm_proj=True, tokenizer_model_max_length=4096,
+        tokenizer_padding_side="right", tie_word_embeddings=False,
+        **({"unfreeze_mm_vision_tower": True} if unfreeze_mm_vision_tower else {}), **settings)
+    model = model_cls(config).eval()
+    randomise_norms_and_biases(model)
+    model.save_pretrained(folder, **(save_kwargs if save_kwargs is not None else {"safe_serialization": True}))
+    if not unfreeze_mm_vision_tower:
+        model.get_vision_tower().load_model()  # what LLaVA's builder does after from_pretrained
     shipped = json.loads((folder / "config.json").read_text())
-    shipped["mm_vision_tower"] = LLAVA_TOWER_NAME
+    shipped["mm_vision_tower"] = tower_name or str(tower)
     (folder / "config.json").write_text(json.dumps(shipped, indent=2))
     tokenizer = llava_tokenizer()
     tokenizer.save_pretrained(folder)

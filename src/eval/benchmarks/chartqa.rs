@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Answer, Benchmark, LoadOptions, Score, ScoreError, ANSWER_WITH_SINGLE_WORD};
+use super::{Answer, Benchmark, LoadOptions, MissingPrediction, Score, ScoreError, ANSWER_WITH_SINGLE_WORD};
 use crate::eval::files::{json_text, read_json, require, to_meta, EvalDataError};
 use crate::eval::hub_parquet::{ImageColumn, ParquetRelease};
 use crate::eval::item::{EvalItem, ImageSource};
@@ -29,24 +29,23 @@ impl Benchmark for ChartQa {
     }
 
     /// Accuracy over both splits, and per split.
+    /// lmms-eval scores every question of the split: one without a prediction counts as an empty answer (wrong).
+    fn missing_prediction(&self) -> MissingPrediction {
+        MissingPrediction::StandIn { text: "", with_image: true }
+    }
+
     fn score(&self, answers: &[Answer], _judge: Option<&JudgeClient>) -> Result<Score, ScoreError> {
         let mut by_split: BTreeMap<String, (f64, usize)> = BTreeMap::new();
         for entry in answers {
             let meta: ChartQaMeta = entry.meta(NAME)?;
             let split = by_split.entry(meta.split).or_default();
-            split.0 += f64::from(u8::from(chartqa_relaxed_correct(
-                entry.prediction,
-                &meta.label,
-            )));
+            split.0 += f64::from(u8::from(chartqa_relaxed_correct(entry.prediction, &meta.label)));
             split.1 += 1;
         }
         let correct = by_split.values().map(|(correct, _)| correct).sum();
         let mut score = Score::new(NAME, correct, answers.len());
         for (split, (correct, total)) in by_split {
-            score = score.with_extra(
-                &format!("{split}_accuracy"),
-                Score::new(split.as_str(), correct, total).accuracy,
-            );
+            score = score.with_extra(&format!("{split}_accuracy"), Score::new(split.as_str(), correct, total).accuracy);
         }
         Ok(score)
     }
@@ -86,21 +85,12 @@ const CHARTQA_PARQUET: ParquetRelease = ParquetRelease {
 };
 
 /// Items are named by their split and their position in it.
-fn chartqa_item(
-    split: &str,
-    position: usize,
-    query: &str,
-    label: String,
-    image: ImageSource,
-) -> EvalItem {
+fn chartqa_item(split: &str, position: usize, query: &str, label: String, image: ImageSource) -> EvalItem {
     EvalItem {
         id: format!("{split}_{position}"),
         image,
         question: format!("{query}\n{ANSWER_WITH_SINGLE_WORD}"),
-        meta: to_meta(ChartQaMeta {
-            label,
-            split: split.to_string(),
-        }),
+        meta: to_meta(ChartQaMeta { label, split: split.to_string() }),
     }
 }
 
@@ -108,10 +98,7 @@ fn load_chartqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     if let Some(files) = CHARTQA_PARQUET.instead_of(data_dir, &CHARTQA_SPLIT_FILES)? {
         return load_chartqa_parquet(&files);
     }
-    let origin = format!(
-        "it is in the test/ folder of the ChartQA release; {}",
-        CHARTQA_PARQUET.describe()
-    );
+    let origin = format!("it is in the test/ folder of the ChartQA release; {}", CHARTQA_PARQUET.describe());
     let split_paths = CHARTQA_SPLIT_FILES
         .iter()
         .map(|file| require(NAME, data_dir.join(file), &origin))
@@ -133,20 +120,12 @@ fn load_chartqa_parquet(files: &[PathBuf]) -> Result<Vec<EvalItem>, EvalDataErro
     CHARTQA_PARQUET.read_records(files, |_, row: ChartQaRow, image| {
         let split = usize::from(row.human_or_machine);
         if split >= CHARTQA_SPLITS.len() {
-            return Err(format!(
-                "human_or_machine is {split}; expected 0 (human) or 1 (machine)"
-            ));
+            return Err(format!("human_or_machine is {split}; expected 0 (human) or 1 (machine)"));
         }
-        let [label] = <[String; 1]>::try_from(row.label)
-            .map_err(|labels| format!("{} labels; expected one", labels.len()))?;
+        let [label] =
+            <[String; 1]>::try_from(row.label).map_err(|labels| format!("{} labels; expected one", labels.len()))?;
         split_sizes[split] += 1;
-        Ok(chartqa_item(
-            CHARTQA_SPLITS[split],
-            split_sizes[split] - 1,
-            &row.query,
-            label,
-            image,
-        ))
+        Ok(chartqa_item(CHARTQA_SPLITS[split], split_sizes[split] - 1, &row.query, label, image))
     })
 }
 
@@ -182,10 +161,15 @@ mod tests {
         write(dir.path(), "test_human.json", &json!([
             { "imgname": "41699051005347.png", "query": "How many food item is shown in the bar graph?", "label": "14" }
         ]).to_string());
-        write(dir.path(), "test_augmented.json", &json!([
-            { "imgname": "multi_col_1.png", "query": "What is the value in 2019?", "label": 23.5 },
-            { "imgname": "two_col_2.png", "query": "Which country is the largest?", "label": "Japan" }
-        ]).to_string());
+        write(
+            dir.path(),
+            "test_augmented.json",
+            &json!([
+                { "imgname": "multi_col_1.png", "query": "What is the value in 2019?", "label": 23.5 },
+                { "imgname": "two_col_2.png", "query": "Which country is the largest?", "label": "Japan" }
+            ])
+            .to_string(),
+        );
         std::fs::create_dir_all(dir.path().join("png")).unwrap();
         dir
     }
@@ -194,35 +178,32 @@ mod tests {
     fn chartqa_loads_both_splits_with_the_short_answer_prompt() {
         let dir = chartqa_dir();
         let items = load(&ChartQa, dir.path()).unwrap();
-        assert_eq!(
-            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-            ["human_0", "augmented_0", "augmented_1"]
-        );
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["human_0", "augmented_0", "augmented_1"]);
         assert_eq!(
             items[0].question,
             "How many food item is shown in the bar graph?\nAnswer the question using a single word or phrase."
         );
-        assert_eq!(
-            items[1].image,
-            ImageSource::Path(dir.path().join("png/multi_col_1.png"))
-        );
+        assert_eq!(items[1].image, ImageSource::Path(dir.path().join("png/multi_col_1.png")));
         assert_eq!(
             items[1].meta_as::<ChartQaMeta>().unwrap(),
-            ChartQaMeta {
-                label: "23.5".to_string(),
-                split: "augmented".to_string()
-            }
+            ChartQaMeta { label: "23.5".to_string(), split: "augmented".to_string() }
         );
-        let preds = predictions(&[
-            ("human_0", "13"),
-            ("augmented_0", "24"),
-            ("augmented_1", "japan"),
-        ]);
+        let preds = predictions(&[("human_0", "13"), ("augmented_0", "24"), ("augmented_1", "japan")]);
         let score = score(&ChartQa, &items, &preds, None).unwrap();
         // 13 vs 14 is 7% off (wrong); 24 vs 23.5 is 2% off (right); japan matches case-insensitively.
         assert_eq!((score.correct, score.total), (2.0, 3));
         assert_eq!(score.extra["human_accuracy"], 0.0);
         assert_eq!(score.extra["augmented_accuracy"], 1.0);
+    }
+
+    #[test]
+    fn chartqa_missing_prediction_is_wrong() {
+        let dir = chartqa_dir();
+        let items = load(&ChartQa, dir.path()).unwrap();
+        let score =
+            score(&ChartQa, &items, &predictions(&[("augmented_0", "24"), ("augmented_1", "japan")]), None).unwrap();
+        assert_eq!((score.correct, score.total, score.missing_predictions), (2.0, 3, 1));
+        assert_eq!(score.extra["human_accuracy"], 0.0);
     }
 
     #[test]
@@ -241,18 +222,11 @@ mod tests {
     #[test]
     fn unreadable_parquet_is_named_unless_the_llava_layout_is_there() {
         let dir = tempfile::tempdir().unwrap();
-        write(
-            dir.path(),
-            "data/test-00000-of-00001.parquet",
-            "<html>not found</html>",
-        );
+        write(dir.path(), "data/test-00000-of-00001.parquet", "<html>not found</html>");
         let error = load(&ChartQa, dir.path()).unwrap_err();
         assert!(matches!(error, EvalDataError::Parquet { .. }), "{error}");
         let message = error.to_string();
-        assert!(
-            message.contains("data/test-00000-of-00001.parquet: not a readable parquet file"),
-            "{message}"
-        );
+        assert!(message.contains("data/test-00000-of-00001.parquet: not a readable parquet file"), "{message}");
         let dir = chartqa_dir();
         write(dir.path(), "data/test-00000-of-00001.parquet", "not read");
         assert_eq!(load(&ChartQa, dir.path()).unwrap().len(), 3);

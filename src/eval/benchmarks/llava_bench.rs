@@ -24,10 +24,7 @@ impl Benchmark for LlavaBench {
     }
 
     fn protocol(&self) -> Protocol {
-        Protocol {
-            answer_tokens: 1024,
-            judge: Judge::Required(LLAVA_BENCH_JUDGE_MODEL),
-        }
+        Protocol { answer_tokens: 1024, judge: Judge::Required(LLAVA_BENCH_JUDGE_MODEL) }
     }
 
     fn load(&self, data_dir: &Path, _options: &LoadOptions) -> Result<Vec<EvalItem>, EvalDataError> {
@@ -114,8 +111,7 @@ struct LlavaBenchAnswer {
 }
 
 fn load_llava_bench(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
-    const ORIGIN: &str =
-        "it is part of the llava-bench-in-the-wild dataset that LLaVA's evaluation guide \
+    const ORIGIN: &str = "it is part of the llava-bench-in-the-wild dataset that LLaVA's evaluation guide \
         downloads into playground/data/eval/llava-bench-in-the-wild";
     let questions_path = require(NAME, data_dir.join("questions.jsonl"), ORIGIN)?;
     let context_path = require(NAME, data_dir.join("context.jsonl"), ORIGIN)?;
@@ -148,15 +144,12 @@ fn load_llava_bench(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
                     ),
                 ));
             }
-            let context = captions.get(&question.image).ok_or_else(|| {
-                invalid(
-                    &context_path,
-                    format!("no caption for image {}", question.image),
-                )
-            })?;
-            let reference_answer = reference_answers.get(&id).ok_or_else(|| {
-                invalid(&answers_path, format!("no GPT-4 answer for question {id}"))
-            })?;
+            let context = captions
+                .get(&question.image)
+                .ok_or_else(|| invalid(&context_path, format!("no caption for image {}", question.image)))?;
+            let reference_answer = reference_answers
+                .get(&id)
+                .ok_or_else(|| invalid(&answers_path, format!("no GPT-4 answer for question {id}")))?;
             Ok(EvalItem {
                 id,
                 image: ImageSource::Path(images_dir.join(&question.image)),
@@ -189,24 +182,13 @@ pub struct LlavaBenchSummary {
 pub fn llava_bench_summary(reviews: &[(String, [f64; 2])]) -> BTreeMap<String, LlavaBenchSummary> {
     let mut by_category: BTreeMap<String, Vec<[f64; 2]>> = BTreeMap::new();
     for (category, scores) in reviews {
-        by_category
-            .entry(category.clone())
-            .or_default()
-            .push(*scores);
-        by_category
-            .entry("all".to_string())
-            .or_default()
-            .push(*scores);
+        by_category.entry(category.clone()).or_default().push(*scores);
+        by_category.entry("all".to_string()).or_default().push(*scores);
     }
     by_category
         .into_iter()
         .map(|(category, pairs)| {
-            let mean = |k: usize| {
-                python_round(
-                    pairs.iter().map(|p| p[k]).sum::<f64>() / pairs.len() as f64,
-                    3,
-                )
-            };
+            let mean = |k: usize| python_round(pairs.iter().map(|p| p[k]).sum::<f64>() / pairs.len() as f64, 3);
             let (reference, model) = (mean(0), mean(1));
             let summary = LlavaBenchSummary {
                 relative: python_round(model / reference * 100.0, 1),
@@ -239,9 +221,7 @@ mod tests {
         write(
             dir.path(),
             "context.jsonl",
-            &jsonl(&[
-                json!({ "id": "001", "image": "001.jpg", "caption": ["Diamond Head.", "Waikiki beach."] }),
-            ]),
+            &jsonl(&[json!({ "id": "001", "image": "001.jpg", "caption": ["Diamond Head.", "Waikiki beach."] })]),
         );
         write(
             dir.path(),
@@ -261,10 +241,7 @@ mod tests {
         let items = load(&LlavaBench, dir.path()).unwrap();
         assert_eq!(items.len(), 2);
         assert_eq!(items[0].question, "What is the name of this famous sight?");
-        assert_eq!(
-            items[0].image,
-            ImageSource::Path(dir.path().join("images/001.jpg"))
-        );
+        assert_eq!(items[0].image, ImageSource::Path(dir.path().join("images/001.jpg")));
         assert_eq!(
             items[1].meta_as::<LlavaBenchMeta>().unwrap(),
             LlavaBenchMeta {
@@ -275,10 +252,7 @@ mod tests {
         );
         std::fs::remove_file(dir.path().join("answers_gpt4.jsonl")).unwrap();
         let message = missing_file_message(&LlavaBench, dir.path());
-        assert!(
-            message.contains("answers_gpt4.jsonl") && message.contains("llava-bench-in-the-wild"),
-            "{message}"
-        );
+        assert!(message.contains("answers_gpt4.jsonl") && message.contains("llava-bench-in-the-wild"), "{message}");
     }
 
     #[test]
@@ -287,27 +261,17 @@ mod tests {
         write(
             dir.path(),
             "questions.jsonl",
-            &jsonl(&[
-                json!({ "question_id": 0, "image": "001.jpg", "text": "Q", "category": "ocr" }),
-            ]),
+            &jsonl(&[json!({ "question_id": 0, "image": "001.jpg", "text": "Q", "category": "ocr" })]),
         );
         let error = load(&LlavaBench, dir.path()).unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains("category \"ocr\" has no review rule"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("category \"ocr\" has no review rule"), "{error}");
     }
 
     #[test]
     fn llava_bench_scoring_uses_judge_reviews() {
         let dir = llava_bench_dir();
         let items = load(&LlavaBench, dir.path()).unwrap();
-        let server = StubServer::start(vec![
-            (200, completion("8 6\nfine")),
-            (200, completion("no scores here")),
-        ]);
+        let server = StubServer::start(vec![(200, completion("8 6\nfine")), (200, completion("no scores here"))]);
         let judge = test_client(&server.url, None);
         let preds = predictions(&[("0", "Diamond Head"), ("1", "A beach.")]);
         let score = score(&LlavaBench, &items, &preds, Some(&judge)).unwrap();
@@ -318,10 +282,7 @@ mod tests {
         assert_eq!(score.extra["categories"]["conv"]["relative"], 75.0);
         assert_eq!(judge.stats().unparsable_scores, 1);
         let error = super::super::score(&LlavaBench, &items, &preds, None).unwrap_err();
-        assert!(matches!(
-            error,
-            ScoreError::JudgeRequired(NAME)
-        ));
+        assert!(matches!(error, ScoreError::JudgeRequired(NAME)));
     }
 
     #[test]
@@ -333,23 +294,9 @@ mod tests {
         ];
         let summary = llava_bench_summary(&reviews);
         // conv: means 9 and 7 -> 7/9 = 77.8%, scaled means 90.0 and 70.0.
-        assert_eq!(
-            summary["conv"],
-            LlavaBenchSummary {
-                relative: 77.8,
-                reference: 90.0,
-                model: 70.0
-            }
-        );
+        assert_eq!(summary["conv"], LlavaBenchSummary { relative: 77.8, reference: 90.0, model: 70.0 });
         // all: means (17/3 = 5.667) and (13/3 = 4.333) -> 4.333/5.667 = 76.46% -> 76.5.
-        assert_eq!(
-            summary["all"],
-            LlavaBenchSummary {
-                relative: 76.5,
-                reference: 56.7,
-                model: 43.3
-            }
-        );
+        assert_eq!(summary["all"], LlavaBenchSummary { relative: 76.5, reference: 56.7, model: 43.3 });
         assert_eq!(summary["detail"].relative, 100.0);
     }
 }

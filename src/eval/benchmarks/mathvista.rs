@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::mmbench::{infer_option_letter, lettered};
-use super::{count_correct, Answer, Benchmark, Judge, LoadOptions, Protocol, Score, ScoreError, OPTION_LETTERS};
+use super::{
+    count_correct, Answer, Benchmark, Judge, LoadOptions, MissingPrediction, Protocol, Score, ScoreError,
+    OPTION_LETTERS,
+};
 use crate::eval::files::{invalid, json_text, read_json, read_jsonl, require, to_meta, EvalDataError};
 use crate::eval::hub_parquet::{ImageColumn, ParquetRelease};
 use crate::eval::item::{EvalItem, ImageSource};
@@ -30,14 +33,16 @@ impl Benchmark for MathVista {
     }
 
     fn protocol(&self) -> Protocol {
-        Protocol {
-            answer_tokens: 1024,
-            judge: Judge::Optional(MATHVISTA_JUDGE_MODEL),
-        }
+        Protocol { answer_tokens: 1024, judge: Judge::Optional(MATHVISTA_JUDGE_MODEL) }
     }
 
     fn load(&self, data_dir: &Path, _options: &LoadOptions) -> Result<Vec<EvalItem>, EvalDataError> {
         load_mathvista(data_dir)
+    }
+
+    /// `calculate_score.py` scores the problems of the results file: an unanswered one is not in its denominator.
+    fn missing_prediction(&self) -> MissingPrediction {
+        MissingPrediction::LeftOut
     }
 
     /// Rule-based without a judge; with one, answers are extracted as `extract_answer.py` does.
@@ -49,22 +54,11 @@ impl Benchmark for MathVista {
                 .inspect_err(|_| extraction_failures.set(extraction_failures.get() + 1))
                 .ok()
         };
-        let llm = judge
-            .map(|judge| move |query: &str, response: &str| extract_with_judge(judge, query, response));
-        let llm_extractor = llm
-            .as_ref()
-            .map(|extract| extract as &dyn Fn(&str, &str) -> Option<String>);
-        let mut score = count_correct(
-            NAME,
-            answers,
-            |meta: MathVistaMeta, prediction| {
-                Ok(f64::from(u8::from(mathvista_is_correct(
-                    prediction,
-                    &meta.problem,
-                    llm_extractor,
-                ))))
-            },
-        )?;
+        let llm = judge.map(|judge| move |query: &str, response: &str| extract_with_judge(judge, query, response));
+        let llm_extractor = llm.as_ref().map(|extract| extract as &dyn Fn(&str, &str) -> Option<String>);
+        let mut score = count_correct(NAME, answers, |meta: MathVistaMeta, prediction| {
+            Ok(f64::from(u8::from(mathvista_is_correct(prediction, &meta.problem, llm_extractor))))
+        })?;
         if judge.is_some() {
             score = score.with_extra("llm_extraction_failures", extraction_failures.get());
         }
@@ -111,18 +105,11 @@ fn mathvista_item(record: MathVistaRecord, query: String, image: ImageSource) ->
         query,
         question_type: record.question_type,
         answer_type: record.answer_type,
-        choices: record
-            .choices
-            .map(|choices| choices.iter().map(json_text).collect()),
+        choices: record.choices.map(|choices| choices.iter().map(json_text).collect()),
         precision: record.precision,
         answer: json_text(&record.answer),
     };
-    EvalItem {
-        id: pid.clone(),
-        image,
-        question: problem.query.clone(),
-        meta: to_meta(MathVistaMeta { pid, problem }),
-    }
+    EvalItem { id: pid.clone(), image, question: problem.query.clone(), meta: to_meta(MathVistaMeta { pid, problem }) }
 }
 
 fn load_mathvista(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
@@ -142,17 +129,9 @@ fn load_mathvista_json(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> 
     let records: Vec<MathVistaRecord> = if json_path.exists() {
         // The release's testmini.json maps pid -> problem; a pandas export is a list.
         match read_json::<Value>(&json_path)? {
-            Value::Object(by_pid) => by_pid
-                .into_iter()
-                .map(|(_, problem)| problem)
-                .collect::<Vec<_>>(),
+            Value::Object(by_pid) => by_pid.into_iter().map(|(_, problem)| problem).collect::<Vec<_>>(),
             Value::Array(problems) => problems,
-            _ => {
-                return Err(invalid(
-                    &json_path,
-                    "expected an object keyed by pid or a list of problems",
-                ))
-            }
+            _ => return Err(invalid(&json_path, "expected an object keyed by pid or a list of problems")),
         }
         .into_iter()
         .map(|problem| {
@@ -177,16 +156,9 @@ fn load_mathvista_json(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> 
         });
     };
     let source = if json_path.exists() { json_path } else { jsonl_path };
-    let queries = if records.iter().any(|record| record.query.is_none()) {
-        Some(read_queries(data_dir, &source)?)
-    } else {
-        None
-    };
-    let images_dir = require(
-        NAME,
-        data_dir.join("images"),
-        "unpack MathVista's images.zip there",
-    )?;
+    let queries =
+        if records.iter().any(|record| record.query.is_none()) { Some(read_queries(data_dir, &source)?) } else { None };
+    let images_dir = require(NAME, data_dir.join("images"), "unpack MathVista's images.zip there")?;
     records
         .into_iter()
         .map(|record| {
@@ -196,10 +168,7 @@ fn load_mathvista_json(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> 
                 .clone()
                 .or_else(|| queries.as_ref()?.get(&pid).cloned())
                 .ok_or_else(|| invalid(&data_dir.join(QUERY_JSON), format!("no query for pid {pid}")))?;
-            let image = record
-                .image
-                .strip_prefix("images/")
-                .unwrap_or(&record.image);
+            let image = record.image.strip_prefix("images/").unwrap_or(&record.image);
             let image = ImageSource::Path(images_dir.join(image));
             Ok(mathvista_item(record, query, image))
         })
@@ -274,13 +243,10 @@ pub type LlmAnswerExtractor<'a> = &'a dyn Fn(&str, &str) -> Option<String>;
 
 static MATHVISTA_QUOTED_ANSWER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r#"The answer is "(.*)"\."#).expect("valid regex"));
-static NUMBER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+").expect("valid regex")
-});
-static BRACKETED_LIST: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\[[^\[\]]*\]").expect("valid regex"));
-static PARENTHESISED_LETTER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\(([a-zA-Z])\)").expect("valid regex"));
+static NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+").expect("valid regex"));
+static BRACKETED_LIST: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\[[^\[\]]*\]").expect("valid regex"));
+static PARENTHESISED_LETTER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\(([a-zA-Z])\)").expect("valid regex"));
 
 /// MathVista answer extraction, `extract_answer.py` with its defaults: an
 /// empty response gives `""`; a response that is one of the choices, or
@@ -311,9 +277,7 @@ pub fn extract_mathvista_answer(
 }
 
 fn official_direct_extraction(response: &str, problem: &MathVistaProblem) -> Option<String> {
-    if problem.question_type == MathVistaQuestionType::MultiChoice
-        && problem.choices().iter().any(|c| c == response)
-    {
+    if problem.question_type == MathVistaQuestionType::MultiChoice && problem.choices().iter().any(|c| c == response) {
         return Some(response.to_string());
     }
     match problem.answer_type {
@@ -328,14 +292,10 @@ fn rule_based_extraction(response: &str, problem: &MathVistaProblem) -> Option<S
         return infer_option_letter(response, &lettered(problem.choices())).map(String::from);
     }
     match problem.answer_type {
-        MathVistaAnswerType::Integer | MathVistaAnswerType::Float => NUMBER
-            .find_iter(response)
-            .last()
-            .map(|m| m.as_str().replace(',', "")),
-        MathVistaAnswerType::List => BRACKETED_LIST
-            .find_iter(response)
-            .last()
-            .map(|m| m.as_str().to_string()),
+        MathVistaAnswerType::Integer | MathVistaAnswerType::Float => {
+            NUMBER.find_iter(response).last().map(|m| m.as_str().replace(',', ""))
+        }
+        MathVistaAnswerType::List => BRACKETED_LIST.find_iter(response).last().map(|m| m.as_str().to_string()),
         MathVistaAnswerType::Text => Some(python::strip(response).to_string()).filter(|t| !t.is_empty()),
     }
 }
@@ -352,10 +312,7 @@ pub fn normalize_mathvista_answer(extraction: &str, problem: &MathVistaProblem) 
             Some(captures) => captures[1].to_uppercase(),
             None => extraction.to_string(),
         };
-        let letter_index = OPTION_LETTERS
-            .chars()
-            .take(choices.len())
-            .position(|l| letter == l.to_string());
+        let letter_index = OPTION_LETTERS.chars().take(choices.len()).position(|l| letter == l.to_string());
         return match letter_index {
             Some(index) => Some(choices[index].clone()),
             None => most_similar(&letter, choices).cloned(),
@@ -380,27 +337,12 @@ pub fn normalize_mathvista_answer(extraction: &str, problem: &MathVistaProblem) 
 fn most_similar<'c>(text: &str, choices: &'c [String]) -> Option<&'c String> {
     let mut best: Option<(usize, &String)> = None;
     for choice in choices {
-        let distance = levenshtein(text, choice);
+        let distance = strsim::levenshtein(text, choice);
         if best.is_none_or(|(best_distance, _)| distance < best_distance) {
             best = Some((distance, choice));
         }
     }
     best.map(|(_, choice)| choice)
-}
-
-/// Edit distance over Unicode scalar values (insertions, deletions, substitutions).
-pub fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = vec![i + 1; b.len() + 1];
-        for (j, &cb) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(ca != cb);
-            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        previous = current;
-    }
-    previous[b.len()]
 }
 
 /// Extraction, normalisation and `safe_equal` against the answer.
@@ -410,8 +352,7 @@ pub fn mathvista_is_correct(
     llm_extractor: Option<LlmAnswerExtractor>,
 ) -> bool {
     let extraction = extract_mathvista_answer(response, problem, llm_extractor);
-    normalize_mathvista_answer(&extraction, problem)
-        .is_some_and(|normalized| normalized == problem.answer)
+    normalize_mathvista_answer(&extraction, problem).is_some_and(|normalized| normalized == problem.answer)
 }
 
 #[cfg(test)]
@@ -445,51 +386,29 @@ mod tests {
     #[test]
     fn mathvista_loads_json_object_in_pid_order() {
         let dir = tempfile::tempdir().unwrap();
-        write(
-            dir.path(),
-            "testmini.json",
-            &mathvista_problems().to_string(),
-        );
+        write(dir.path(), "testmini.json", &mathvista_problems().to_string());
         std::fs::create_dir_all(dir.path().join("images")).unwrap();
         let items = load(&MathVista, dir.path()).unwrap();
-        assert_eq!(
-            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-            ["2", "10"]
-        );
-        assert_eq!(
-            items[0].image,
-            ImageSource::Path(dir.path().join("images/2.jpg"))
-        );
-        assert!(
-            items[1].question.ends_with("(A) 3/11\n(B) 8/11"),
-            "the prompt is the query"
-        );
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["2", "10"]);
+        assert_eq!(items[0].image, ImageSource::Path(dir.path().join("images/2.jpg")));
+        assert!(items[1].question.ends_with("(A) 3/11\n(B) 8/11"), "the prompt is the query");
         let meta: MathVistaMeta = items[1].meta_as().unwrap();
-        assert_eq!(
-            meta.problem.choices.as_deref(),
-            Some(&["3/11".to_string(), "8/11".to_string()][..])
-        );
-        assert_eq!(
-            meta.problem.question_type,
-            MathVistaQuestionType::MultiChoice
-        );
+        assert_eq!(meta.problem.choices.as_deref(), Some(&["3/11".to_string(), "8/11".to_string()][..]));
+        assert_eq!(meta.problem.question_type, MathVistaQuestionType::MultiChoice);
 
         let preds = predictions(&[("2", "It costs $1.45."), ("10", "A")]);
         let score = score(&MathVista, &items, &preds, None).unwrap();
         assert_eq!((score.correct, score.total), (1.0, 2));
+        // calculate_score.py scores the problems of its results file: a missing one is not in the denominator.
+        let score = super::super::score(&MathVista, &items, &predictions(&[("2", "It costs $1.45.")]), None).unwrap();
+        assert_eq!((score.correct, score.total, score.missing_predictions), (1.0, 1, 1));
     }
 
     #[test]
     fn mathvista_loads_jsonl_and_extracts_with_the_judge() {
         let dir = tempfile::tempdir().unwrap();
-        let Value::Object(problems) = mathvista_problems() else {
-            unreachable!()
-        };
-        write(
-            dir.path(),
-            "testmini.jsonl",
-            &jsonl(&problems.into_iter().map(|(_, p)| p).collect::<Vec<_>>()),
-        );
+        let Value::Object(problems) = mathvista_problems() else { unreachable!() };
+        write(dir.path(), "testmini.jsonl", &jsonl(&problems.into_iter().map(|(_, p)| p).collect::<Vec<_>>()));
         std::fs::create_dir_all(dir.path().join("images")).unwrap();
         let items = load(&MathVista, dir.path()).unwrap();
         assert_eq!(items.len(), 2);
@@ -502,10 +421,9 @@ mod tests {
         let bodies = server.finish();
         assert_eq!(bodies.len(), 2);
         let sent: Value = serde_json::from_str(&bodies[1]).unwrap();
-        assert!(sent["messages"][0]["content"]
-            .as_str()
-            .unwrap()
-            .ends_with("\nQuestion: What fraction is blue?\nChoices:\n(A) 3/11\n(B) 8/11\n\n(B) 8/11\n\nExtracted answer: "));
+        assert!(sent["messages"][0]["content"].as_str().unwrap().ends_with(
+            "\nQuestion: What fraction is blue?\nChoices:\n(A) 3/11\n(B) 8/11\n\n(B) 8/11\n\nExtracted answer: "
+        ));
         assert_eq!((score.correct, score.total), (2.0, 2));
         assert_eq!(score.extra["llm_extraction_failures"], 0);
 
@@ -551,13 +469,9 @@ mod tests {
     fn mathvista_missing_data_mentions_both_forms_and_the_parquet_release() {
         let dir = tempfile::tempdir().unwrap();
         let message = missing_file_message(&MathVista, dir.path());
+        assert!(message.contains("testmini.json") && message.contains("testmini.jsonl"), "{message}");
         assert!(
-            message.contains("testmini.json") && message.contains("testmini.jsonl"),
-            "{message}"
-        );
-        assert!(
-            message.contains("AI4Math/MathVista's parquet release")
-                && message.contains("data/testmini-*.parquet"),
+            message.contains("AI4Math/MathVista's parquet release") && message.contains("data/testmini-*.parquet"),
             "{message}"
         );
     }
@@ -589,139 +503,53 @@ mod tests {
             "8/11",
         );
         assert_eq!(extract_mathvista_answer("8/11", &problem, None), "8/11");
-        assert_eq!(
-            extract_mathvista_answer("The correct answer is (B) 8/11.", &problem, None),
-            "B"
-        );
-        assert_eq!(
-            normalize_mathvista_answer("B", &problem).as_deref(),
-            Some("8/11")
-        );
-        assert_eq!(
-            normalize_mathvista_answer("(b) something", &problem).as_deref(),
-            Some("8/11")
-        );
+        assert_eq!(extract_mathvista_answer("The correct answer is (B) 8/11.", &problem, None), "B");
+        assert_eq!(normalize_mathvista_answer("B", &problem).as_deref(), Some("8/11"));
+        assert_eq!(normalize_mathvista_answer("(b) something", &problem).as_deref(), Some("8/11"));
         // Not a letter: the closest option by edit distance ("8/12" is one edit from "8/11").
-        assert_eq!(
-            normalize_mathvista_answer("8/12", &problem).as_deref(),
-            Some("8/11")
-        );
+        assert_eq!(normalize_mathvista_answer("8/12", &problem).as_deref(), Some("8/11"));
         assert!(mathvista_is_correct("B", &problem, None));
         assert!(!mathvista_is_correct("A", &problem, None));
     }
 
     #[test]
     fn mathvista_numeric_extraction_and_normalisation() {
-        let integer = mathvista(
-            MathVistaQuestionType::FreeForm,
-            MathVistaAnswerType::Integer,
-            None,
-            None,
-            "14",
-        );
+        let integer = mathvista(MathVistaQuestionType::FreeForm, MathVistaAnswerType::Integer, None, None, "14");
         assert_eq!(extract_mathvista_answer(" 14 ", &integer, None), "14");
-        assert_eq!(
-            extract_mathvista_answer("The number missing is 14.", &integer, None),
-            "14"
-        );
-        assert_eq!(
-            extract_mathvista_answer("From 1,200 down to 14", &integer, None),
-            "14"
-        );
-        assert_eq!(
-            normalize_mathvista_answer("14.9", &integer).as_deref(),
-            Some("14")
-        ); // int() truncates
-        assert_eq!(
-            normalize_mathvista_answer("-3.5", &integer).as_deref(),
-            Some("-3")
-        );
+        assert_eq!(extract_mathvista_answer("The number missing is 14.", &integer, None), "14");
+        assert_eq!(extract_mathvista_answer("From 1,200 down to 14", &integer, None), "14");
+        assert_eq!(normalize_mathvista_answer("14.9", &integer).as_deref(), Some("14")); // int() truncates
+        assert_eq!(normalize_mathvista_answer("-3.5", &integer).as_deref(), Some("-3"));
         assert_eq!(normalize_mathvista_answer("fourteen", &integer), None);
-        assert!(mathvista_is_correct(
-            "The answer is \"14\".",
-            &integer,
-            None
-        ));
+        assert!(mathvista_is_correct("The answer is \"14\".", &integer, None));
 
-        let float = mathvista(
-            MathVistaQuestionType::FreeForm,
-            MathVistaAnswerType::Float,
-            None,
-            Some(2.0),
-            "1.45",
-        );
+        let float = mathvista(MathVistaQuestionType::FreeForm, MathVistaAnswerType::Float, None, Some(2.0), "1.45");
         assert_eq!(extract_mathvista_answer("1.450", &float, None), "1.45"); // str(float(x))
-        assert_eq!(
-            normalize_mathvista_answer("1.4537", &float).as_deref(),
-            Some("1.45")
-        );
-        assert!(mathvista_is_correct(
-            "Luca needs $1.45 in total.",
-            &float,
-            None
-        ));
-        let one_decimal = mathvista(
-            MathVistaQuestionType::FreeForm,
-            MathVistaAnswerType::Float,
-            None,
-            Some(1.0),
-            "3.0",
-        );
-        assert_eq!(
-            normalize_mathvista_answer("3", &one_decimal).as_deref(),
-            Some("3.0")
-        );
-        let no_precision = mathvista(
-            MathVistaQuestionType::FreeForm,
-            MathVistaAnswerType::Float,
-            None,
-            None,
-            "3.0",
-        );
+        assert_eq!(normalize_mathvista_answer("1.4537", &float).as_deref(), Some("1.45"));
+        assert!(mathvista_is_correct("Luca needs $1.45 in total.", &float, None));
+        let one_decimal =
+            mathvista(MathVistaQuestionType::FreeForm, MathVistaAnswerType::Float, None, Some(1.0), "3.0");
+        assert_eq!(normalize_mathvista_answer("3", &one_decimal).as_deref(), Some("3.0"));
+        let no_precision = mathvista(MathVistaQuestionType::FreeForm, MathVistaAnswerType::Float, None, None, "3.0");
         assert_eq!(normalize_mathvista_answer("3", &no_precision), None);
     }
 
     #[test]
     fn mathvista_rules_stand_in_without_an_llm() {
-        let list = mathvista(
-            MathVistaQuestionType::FreeForm,
-            MathVistaAnswerType::List,
-            None,
-            None,
-            "[2007, 2008]",
-        );
-        assert!(mathvista_is_correct(
-            "The peak lies in [2007, 2008].",
-            &list,
-            None
-        ));
+        let list = mathvista(MathVistaQuestionType::FreeForm, MathVistaAnswerType::List, None, None, "[2007, 2008]");
+        assert!(mathvista_is_correct("The peak lies in [2007, 2008].", &list, None));
 
-        let text = mathvista(
-            MathVistaQuestionType::FreeForm,
-            MathVistaAnswerType::Text,
-            None,
-            None,
-            "Paris",
-        );
+        let text = mathvista(MathVistaQuestionType::FreeForm, MathVistaAnswerType::Text, None, None, "Paris");
         assert_eq!(extract_mathvista_answer("  Paris ", &text, None), "Paris");
         assert_eq!(extract_mathvista_answer("", &text, None), "");
 
         // The official --quick_extract rule is one of the stand-ins without an LLM.
-        assert_eq!(
-            extract_mathvista_answer("Capital. The answer is \"Paris\".", &text, None),
-            "Paris"
-        );
+        assert_eq!(extract_mathvista_answer("Capital. The answer is \"Paris\".", &text, None), "Paris");
     }
 
     #[test]
     fn mathvista_with_an_llm_every_response_past_the_direct_checks_goes_to_it() {
-        let integer = mathvista(
-            MathVistaQuestionType::FreeForm,
-            MathVistaAnswerType::Integer,
-            None,
-            None,
-            "3",
-        );
+        let integer = mathvista(MathVistaQuestionType::FreeForm, MathVistaAnswerType::Integer, None, None, "3");
         let choice = mathvista(
             MathVistaQuestionType::MultiChoice,
             MathVistaAnswerType::Text,
@@ -752,10 +580,7 @@ mod tests {
         assert_eq!(extract_mathvista_answer("", &integer, llm), "");
         assert_eq!(extract_mathvista_answer("8/11", &choice, llm), "8/11");
         assert_eq!(extract_mathvista_answer(" +3 ", &integer, llm), "3");
-        assert_eq!(
-            *asked.borrow(),
-            ["three apples", "The answer is \"5\".", "It is (B) 8/11.", "no idea", "no idea"]
-        );
+        assert_eq!(*asked.borrow(), ["three apples", "The answer is \"5\".", "It is (B) 8/11.", "no idea", "no idea"]);
     }
 
     #[test]
@@ -774,6 +599,7 @@ mod tests {
 
     #[test]
     fn levenshtein_distance() {
+        use strsim::levenshtein;
         assert_eq!(levenshtein("kitten", "sitting"), 3);
         assert_eq!(levenshtein("", "abc"), 3);
         assert_eq!(levenshtein("héllo", "hello"), 1);

@@ -23,10 +23,7 @@ impl Benchmark for MmVet {
     }
 
     fn protocol(&self) -> Protocol {
-        Protocol {
-            answer_tokens: 1024,
-            judge: Judge::Required(MM_VET_JUDGE_MODEL),
-        }
+        Protocol { answer_tokens: 1024, judge: Judge::Required(MM_VET_JUDGE_MODEL) }
     }
 
     fn load(&self, data_dir: &Path, _options: &LoadOptions) -> Result<Vec<EvalItem>, EvalDataError> {
@@ -86,20 +83,16 @@ fn load_mm_vet(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     records
         .into_iter()
         .map(|(id, record)| {
-            let record: MmVetRecord =
-                serde_json::from_value(record).map_err(|source| EvalDataError::Json {
-                    path: path.clone(),
-                    line: None,
-                    source,
-                })?;
+            let record: MmVetRecord = serde_json::from_value(record).map_err(|source| EvalDataError::Json {
+                path: path.clone(),
+                line: None,
+                source,
+            })?;
             Ok(EvalItem {
                 id,
                 image: ImageSource::Path(images_dir.join(&record.imagename)),
                 question: record.question,
-                meta: to_meta(MmVetMeta {
-                    answer: record.answer,
-                    capabilities: record.capability,
-                }),
+                meta: to_meta(MmVetMeta { answer: record.answer, capabilities: record.capability }),
             })
         })
         .collect()
@@ -140,10 +133,7 @@ pub fn mm_vet_summary(grades: &[(Vec<String>, f64)]) -> MmVetSummary {
     }
     MmVetSummary {
         total: percent(total),
-        by_capability: by_capability
-            .into_iter()
-            .map(|(capability, sums)| (capability, percent(sums)))
-            .collect(),
+        by_capability: by_capability.into_iter().map(|(capability, sums)| (capability, percent(sums))).collect(),
     }
 }
 
@@ -164,37 +154,20 @@ mod tests {
         });
         write(dir.path(), "mm-vet.json", &records.to_string());
         let message = missing_file_message(&MmVet, dir.path());
-        assert!(
-            message.contains("images") && message.contains("mm-vet.zip"),
-            "{message}"
-        );
+        assert!(message.contains("images") && message.contains("mm-vet.zip"), "{message}");
         std::fs::create_dir_all(dir.path().join("images")).unwrap();
 
         let items = load(&MmVet, dir.path()).unwrap();
         // The official grader iterates (and sums) in the file's order.
-        assert_eq!(
-            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-            ["v1_10", "v1_2"]
-        );
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["v1_10", "v1_2"]);
         assert_eq!(items[1].question, "What is x?");
-        assert_eq!(
-            items[0].image,
-            ImageSource::Path(dir.path().join("images/v1_10.png"))
-        );
-        assert_eq!(
-            items[1].meta_as::<MmVetMeta>().unwrap().capabilities,
-            ["math", "ocr"]
-        );
+        assert_eq!(items[0].image, ImageSource::Path(dir.path().join("images/v1_10.png")));
+        assert_eq!(items[1].meta_as::<MmVetMeta>().unwrap().capabilities, ["math", "ocr"]);
 
         let server = StubServer::start(vec![(200, completion("0.5")), (200, completion("1.0"))]);
         let judge = test_client(&server.url, None);
-        let score = score(
-            &MmVet,
-            &items,
-            &predictions(&[("v1_2", "x = -1"), ("v1_10", "STOP")]),
-            Some(&judge),
-        )
-        .unwrap();
+        let score =
+            score(&MmVet, &items, &predictions(&[("v1_2", "x = -1"), ("v1_10", "STOP")]), Some(&judge)).unwrap();
         let bodies = server.finish();
         assert!(bodies[0].contains("What is written? | STOP | STOP | "));
         assert!(bodies[1].contains("What is x? | -1 <AND> -5 | x = -1 | "));
@@ -220,11 +193,7 @@ mod tests {
         assert_eq!(mm_vet_summary(&[]).total, 0.0);
 
         // Two thirds: 66.666... -> 66.7 (one decimal).
-        let thirds = vec![
-            (strings(&["rec"]), 1.0),
-            (strings(&["rec"]), 1.0),
-            (strings(&["rec"]), 0.0),
-        ];
+        let thirds = vec![(strings(&["rec"]), 1.0), (strings(&["rec"]), 1.0), (strings(&["rec"]), 0.0)];
         assert_eq!(mm_vet_summary(&thirds).total, 66.7);
 
         // 7 grades of 0.1 among 200 samples: 0.7 / 200 * 100 = 0.35 (stored below 0.35), which the

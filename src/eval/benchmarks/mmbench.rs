@@ -9,7 +9,10 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Answer, Benchmark, LoadOptions, Score, ScoreError, ANSWER_WITH_OPTION_LETTER, OPTION_LETTERS};
+use super::{
+    Answer, Benchmark, LoadOptions, MissingPrediction, MmBenchOptions, Score, ScoreError, ANSWER_WITH_OPTION_LETTER,
+    OPTION_LETTERS,
+};
 use crate::eval::files::{invalid, json_text, require, to_meta, EvalDataError};
 use crate::eval::hub_parquet::{ImageColumn, ParquetRelease};
 use crate::eval::item::{EvalItem, ImageSource};
@@ -26,34 +29,34 @@ impl Benchmark for MmBench {
     }
 
     fn load(&self, data_dir: &Path, options: &LoadOptions) -> Result<Vec<EvalItem>, EvalDataError> {
-        load_mmbench(data_dir, options.mmbench_circular)
+        load_mmbench(data_dir, options.mmbench_circular, options.mmbench_options)
+    }
+
+    /// LLaVA's `convert_mmbench_for_submission.py` leaves the prediction of an unanswered row empty, which
+    /// VLMEvalKit reads as NaN and grades as the text `nan` (wrong, and so is the row's circular group).
+    fn missing_prediction(&self) -> MissingPrediction {
+        MissingPrediction::StandIn { text: "nan", with_image: true }
     }
 
     /// The headline is circular accuracy; with one variant per question it
     /// equals plain accuracy.
     fn score(&self, answers: &[Answer], _judge: Option<&JudgeClient>) -> Result<Score, ScoreError> {
         let mut results = Vec::with_capacity(answers.len());
+        let mut options_cut = 0usize;
         for entry in answers {
             let meta: MmBenchMeta = entry.meta(NAME)?;
-            let answer = meta
-                .answer
-                .ok_or_else(|| ScoreError::MissingAnswer(entry.item.id.clone()))?;
+            options_cut += usize::from(meta.llava_options < meta.choices.len());
+            let answer = meta.answer.ok_or_else(|| ScoreError::MissingAnswer(entry.item.id.clone()))?;
             let chosen = infer_option_letter(entry.prediction, &meta.choices);
-            results.push((
-                meta.index,
-                chosen.is_some_and(|letter| answer == letter.to_string()),
-            ));
+            results.push((meta.index, chosen.is_some_and(|letter| answer == letter.to_string())));
         }
         let accuracy = mmbench_accuracy(&results);
         let plain = Score::new("plain", accuracy.correct as f64, accuracy.total);
-        Ok(Score::new(
-            NAME,
-            accuracy.circular_correct as f64,
-            accuracy.circular_groups,
-        )
-        .with_extra("plain_accuracy", plain.accuracy)
-        .with_extra("plain_correct", accuracy.correct)
-        .with_extra("plain_total", accuracy.total))
+        Ok(Score::new(NAME, accuracy.circular_correct as f64, accuracy.circular_groups)
+            .with_extra("plain_accuracy", plain.accuracy)
+            .with_extra("plain_correct", accuracy.correct)
+            .with_extra("plain_total", accuracy.total)
+            .with_extra("options_cut", options_cut))
     }
 }
 
@@ -63,8 +66,11 @@ pub struct MmBenchMeta {
     pub index: u64,
     /// The correct letter in this variant's option order; absent in test splits.
     pub answer: Option<String>,
-    /// The options as they were shown: (letter, text).
+    /// The options the scorer reads, in this variant's order: (letter, text). The prompt lists them all, or
+    /// with `--mmbench-options official` the first `llava_options` of them.
     pub choices: Vec<Choice>,
+    /// How many of `choices` LLaVA's `get_options` lists.
+    pub llava_options: usize,
     pub category: Option<String>,
 }
 
@@ -79,8 +85,8 @@ pub fn lettered(options: &[String]) -> Vec<Choice> {
 /// What pandas 2 reads as NaN by default (`read_csv`'s `na_values`), the test of VLMEvalKit's `pd.isna`.
 fn is_pandas_na(cell: &str) -> bool {
     const PANDAS_NA_VALUES: [&str; 19] = [
-        "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-        "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+        "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+        "NULL", "NaN", "None", "n/a", "nan", "null",
     ];
     PANDAS_NA_VALUES.contains(&cell)
 }
@@ -88,6 +94,20 @@ fn is_pandas_na(cell: &str) -> bool {
 /// LLaVA's `is_none` on a cell pandas read: NaN, or the text "nan" or "none" in any case.
 fn is_llava_none(cell: &str) -> bool {
     is_pandas_na(cell) || cell.eq_ignore_ascii_case("nan") || cell.eq_ignore_ascii_case("none")
+}
+
+/// The option letters LLaVA's `model_vqa_mmbench.py` reads (`all_options`).
+const LLAVA_OPTION_LETTERS: &str = "ABCD";
+
+/// The options LLaVA's `get_options` lists of `choices` (VLMEvalKit's, so a cell pandas reads as NaN is no
+/// choice): A, B, C, D in order up to the first letter without a choice or with one `is_none` rejects.
+fn llava_get_options(choices: &[Choice]) -> &[Choice] {
+    let listed = choices
+        .iter()
+        .zip(LLAVA_OPTION_LETTERS.chars())
+        .take_while(|((letter, text), expected)| letter == expected && !is_llava_none(text))
+        .count();
+    &choices[..listed]
 }
 
 struct MmBenchRow {
@@ -106,15 +126,12 @@ impl MmBenchRow {
         let index = cell("index").unwrap_or_default();
         let present = |name: &str| cell(name).filter(|value| !is_pandas_na(value));
         Ok(MmBenchRow {
-            index: index
-                .trim()
-                .parse()
-                .map_err(|_| format!("index {index:?} is not a whole number"))?,
+            index: index.trim().parse().map_err(|_| format!("index {index:?} is not a whole number"))?,
             question: cell("question").ok_or("no question")?,
             // `model_vqa_mmbench.py` drops a hint `is_none` rejects.
             hint: cell("hint").filter(|hint| !is_llava_none(hint)),
-            // VLMEvalKit's `build_choices`: every letter column whose cell is not NaN, with its letter. (LLaVA's
-            // `get_options` stops at the first cell `is_none` rejects, such as an option that reads "none".)
+            // VLMEvalKit's `build_choices`: every letter column whose cell is not NaN, with its letter (LLaVA's
+            // `get_options`, `llava_get_options`, stops at the first cell `is_none` rejects).
             choices: OPTION_LETTERS
                 .chars()
                 .filter_map(|letter| present(&letter.to_string()).map(|text| (letter, text)))
@@ -150,16 +167,9 @@ fn mmbench_prompt(hint: Option<&str>, question: &str, choices: &[Choice]) -> Str
 }
 
 fn read_mmbench_rows(path: &Path) -> Result<Vec<MmBenchRow>, EvalDataError> {
-    let tsv_error = |source| EvalDataError::Tsv {
-        path: path.to_path_buf(),
-        source,
-    };
+    let tsv_error = |source| EvalDataError::Tsv { path: path.to_path_buf(), source };
     // `flexible`: short rows read as missing cells, as pandas reads them as NaN.
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(b'\t')
-        .flexible(true)
-        .from_path(path)
-        .map_err(tsv_error)?;
+    let mut reader = csv::ReaderBuilder::new().delimiter(b'\t').flexible(true).from_path(path).map_err(tsv_error)?;
     let headers = reader.headers().map_err(tsv_error)?.clone();
     let column = |name: &str| headers.iter().position(|header| header == name);
     for name in ["index", "question", "image"] {
@@ -185,15 +195,7 @@ fn read_mmbench_rows(path: &Path) -> Result<Vec<MmBenchRow>, EvalDataError> {
 
 fn read_mmbench_parquet(files: &[PathBuf]) -> Result<Vec<MmBenchRow>, EvalDataError> {
     MMBENCH_PARQUET.read_records(files, |_, cells: serde_json::Map<String, Value>, image| {
-        MmBenchRow::new(
-            |name| {
-                cells
-                    .get(name)
-                    .filter(|value| !value.is_null())
-                    .map(json_text)
-            },
-            image,
-        )
+        MmBenchRow::new(|name| cells.get(name).filter(|value| !value.is_null()).map(json_text), image)
     })
 }
 
@@ -214,10 +216,7 @@ fn decode_mmbench_image(
             .and_then(|referenced| encoded_images.get(&referenced))
             .filter(|referenced| referenced.len() > MAX_REFERENCE_LEN)
             .ok_or_else(|| {
-                invalid(
-                    path,
-                    format!("row {index}: image {encoded:?} is neither base64 nor a row index"),
-                )
+                invalid(path, format!("row {index}: image {encoded:?} is neither base64 nor a row index"))
             })?;
     }
     base64::engine::general_purpose::STANDARD
@@ -225,7 +224,7 @@ fn decode_mmbench_image(
         .map_err(|e| invalid(path, format!("row {index}: image is not valid base64: {e}")))
 }
 
-fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDataError> {
+fn load_mmbench(data_dir: &Path, circular: bool, shown: MmBenchOptions) -> Result<Vec<EvalItem>, EvalDataError> {
     // Where the rows come from, for errors about one of them.
     let (path, rows) = match MMBENCH_PARQUET.instead_of(data_dir, &[MMBENCH_TSV])? {
         Some(files) => (data_dir.to_path_buf(), read_mmbench_parquet(&files)?),
@@ -245,12 +244,7 @@ fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDa
     let mut items = Vec::new();
     for row in rows {
         if !circular {
-            items.push(mmbench_item(
-                &row,
-                row.index,
-                row.choices.clone(),
-                row.answer.clone(),
-            ));
+            items.push(mmbench_item(&row, row.index, row.choices.clone(), row.answer.clone(), shown));
             continue;
         }
         if row.index >= MMBENCH_CIRCULAR_STRIDE {
@@ -261,12 +255,7 @@ fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDa
                 row.choices
                     .iter()
                     .position(|(letter, _)| answer == &letter.to_string())
-                    .ok_or_else(|| {
-                        invalid(
-                            &path,
-                            format!("row {}: answer {answer:?} is not an option", row.index),
-                        )
-                    })?,
+                    .ok_or_else(|| invalid(&path, format!("row {}: answer {answer:?} is not an option", row.index)))?,
             ),
             None => None,
         };
@@ -277,33 +266,32 @@ fn load_mmbench(data_dir: &Path, circular: bool) -> Result<Vec<EvalItem>, EvalDa
             texts.rotate_left(shift);
             let rotated: Vec<Choice> = row.choices.iter().map(|(letter, _)| *letter).zip(texts).collect();
             let answer = answer_position.map(|p| row.choices[(p + count - shift) % count].0.to_string());
-            items.push(mmbench_item(
-                &row,
-                row.index + shift as u64 * MMBENCH_CIRCULAR_STRIDE,
-                rotated,
-                answer,
-            ));
+            let index = row.index + shift as u64 * MMBENCH_CIRCULAR_STRIDE;
+            items.push(mmbench_item(&row, index, rotated, answer, shown));
         }
     }
     Ok(items)
 }
 
+/// A question variant; its prompt lists the options `shown` asks for (LLaVA's of a rotation are those
+/// `get_options` lists of a TSV row with the rotated cells, as MMBench's own circular copies are).
 fn mmbench_item(
     row: &MmBenchRow,
     index: u64,
     choices: Vec<Choice>,
     answer: Option<String>,
+    shown: MmBenchOptions,
 ) -> EvalItem {
+    let llava_options = llava_get_options(&choices).len();
+    let listed = match shown {
+        MmBenchOptions::All => &choices[..],
+        MmBenchOptions::Official => &choices[..llava_options],
+    };
     EvalItem {
         id: index.to_string(),
         image: row.image.clone(),
-        question: mmbench_prompt(row.hint.as_deref(), &row.question, &choices),
-        meta: to_meta(MmBenchMeta {
-            index,
-            answer,
-            choices,
-            category: row.category.clone(),
-        }),
+        question: mmbench_prompt(row.hint.as_deref(), &row.question, listed),
+        meta: to_meta(MmBenchMeta { index, answer, choices, llava_options, category: row.category.clone() }),
     }
 }
 
@@ -335,18 +323,10 @@ pub fn infer_option_letter(answer: &str, choices: &[Choice]) -> Option<char> {
 }
 
 fn infer_letter_from_words(answer: &str, letters: &[char]) -> LetterInference {
-    if MMBENCH_REFUSALS
-        .iter()
-        .any(|refusal| answer.contains(refusal))
-    {
+    if MMBENCH_REFUSALS.iter().any(|refusal| answer.contains(refusal)) {
         return LetterInference::Refusal;
     }
-    let spaced = answer.replace(
-        [
-            '.', '(', ')', '[', ']', ',', ':', ';', '!', '*', '#', '{', '}',
-        ],
-        " ",
-    );
+    let spaced = answer.replace(['.', '(', ')', '[', ']', ',', ':', ';', '!', '*', '#', '{', '}'], " ");
     let words: Vec<&str> = python::split(&spaced).collect();
     let is_word = |letter: char| words.iter().any(|w| w.len() == 1 && w.starts_with(letter));
     let found: Vec<char> = letters.iter().copied().filter(|&l| is_word(l)).collect();
@@ -359,10 +339,8 @@ fn infer_letter_from_words(answer: &str, letters: &[char]) -> LetterInference {
 
 fn infer_letter_from_option_text(answer: &str, choices: &[Choice]) -> Option<char> {
     let answer = answer.to_lowercase();
-    let mut contained = choices
-        .iter()
-        .filter(|(_, option)| answer.contains(&option.to_lowercase()))
-        .map(|(letter, _)| *letter);
+    let mut contained =
+        choices.iter().filter(|(_, option)| answer.contains(&option.to_lowercase())).map(|(letter, _)| *letter);
     match (contained.next(), contained.next()) {
         (Some(letter), None) => Some(letter),
         _ => None,
@@ -423,16 +401,10 @@ mod tests {
         // The first folder that has shards wins; in it, name order is the split's row order.
         assert_eq!(
             MMBENCH_PARQUET.files(dir.path()).unwrap(),
-            [
-                dir.path().join("en/dev-00000-of-00002-a.parquet"),
-                dir.path().join("en/dev-00001-of-00002-b.parquet")
-            ]
+            [dir.path().join("en/dev-00000-of-00002-a.parquet"), dir.path().join("en/dev-00001-of-00002-b.parquet")]
         );
         std::fs::remove_dir_all(dir.path().join("en")).unwrap();
-        assert_eq!(
-            MMBENCH_PARQUET.files(dir.path()).unwrap(),
-            [dir.path().join("dev-00000-of-00001.parquet")]
-        );
+        assert_eq!(MMBENCH_PARQUET.files(dir.path()).unwrap(), [dir.path().join("dev-00000-of-00001.parquet")]);
     }
 
     fn mmbench_dir() -> tempfile::TempDir {
@@ -443,11 +415,7 @@ mod tests {
             "1\tWhich one is a fruit?\tLook at the table.\tapple\tstone\tnone\tsand\tC\tobject\t0\tsrc\tl2\tnan\tdev".to_string(),
             "1000000\tWhat color is the sky?\tnan\tblue\tgreen\tred\t\tA\tattribute\t0\tsrc\tl2\tnan\tdev".to_string(),
         ];
-        write(
-            dir.path(),
-            "mmbench_dev_20230712.tsv",
-            &format!("{header}\n{}\n", rows.join("\n")),
-        );
+        write(dir.path(), "mmbench_dev_20230712.tsv", &format!("{header}\n{}\n", rows.join("\n")));
         dir
     }
 
@@ -455,10 +423,7 @@ mod tests {
     fn mmbench_rows_become_llava_prompts_with_decoded_images() {
         let dir = mmbench_dir();
         let items = load(&MmBench, dir.path()).unwrap();
-        assert_eq!(
-            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-            ["0", "1", "1000000"]
-        );
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["0", "1", "1000000"]);
         assert_eq!(
             items[0].question,
             "What color is the sky?\nA. red\nB. blue\nC. green\nAnswer with the option's letter from the given choices directly."
@@ -469,15 +434,9 @@ mod tests {
             items[1].question,
             "Look at the table.\nWhich one is a fruit?\nA. apple\nB. stone\nC. none\nD. sand\nAnswer with the option's letter from the given choices directly."
         );
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(TINY_PNG_BASE64)
-            .unwrap();
+        let png = base64::engine::general_purpose::STANDARD.decode(TINY_PNG_BASE64).unwrap();
         assert_eq!(items[0].image, ImageSource::Bytes(png.clone()));
-        assert_eq!(
-            items[1].image,
-            ImageSource::Bytes(png),
-            "a short image cell refers to another row's image"
-        );
+        assert_eq!(items[1].image, ImageSource::Bytes(png), "a short image cell refers to another row's image");
         let meta: MmBenchMeta = items[0].meta_as().unwrap();
         assert_eq!(meta.answer.as_deref(), Some("B"));
         assert_eq!(meta.category.as_deref(), Some("attribute"));
@@ -491,10 +450,7 @@ mod tests {
         // Row 0 has 3 options -> 3 rotations; row 1 has 4 -> 4; the file's own copy 1000000 is skipped.
         let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["0", "1000000", "2000000", "1", "1000001", "2000001", "3000001"]);
-        let answers: Vec<String> = items
-            .iter()
-            .map(|i| i.meta_as::<MmBenchMeta>().unwrap().answer.unwrap())
-            .collect();
+        let answers: Vec<String> = items.iter().map(|i| i.meta_as::<MmBenchMeta>().unwrap().answer.unwrap()).collect();
         // "blue" is B; shifted once it is first (A); shifted twice it is last (C). Row 1's answer is the option
         // "none" (C): with LLaVA's options it would not be an option at all, and --circular would refuse the row.
         assert_eq!(answers, ["B", "A", "C", "C", "B", "A", "D"]);
@@ -516,6 +472,51 @@ mod tests {
         let score = score(&MmBench, &items, &preds, None).unwrap();
         assert_eq!((score.correct, score.total, score.accuracy), (1.0, 2, 0.5));
         assert_eq!(score.extra["plain_accuracy"], 6.0 / 7.0);
+    }
+
+    #[test]
+    fn official_options_stop_where_llava_get_options_stops() {
+        let dir = mmbench_dir();
+        let official = LoadOptions { mmbench_options: MmBenchOptions::Official, ..LoadOptions::default() };
+        let items = MmBench.load(dir.path(), &official).unwrap();
+        // Row 1's option C reads "none": LLaVA lists A and B only; the scorer still reads all four.
+        assert_eq!(
+            items[1].question,
+            "Look at the table.\nWhich one is a fruit?\nA. apple\nB. stone\nAnswer with the option's letter from the given choices directly."
+        );
+        let meta: MmBenchMeta = items[1].meta_as().unwrap();
+        assert_eq!((meta.choices.len(), meta.llava_options), (4, 2));
+        assert_eq!(items[0].question, load(&MmBench, dir.path()).unwrap()[0].question, "nothing to cut in row 0");
+        // Either way, summary.json counts the questions whose prompt LLaVA cuts.
+        for options in [official, LoadOptions::default()] {
+            let items = MmBench.load(dir.path(), &options).unwrap();
+            let preds = predictions(&[("0", "B"), ("1", "C"), ("1000000", "A")]);
+            assert_eq!(score(&MmBench, &items, &preds, None).unwrap().extra["options_cut"], 1);
+        }
+        // A rotation lists what get_options lists of the rotated cells: "none" first leaves no option at all.
+        let circular = LoadOptions { mmbench_circular: true, ..official };
+        let items = MmBench.load(dir.path(), &circular).unwrap();
+        let listed: Vec<usize> = items.iter().map(|i| i.meta_as::<MmBenchMeta>().unwrap().llava_options).collect();
+        assert_eq!(listed, [3, 3, 3, 2, 1, 0, 3]);
+        // At most A to D, as LLaVA's all_options.
+        let five = lettered(&strings(&["a", "b", "c", "d", "e"]));
+        assert_eq!(llava_get_options(&five).len(), 4);
+        // "None" is NaN to pandas: no choice B, so LLaVA stops there.
+        assert_eq!(llava_get_options(&[('A', "yes".to_string()), ('C', "no".to_string())]).len(), 1);
+    }
+
+    #[test]
+    fn missing_predictions_are_graded_as_vlmevalkit_reads_them() {
+        // An unanswered row's prediction is NaN in the upload sheet; VLMEvalKit grades str(NaN), "nan".
+        let dir = mmbench_dir();
+        let items = load(&MmBench, dir.path()).unwrap();
+        let score = score(&MmBench, &items, &predictions(&[("0", "B"), ("1", "C")]), None).unwrap();
+        // Row 1000000 (group 0's copy) is missing: wrong, and so is group 0.
+        assert_eq!((score.correct, score.total, score.missing_predictions), (1.0, 2, 1));
+        assert_eq!((score.extra["plain_correct"].as_u64(), score.extra["plain_total"].as_u64()), (Some(2), Some(3)));
+        // "nan" is an answer like any other: it contains the option text "Nan" (not NaN to pandas).
+        let choices = [('A', "Nan".to_string()), ('B', "Bread".to_string())];
+        assert_eq!(infer_option_letter("nan", &choices), Some('A'));
     }
 
     #[test]
@@ -550,16 +551,9 @@ mod tests {
                 && message.contains("en/dev-*.parquet"),
             "{message}"
         );
-        write(
-            dir.path(),
-            "mmbench_dev_20230712.tsv",
-            "index\tquestion\tA\tB\tanswer\timage\n5\tq\tx\ty\tA\t42\n",
-        );
+        write(dir.path(), "mmbench_dev_20230712.tsv", "index\tquestion\tA\tB\tanswer\timage\n5\tq\tx\ty\tA\t42\n");
         let error = load(&MmBench, dir.path()).unwrap_err();
-        assert!(
-            error.to_string().contains("neither base64 nor a row index"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("neither base64 nor a row index"), "{error}");
     }
 
     enum Column {
@@ -574,35 +568,22 @@ mod tests {
         use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
         let schema = parquet::schema::parser::parse_message_type(schema).unwrap();
         let file = std::fs::File::create(path).unwrap();
-        let mut writer = parquet::file::writer::SerializedFileWriter::new(
-            file,
-            std::sync::Arc::new(schema),
-            Default::default(),
-        )
-        .unwrap();
+        let mut writer =
+            parquet::file::writer::SerializedFileWriter::new(file, std::sync::Arc::new(schema), Default::default())
+                .unwrap();
         let mut row_group = writer.next_row_group().unwrap();
         for values in columns {
             let mut column = row_group.next_column().unwrap().unwrap();
             match values {
-                Column::Int64(values) => {
-                    column.typed::<Int64Type>().write_batch(&values, None, None)
-                }
+                Column::Int64(values) => column.typed::<Int64Type>().write_batch(&values, None, None),
                 Column::Text(values) => {
                     let levels: Vec<i16> = values.iter().map(|v| i16::from(v.is_some())).collect();
-                    let present: Vec<ByteArray> = values
-                        .iter()
-                        .flatten()
-                        .map(|v| ByteArray::from(*v))
-                        .collect();
-                    column
-                        .typed::<ByteArrayType>()
-                        .write_batch(&present, Some(&levels), None)
+                    let present: Vec<ByteArray> = values.iter().flatten().map(|v| ByteArray::from(*v)).collect();
+                    column.typed::<ByteArrayType>().write_batch(&present, Some(&levels), None)
                 }
                 Column::Binary(values) => {
                     let values: Vec<ByteArray> = values.into_iter().map(ByteArray::from).collect();
-                    column
-                        .typed::<ByteArrayType>()
-                        .write_batch(&values, None, None)
+                    column.typed::<ByteArrayType>().write_batch(&values, None, None)
                 }
             }
             .unwrap();
@@ -616,9 +597,7 @@ mod tests {
     fn mmbench_parquet_rows_read_like_tsv_rows() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(TINY_PNG_BASE64)
-            .unwrap();
+        let png = base64::engine::general_purpose::STANDARD.decode(TINY_PNG_BASE64).unwrap();
         // lmms-lab/MMBench_EN's layout: data/, an int64 index; nulls and "nan" are missing cells.
         write_parquet(
             &dir.path().join("data/dev-00000-of-00001.parquet"),
@@ -637,10 +616,7 @@ mod tests {
             ],
         );
         let items = load(&MmBench, dir.path()).unwrap();
-        assert_eq!(
-            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-            ["0", "1"]
-        );
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["0", "1"]);
         assert_eq!(
             items[0].question,
             "What color is the sky?\nA. red\nB. blue\nC. green\nAnswer with the option's letter from the given choices directly."
@@ -650,10 +626,7 @@ mod tests {
             "Look at the table.\nWhich one is a fruit?\nA. apple\nB. stone\nAnswer with the option's letter from the given choices directly."
         );
         assert_eq!(items[1].image, ImageSource::Bytes(png));
-        assert_eq!(
-            items[0].meta_as::<MmBenchMeta>().unwrap().answer.as_deref(),
-            Some("B")
-        );
+        assert_eq!(items[0].meta_as::<MmBenchMeta>().unwrap().answer.as_deref(), Some("B"));
     }
 
     #[test]
@@ -674,37 +647,19 @@ mod tests {
     fn option_inference_follows_can_infer() {
         let options = lettered(&strings(&["red apple", "green pear", "yellow banana"]));
         assert_eq!(infer_option_letter("B", &options), Some('B'));
-        assert_eq!(
-            infer_option_letter("(C) yellow banana.", &options),
-            Some('C')
-        );
-        assert_eq!(
-            infer_option_letter("The answer is A: red apple", &options),
-            Some('A')
-        );
+        assert_eq!(infer_option_letter("(C) yellow banana.", &options), Some('C'));
+        assert_eq!(infer_option_letter("The answer is A: red apple", &options), Some('A'));
         // "D" is not an option here, so it does not count; no text matches either.
         assert_eq!(infer_option_letter("D", &options), None);
         // Two letters are ambiguous, then text matching decides.
-        assert_eq!(
-            infer_option_letter("A or B, it is the green pear", &options),
-            Some('B')
-        );
+        assert_eq!(infer_option_letter("A or B, it is the green pear", &options), Some('B'));
         // '?' is not a separator, so "B?" is no letter and "A" stands alone.
-        assert_eq!(
-            infer_option_letter("A or B? It is the green pear", &options),
-            Some('A')
-        );
+        assert_eq!(infer_option_letter("A or B? It is the green pear", &options), Some('A'));
         // Text matching alone, case-insensitive.
-        assert_eq!(
-            infer_option_letter("It looks like a Yellow Banana", &options),
-            Some('C')
-        );
+        assert_eq!(infer_option_letter("It looks like a Yellow Banana", &options), Some('C'));
         assert_eq!(infer_option_letter("apple or pear", &options), None);
         // Refusals and a lone Z are refusals, not text matches.
-        assert_eq!(
-            infer_option_letter("Cannot determine the answer: red apple", &options),
-            None
-        );
+        assert_eq!(infer_option_letter("Cannot determine the answer: red apple", &options), None);
         assert_eq!(infer_option_letter("Z", &options), None);
     }
 
@@ -719,15 +674,7 @@ mod tests {
             (9, false),         // group 9: single variant wrong
         ];
         let accuracy = mmbench_accuracy(&results);
-        assert_eq!(
-            accuracy,
-            MmBenchAccuracy {
-                correct: 4,
-                total: 6,
-                circular_correct: 1,
-                circular_groups: 3
-            }
-        );
+        assert_eq!(accuracy, MmBenchAccuracy { correct: 4, total: 6, circular_correct: 1, circular_groups: 3 });
         assert_eq!(mmbench_circular_group(3_000_042), 42);
     }
 }

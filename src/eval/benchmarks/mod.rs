@@ -56,6 +56,12 @@ pub trait Benchmark: Sync {
     /// Grades the answered items as the official scorer does; `judge` where the protocol has one.
     fn score(&self, answers: &[Answer], judge: Option<&JudgeClient>) -> Result<Score, ScoreError>;
 
+    /// What the official scorer makes of a question without a prediction. The default, left out, is also what
+    /// the judged benchmarks get: their official graders need an answer to every question.
+    fn missing_prediction(&self) -> MissingPrediction {
+        MissingPrediction::LeftOut
+    }
+
     /// For a benchmark graded by an LLM judge, the file its official grader reads (written when there is no
     /// judge here), from the answers to every item in order.
     fn grader_file(&self, _answers: &[Answer]) -> Option<GraderFile> {
@@ -69,6 +75,20 @@ pub trait Benchmark: Sync {
     }
 }
 
+/// What a benchmark's official scorer makes of a question that has no prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingPrediction {
+    /// Not scored: the official scorer walks the answer file, so its denominator is the answered questions.
+    LeftOut,
+    /// Graded as this stand-in answer: the official scorer walks the questions and fills the gap with it.
+    StandIn {
+        text: &'static str,
+        /// Whether the stand-in still counts as a question with an image (ScienceQA's stand-in prompt has no
+        /// `<image>`, which leaves it out of IMG-Accuracy).
+        with_image: bool,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Protocol {
     /// New tokens per answer by default.
@@ -79,10 +99,7 @@ pub struct Protocol {
 impl Default for Protocol {
     /// Short answers (a letter, a word or a number), graded by rules.
     fn default() -> Self {
-        Protocol {
-            answer_tokens: 128,
-            judge: Judge::None,
-        }
+        Protocol { answer_tokens: 128, judge: Judge::None }
     }
 }
 
@@ -144,6 +161,32 @@ pub struct LoadOptions {
     /// ScienceQA: also the questions without an image, as the official run answers them (LLaVA reports
     /// ScienceQA-IMG, the questions with one).
     pub with_text_only: bool,
+    /// MMBench: which options of a row the prompt lists.
+    pub mmbench_options: MmBenchOptions,
+}
+
+/// Which options of an MMBench row its prompt lists (the scorer reads every option either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MmBenchOptions {
+    /// Every option the scorer reads (VLMEvalKit's `build_choices`).
+    #[default]
+    All,
+    /// What LLaVA's `get_options` lists: A to D, up to the first option its `is_none` rejects.
+    Official,
+}
+
+impl MmBenchOptions {
+    pub fn name(self) -> &'static str {
+        match self {
+            MmBenchOptions::All => "all",
+            MmBenchOptions::Official => "official",
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == MmBenchOptions::default()
+    }
 }
 
 /// The instruction LLaVA-1.5's multiple-choice scripts append (`--single-pred-prompt`).
@@ -161,6 +204,10 @@ pub struct Score {
     /// for VQA accuracy and MM-Vet grades.
     pub correct: f64,
     pub total: usize,
+    /// Items without a prediction: graded as the official scorer grades them (see [`MissingPrediction`]), so
+    /// counted in `total` where it counts them as wrong.
+    #[serde(default)]
+    pub missing_predictions: usize,
     /// The headline number as a fraction: `correct / total`, except where a
     /// benchmark's protocol defines it otherwise (LLaVA-Bench: the model's
     /// judge score relative to GPT-4's; MM-Vet: the official table's total,
@@ -172,18 +219,8 @@ pub struct Score {
 
 impl Score {
     pub fn new(name: impl Into<String>, correct: f64, total: usize) -> Self {
-        let accuracy = if total == 0 {
-            0.0
-        } else {
-            correct / total as f64
-        };
-        Score {
-            name: name.into(),
-            correct,
-            total,
-            accuracy,
-            extra: Map::new(),
-        }
+        let accuracy = if total == 0 { 0.0 } else { correct / total as f64 };
+        Score { name: name.into(), correct, total, missing_predictions: 0, accuracy, extra: Map::new() }
     }
 
     pub fn with_extra(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -194,16 +231,10 @@ impl Score {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
-    #[error("no prediction for item {0}")]
-    MissingPrediction(String),
     #[error("{0} is graded by an LLM judge; a JudgeClient is required")]
     JudgeRequired(&'static str),
     #[error("item {id}: metadata does not fit {benchmark}: {source}")]
-    InvalidMeta {
-        benchmark: &'static str,
-        id: String,
-        source: serde_json::Error,
-    },
+    InvalidMeta { benchmark: &'static str, id: String, source: serde_json::Error },
     #[error("item {0} has no ground-truth answer (a test split?)")]
     MissingAnswer(String),
     #[error(transparent)]
@@ -218,20 +249,16 @@ pub struct Answer<'a> {
 
 impl Answer<'_> {
     fn meta<T: DeserializeOwned>(&self, benchmark: &'static str) -> Result<T, ScoreError> {
-        self.item
-            .meta_as()
-            .map_err(|source| ScoreError::InvalidMeta {
-                benchmark,
-                id: self.item.id.clone(),
-                source,
-            })
+        self.item.meta_as().map_err(|source| ScoreError::InvalidMeta { benchmark, id: self.item.id.clone(), source })
     }
 }
 
 /// Grades `predictions` (item id -> generated text) for `items` loaded for
 /// `benchmark`. Predictions are graded as they are, as the official scorers read
 /// the answer files (LLaVA's generation scripts strip their outputs when they
-/// write them; so does `stic eval`). LLaVA-Bench and MM-Vet need `judge`; MathVista,
+/// write them; so does `stic eval`). An item without a prediction is graded as the
+/// official scorer grades it ([`Benchmark::missing_prediction`]) and counted in
+/// [`Score::missing_predictions`]. LLaVA-Bench and MM-Vet need `judge`; MathVista,
 /// given one, extracts answers with it as `extract_answer.py` does (rules stand in without).
 pub fn score(
     benchmark: &dyn Benchmark,
@@ -239,14 +266,35 @@ pub fn score(
     predictions: &HashMap<String, String>,
     judge: Option<&JudgeClient>,
 ) -> Result<Score, ScoreError> {
-    let answers = items
-        .iter()
-        .map(|item| match predictions.get(&item.id) {
-            Some(prediction) => Ok(Answer { item, prediction }),
-            None => Err(ScoreError::MissingPrediction(item.id.clone())),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    benchmark.score(&answers, judge)
+    let rule = benchmark.missing_prediction();
+    let missing: Vec<&EvalItem> = items.iter().filter(|item| !predictions.contains_key(&item.id)).collect();
+    let imageless_stand_ins: Vec<EvalItem> = match rule {
+        MissingPrediction::StandIn { with_image: false, .. } => missing
+            .iter()
+            .map(|item| EvalItem {
+                id: item.id.clone(),
+                image: ImageSource::None,
+                question: item.question.clone(),
+                meta: item.meta.clone(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut imageless_stand_ins = imageless_stand_ins.iter();
+    let mut answers = Vec::with_capacity(items.len());
+    for item in items {
+        match (predictions.get(&item.id), rule) {
+            (Some(prediction), _) => answers.push(Answer { item, prediction }),
+            (None, MissingPrediction::StandIn { text, with_image }) => {
+                let item = if with_image { item } else { imageless_stand_ins.next().expect("one per missing item") };
+                answers.push(Answer { item, prediction: text });
+            }
+            (None, MissingPrediction::LeftOut) => {}
+        }
+    }
+    let mut score = benchmark.score(&answers, judge)?;
+    score.missing_predictions = missing.len();
+    Ok(score)
 }
 
 /// The judge a benchmark cannot be graded without.
@@ -291,10 +339,7 @@ mod test_support {
     }
 
     pub fn predictions(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(id, text)| (id.to_string(), text.to_string()))
-            .collect()
+        pairs.iter().map(|(id, text)| (id.to_string(), text.to_string())).collect()
     }
 
     pub fn strings(items: &[&str]) -> Vec<String> {
@@ -307,10 +352,7 @@ mod test_support {
 
     pub fn missing_file_message(benchmark: &dyn Benchmark, dir: &Path) -> String {
         let error = load(benchmark, dir).unwrap_err();
-        assert!(
-            matches!(error, EvalDataError::MissingFile { .. }),
-            "{error}"
-        );
+        assert!(matches!(error, EvalDataError::MissingFile { .. }), "{error}");
         error.to_string()
     }
 }
@@ -344,22 +386,9 @@ mod tests {
 
     #[test]
     fn invalid_meta_is_reported_with_the_item() {
-        let item = EvalItem {
-            id: "x".to_string(),
-            image: ImageSource::None,
-            question: "q".to_string(),
-            meta: json!({}),
-        };
-        let error = score(
-            &chartqa::ChartQa,
-            &[item],
-            &predictions(&[("x", "1")]),
-            None,
-        )
-        .unwrap_err();
-        assert!(
-            matches!(error, ScoreError::InvalidMeta { ref id, .. } if id == "x"),
-            "{error}"
-        );
+        let item =
+            EvalItem { id: "x".to_string(), image: ImageSource::None, question: "q".to_string(), meta: json!({}) };
+        let error = score(&chartqa::ChartQa, &[item], &predictions(&[("x", "1")]), None).unwrap_err();
+        assert!(matches!(error, ScoreError::InvalidMeta { ref id, .. } if id == "x"), "{error}");
     }
 }

@@ -9,7 +9,10 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{count_correct, Answer, Benchmark, LoadOptions, Score, ScoreError, ANSWER_WITH_OPTION_LETTER, OPTION_LETTERS};
+use super::{
+    count_correct, Answer, Benchmark, LoadOptions, MissingPrediction, Score, ScoreError, ANSWER_WITH_OPTION_LETTER,
+    OPTION_LETTERS,
+};
 use crate::eval::files::{invalid, json_text, read_json, require, to_meta, EvalDataError};
 use crate::eval::hub_parquet::{ImageColumn, ParquetRelease};
 use crate::eval::item::{EvalItem, ImageSource};
@@ -29,16 +32,18 @@ impl Benchmark for ScienceQa {
         load_scienceqa(data_dir, options.with_text_only)
     }
 
+    /// `eval_science_qa.py` answers a question without a prediction with the text `FAILED` (wrong) and the
+    /// prompt `Unknown`, which has no `<image>`: it counts in Accuracy, not in IMG-Accuracy.
+    fn missing_prediction(&self) -> MissingPrediction {
+        MissingPrediction::StandIn { text: "FAILED", with_image: false }
+    }
+
     /// `eval_science_qa.py`'s Accuracy (over the items) and IMG-Accuracy (over those with an image): the same
     /// unless the text-only questions are answered too.
     fn score(&self, answers: &[Answer], _judge: Option<&JudgeClient>) -> Result<Score, ScoreError> {
         let with_image: Vec<&Answer> = answers.iter().filter(|a| a.item.image != ImageSource::None).collect();
         let score = count_correct(NAME, answers, |meta: ScienceQaMeta, prediction| {
-            Ok(f64::from(u8::from(scienceqa_is_correct(
-                prediction,
-                meta.answer_index,
-                meta.num_choices,
-            ))))
+            Ok(f64::from(u8::from(scienceqa_is_correct(prediction, meta.answer_index, meta.num_choices))))
         })?;
         let mut img_correct = 0usize;
         for answer in &with_image {
@@ -95,19 +100,11 @@ const SCIENCEQA_PARQUET: ParquetRelease = ParquetRelease {
     image: ImageColumn::Optional("image"),
 };
 
-fn scienceqa_item(
-    id: String,
-    image: ImageSource,
-    human_turn: &str,
-    meta: ScienceQaMeta,
-) -> EvalItem {
+fn scienceqa_item(id: String, image: ImageSource, human_turn: &str, meta: ScienceQaMeta) -> EvalItem {
     EvalItem {
         id,
         image,
-        question: format!(
-            "{}\n{ANSWER_WITH_OPTION_LETTER}",
-            python::strip(&human_turn.replace("<image>", ""))
-        ),
+        question: format!("{}\n{ANSWER_WITH_OPTION_LETTER}", python::strip(&human_turn.replace("<image>", ""))),
         meta: to_meta(meta),
     }
 }
@@ -133,11 +130,8 @@ fn load_scienceqa(data_dir: &Path, with_text_only: bool) -> Result<Vec<EvalItem>
         "unpack the ScienceQA test images (test.zip of the ScienceQA release) there as <id>/image.png",
     )?;
     let problems_path = data_dir.join("problems.json");
-    let problems: Option<HashMap<String, ScienceQaProblem>> = if problems_path.exists() {
-        Some(read_json(&problems_path)?)
-    } else {
-        None
-    };
+    let problems: Option<HashMap<String, ScienceQaProblem>> =
+        if problems_path.exists() { Some(read_json(&problems_path)?) } else { None };
     let records: Vec<LlavaConversationRecord> = read_json(&questions_path)?;
     let mut items = Vec::new();
     for record in records {
@@ -153,26 +147,15 @@ fn load_scienceqa(data_dir: &Path, with_text_only: bool) -> Result<Vec<EvalItem>
             .find(|turn| turn.from == "human")
             .ok_or_else(|| invalid(&questions_path, format!("question {id} has no human turn")))?;
         let meta = match problems.as_ref().and_then(|p| p.get(&id)) {
-            Some(problem) => ScienceQaMeta {
-                answer_index: problem.answer,
-                num_choices: problem.choices.len(),
-            },
+            Some(problem) => ScienceQaMeta { answer_index: problem.answer, num_choices: problem.choices.len() },
             None => scienceqa_meta_from_answer_turn(&record.conversations).ok_or_else(|| {
                 invalid(
                     &questions_path,
-                    format!(
-                        "question {id}: no answer letter in its gpt turn and not in {}",
-                        problems_path.display()
-                    ),
+                    format!("question {id}: no answer letter in its gpt turn and not in {}", problems_path.display()),
                 )
             })?,
         };
-        items.push(scienceqa_item(
-            id,
-            image,
-            &human_turn.value,
-            meta,
-        ));
+        items.push(scienceqa_item(id, image, &human_turn.value, meta));
     }
     Ok(items)
 }
@@ -182,16 +165,9 @@ fn load_scienceqa(data_dir: &Path, with_text_only: bool) -> Result<Vec<EvalItem>
 fn load_scienceqa_parquet(files: &[PathBuf], with_text_only: bool) -> Result<Vec<EvalItem>, EvalDataError> {
     let items = SCIENCEQA_PARQUET.read_records(files, |row, problem: ScienceQaRow, image| {
         Ok((with_text_only || image != ImageSource::None).then(|| {
-            let meta = ScienceQaMeta {
-                answer_index: problem.problem.answer,
-                num_choices: problem.problem.choices.len(),
-            };
-            scienceqa_item(
-                row.to_string(),
-                image,
-                &scienceqa_human_turn(&problem),
-                meta,
-            )
+            let meta =
+                ScienceQaMeta { answer_index: problem.problem.answer, num_choices: problem.problem.choices.len() };
+            scienceqa_item(row.to_string(), image, &scienceqa_human_turn(&problem), meta)
         }))
     })?;
     Ok(items.into_iter().flatten().collect())
@@ -238,11 +214,7 @@ pub fn parse_scienceqa_letter(prediction: &str) -> Option<char> {
     if let [letter] = chars[..] {
         return SCIENCEQA_OPTION_LETTERS.contains(&letter).then_some(letter);
     }
-    if chars.len() >= 3
-        && SCIENCEQA_OPTION_LETTERS.contains(&chars[0])
-        && chars[1] == '.'
-        && chars[2] == ' '
-    {
+    if chars.len() >= 3 && SCIENCEQA_OPTION_LETTERS.contains(&chars[0]) && chars[1] == '.' && chars[2] == ' ' {
         return Some(chars[0]);
     }
     let mut sentences = SCIENCEQA_ANSWER_SENTENCE.captures_iter(prediction);
@@ -255,9 +227,7 @@ pub fn parse_scienceqa_letter(prediction: &str) -> Option<char> {
 /// `get_pred_idx`: the chosen option's index, if the letter names one of the `num_choices` options.
 pub fn scienceqa_prediction_index(prediction: &str, num_choices: usize) -> Option<usize> {
     let letter = parse_scienceqa_letter(prediction)?;
-    SCIENCEQA_OPTION_LETTERS[..num_choices.min(SCIENCEQA_OPTION_LETTERS.len())]
-        .iter()
-        .position(|&l| l == letter)
+    SCIENCEQA_OPTION_LETTERS[..num_choices.min(SCIENCEQA_OPTION_LETTERS.len())].iter().position(|&l| l == letter)
 }
 
 /// Unparsable predictions count as wrong, as in the official script.
@@ -296,21 +266,12 @@ mod tests {
         let items = load(&ScienceQa, dir.path()).unwrap();
         assert_eq!(items.len(), 2, "the text-only question is skipped");
         assert_eq!(items[0].id, "4");
-        assert_eq!(
-            items[0].image,
-            ImageSource::Path(dir.path().join("images/test/4/image.png"))
-        );
+        assert_eq!(items[0].image, ImageSource::Path(dir.path().join("images/test/4/image.png")));
         assert_eq!(
             items[0].question,
             "Context: Select the best answer.\nWhich property do these three objects have in common?\nA. shiny\nB. slippery\nC. opaque\nAnswer with the option's letter from the given choices directly."
         );
-        assert_eq!(
-            items[0].meta_as::<ScienceQaMeta>().unwrap(),
-            ScienceQaMeta {
-                answer_index: 2,
-                num_choices: 5
-            }
-        );
+        assert_eq!(items[0].meta_as::<ScienceQaMeta>().unwrap(), ScienceQaMeta { answer_index: 2, num_choices: 5 });
         assert_eq!(
             items[1].question,
             "Context: N/A\nQuestion: Which is a mammal?\nOptions: (A) frog (B) whale\nAnswer with the option's letter from the given choices directly."
@@ -324,7 +285,10 @@ mod tests {
         let all = ScienceQa.load(dir.path(), &LoadOptions { with_text_only: true, ..LoadOptions::default() }).unwrap();
         assert_eq!(all.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["4", "5", "7"]);
         assert_eq!(all[1].image, ImageSource::None);
-        assert_eq!(all[1].question, "Which word comes first?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly.");
+        assert_eq!(
+            all[1].question,
+            "Which word comes first?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly."
+        );
         // eval_science_qa.py: Accuracy over all, IMG-Accuracy over the questions with an image.
         let score = score(&ScienceQa, &all, &predictions(&[("4", "C"), ("5", "A"), ("7", "A")]), None).unwrap();
         assert_eq!((score.correct, score.total), (2.0, 3));
@@ -341,20 +305,8 @@ mod tests {
         });
         write(dir.path(), "problems.json", &problems.to_string());
         let items = load(&ScienceQa, dir.path()).unwrap();
-        assert_eq!(
-            items[0].meta_as::<ScienceQaMeta>().unwrap(),
-            ScienceQaMeta {
-                answer_index: 2,
-                num_choices: 3
-            }
-        );
-        assert_eq!(
-            items[1].meta_as::<ScienceQaMeta>().unwrap(),
-            ScienceQaMeta {
-                answer_index: 1,
-                num_choices: 2
-            }
-        );
+        assert_eq!(items[0].meta_as::<ScienceQaMeta>().unwrap(), ScienceQaMeta { answer_index: 2, num_choices: 3 });
+        assert_eq!(items[1].meta_as::<ScienceQaMeta>().unwrap(), ScienceQaMeta { answer_index: 1, num_choices: 2 });
     }
 
     #[test]
@@ -370,10 +322,7 @@ mod tests {
         );
         write(dir.path(), "llava_test_CQM-A.json", "[]");
         let message = missing_file_message(&ScienceQa, dir.path());
-        assert!(
-            message.contains("images/test") && message.contains("test.zip"),
-            "{message}"
-        );
+        assert!(message.contains("images/test") && message.contains("test.zip"), "{message}");
     }
 
     #[test]
@@ -381,10 +330,7 @@ mod tests {
         let row = |hint: Option<&str>| ScienceQaRow {
             question: "Which animal is shown?".to_string(),
             hint: hint.map(str::to_string),
-            problem: ScienceQaProblem {
-                choices: vec!["dog".to_string(), "cat".to_string()],
-                answer: 1,
-            },
+            problem: ScienceQaProblem { choices: vec!["dog".to_string(), "cat".to_string()], answer: 1 },
         };
         assert_eq!(
             scienceqa_human_turn(&row(Some("Look at the picture."))),
@@ -399,25 +345,25 @@ mod tests {
     fn scienceqa_scoring_counts_parsable_correct_letters() {
         let dir = scienceqa_dir();
         let items = load(&ScienceQa, dir.path()).unwrap();
-        let score = score(
-            &ScienceQa,
-            &items,
-            &predictions(&[("4", "C"), ("7", "A")]),
-            None,
-        )
-        .unwrap();
+        let score = score(&ScienceQa, &items, &predictions(&[("4", "C"), ("7", "A")]), None).unwrap();
         assert_eq!((score.correct, score.total, score.accuracy), (1.0, 2, 0.5));
         // The prediction is read as it is, as eval_science_qa.py reads the answer file: "C\n" is no answer.
         let raw = predictions(&[("4", "C\n"), ("7", "B")]);
         assert_eq!(super::super::score(&ScienceQa, &items, &raw, None).unwrap().correct, 1.0);
-        let error = super::super::score(
-            &ScienceQa,
-            &items,
-            &predictions(&[("4", "C")]),
-            None,
-        )
-        .unwrap_err();
-        assert!(matches!(error, ScoreError::MissingPrediction(id) if id == "7"));
+    }
+
+    #[test]
+    fn scienceqa_missing_prediction_is_wrong_as_in_eval_science_qa() {
+        // eval_science_qa.py grades a missing question as the text FAILED with the prompt "Unknown": wrong in
+        // Accuracy, and no `<image>` in that prompt, so not in IMG-Accuracy.
+        let dir = scienceqa_dir();
+        let items = load(&ScienceQa, dir.path()).unwrap();
+        let score = score(&ScienceQa, &items, &predictions(&[("4", "C")]), None).unwrap();
+        assert_eq!((score.correct, score.total, score.missing_predictions), (1.0, 2, 1));
+        assert_eq!(score.accuracy, 0.5);
+        assert_eq!((score.extra["img_accuracy"].as_f64(), score.extra["img_total"].as_u64()), (Some(1.0), Some(1)));
+        let json = serde_json::to_value(&score).unwrap();
+        assert_eq!(json["missing_predictions"], 1);
     }
 
     #[test]
@@ -426,15 +372,9 @@ mod tests {
         assert_eq!(parse_scienceqa_letter("C. opaque"), Some('C'));
         assert_eq!(parse_scienceqa_letter("The answer is D."), Some('D'));
         // The regex allows any capital; the index check rejects it later.
-        assert_eq!(
-            parse_scienceqa_letter("Answer: The answer is F."),
-            Some('F')
-        );
+        assert_eq!(parse_scienceqa_letter("Answer: The answer is F."), Some('F'));
         // Two sentences are ambiguous, a lowercase letter or a missing trailing character never match.
-        assert_eq!(
-            parse_scienceqa_letter("The answer is A. The answer is B."),
-            None
-        );
+        assert_eq!(parse_scienceqa_letter("The answer is A. The answer is B."), None);
         assert_eq!(parse_scienceqa_letter("the answer is a."), None);
         assert_eq!(parse_scienceqa_letter("The answer is A"), None);
         // No trimming: a trailing space breaks the bare-letter form.

@@ -10,7 +10,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{count_correct, Answer, Benchmark, LlavaAnswerIndex, LoadOptions, Score, ScoreError};
+use super::{count_correct, Answer, Benchmark, LlavaAnswerIndex, LoadOptions, MissingPrediction, Score, ScoreError};
 use crate::eval::files::{invalid, json_text, read_json, read_jsonl, require, to_meta, EvalDataError};
 use crate::eval::item::{EvalItem, ImageSource};
 use crate::eval::judge::JudgeClient;
@@ -29,10 +29,13 @@ impl Benchmark for TextVqa {
         load_textvqa(data_dir)
     }
 
+    /// `eval_textvqa.py` scores the lines of the answer file: an unanswered question is not in its denominator.
+    fn missing_prediction(&self) -> MissingPrediction {
+        MissingPrediction::LeftOut
+    }
+
     fn score(&self, answers: &[Answer], _judge: Option<&JudgeClient>) -> Result<Score, ScoreError> {
-        count_correct(NAME, answers, |meta: TextVqaMeta, prediction| {
-            Ok(vqa_accuracy(prediction, &meta.answers))
-        })
+        count_correct(NAME, answers, |meta: TextVqaMeta, prediction| Ok(vqa_accuracy(prediction, &meta.answers)))
     }
 
     /// LLaVA's TextVQA answers carry the image id as `question_id`; like `eval_textvqa.py`, they are matched on
@@ -110,11 +113,8 @@ fn load_textvqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
     let annotations: TextVqaAnnotations = read_json(&annotations_path)?;
     // `eval_textvqa.py` joins on (image id, lowercased question); LLaVA's
     // question_id field holds the image id.
-    let by_image_and_question: HashMap<(String, String), TextVqaAnnotation> = annotations
-        .data
-        .into_iter()
-        .map(|a| ((a.image_id.clone(), a.question.to_lowercase()), a))
-        .collect();
+    let by_image_and_question: HashMap<(String, String), TextVqaAnnotation> =
+        annotations.data.into_iter().map(|a| ((a.image_id.clone(), a.question.to_lowercase()), a)).collect();
     // Lines that share that key are answered and scored each on its own, as `eval_textvqa.py` scores every answer
     // line (all against the key's last annotation); the second of them is item `<question id>#2`, and so on.
     let mut repeats: HashMap<(String, String), usize> = HashMap::new();
@@ -122,30 +122,18 @@ fn load_textvqa(data_dir: &Path) -> Result<Vec<EvalItem>, EvalDataError> {
         .into_iter()
         .map(|line| {
             let image_id = json_text(&line.question_id);
-            let question = textvqa_question_from_prompt(&line.text).ok_or_else(|| {
-                invalid(
-                    &questions_path,
-                    format!("unrecognised prompt layout: {:?}", line.text),
-                )
+            let question = textvqa_question_from_prompt(&line.text)
+                .ok_or_else(|| invalid(&questions_path, format!("unrecognised prompt layout: {:?}", line.text)))?;
+            let annotation = by_image_and_question.get(&(image_id.clone(), question.clone())).ok_or_else(|| {
+                invalid(&annotations_path, format!("no annotation for image {image_id}, question {question:?}"))
             })?;
-            let annotation = by_image_and_question
-                .get(&(image_id.clone(), question.clone()))
-                .ok_or_else(|| {
-                    invalid(
-                        &annotations_path,
-                        format!("no annotation for image {image_id}, question {question:?}"),
-                    )
-                })?;
             let repeat = repeats.entry((image_id.clone(), question)).or_default();
             *repeat += 1;
             Ok(EvalItem {
                 id: repeated_id(&json_text(&annotation.question_id), *repeat),
                 image: ImageSource::Path(images_dir.join(&line.image)),
                 question: line.text,
-                meta: to_meta(TextVqaMeta {
-                    answers: annotation.answers.clone(),
-                    image_id,
-                }),
+                meta: to_meta(TextVqaMeta { answers: annotation.answers.clone(), image_id }),
             })
         })
         .collect()
@@ -238,10 +226,8 @@ const VQA_NUMBER_WORDS: &[(&str, &str)] = &[
 
 const VQA_ARTICLES: [&str; 3] = ["a", "an", "the"];
 
-const VQA_PUNCTUATION: [char; 21] = [
-    ';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
-    '?', '!',
-];
+const VQA_PUNCTUATION: [char; 21] =
+    [';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',', '?', '!'];
 
 /// The official `PERIOD_STRIP.sub("", text, re.UNICODE)` passes `re.UNICODE`
 /// (32) as the `count` argument, so at most 32 periods are removed.
@@ -250,10 +236,7 @@ const VQA_MAX_PERIODS_STRIPPED: usize = 32;
 /// The EvalAI answer processor used by TextVQA's `m4c_evaluator.py`, applied
 /// to both predictions and ground-truth answers.
 pub fn normalize_vqa_answer(answer: &str) -> String {
-    let tokenized = answer
-        .to_lowercase()
-        .replace([',', '?'], "")
-        .replace("'s", " 's");
+    let tokenized = answer.to_lowercase().replace([',', '?'], "").replace("'s", " 's");
     let single_line = python::strip(&tokenized).replace(['\n', '\t'], " ");
     let without_punctuation = process_vqa_punctuation(python::strip(&single_line));
     process_vqa_digits_and_articles(&without_punctuation)
@@ -266,8 +249,7 @@ pub fn process_vqa_punctuation(text: &str) -> String {
     let delete_all = has_comma_between_digits(text);
     let mut out = text.to_string();
     for mark in VQA_PUNCTUATION {
-        let touches_space =
-            text.contains(&format!("{mark} ")) || text.contains(&format!(" {mark}"));
+        let touches_space = text.contains(&format!("{mark} ")) || text.contains(&format!(" {mark}"));
         out = out.replace(mark, if touches_space || delete_all { "" } else { " " });
     }
     strip_non_decimal_periods(&out)
@@ -300,12 +282,8 @@ fn strip_non_decimal_periods(text: &str) -> String {
 }
 
 fn process_vqa_digits_and_articles(text: &str) -> String {
-    let lookup = |table: &[(&str, &'static str)], word: &str| {
-        table
-            .iter()
-            .find(|(from, _)| *from == word)
-            .map(|(_, to)| *to)
-    };
+    let lookup =
+        |table: &[(&str, &'static str)], word: &str| table.iter().find(|(from, _)| *from == word).map(|(_, to)| *to);
     python::split(&text.to_lowercase())
         .map(|word| lookup(VQA_NUMBER_WORDS, word).unwrap_or(word))
         .filter(|word| !VQA_ARTICLES.contains(word))
@@ -321,10 +299,7 @@ pub fn vqa_accuracy(prediction: &str, ground_truth_answers: &[String]) -> f64 {
         return 0.0;
     }
     let prediction = normalize_vqa_answer(prediction);
-    let matches: Vec<bool> = ground_truth_answers
-        .iter()
-        .map(|a| normalize_vqa_answer(a) == prediction)
-        .collect();
+    let matches: Vec<bool> = ground_truth_answers.iter().map(|a| normalize_vqa_answer(a) == prediction).collect();
     let total_matches = matches.iter().filter(|&&m| m).count();
     let subset_scores: f64 = matches
         .iter()
@@ -358,11 +333,7 @@ mod tests {
             { "question": "what is the brand of this camera?", "image_id": "003a8ae2ef43b901", "question_id": 34602, "answers": answers },
             { "question": "what year is shown?", "image_id": "003a8ae2ef43b901", "question_id": 34603, "answers": vec!["2008"; 10] }
         ]});
-        write(
-            dir.path(),
-            "TextVQA_0.5.1_val.json",
-            &annotations.to_string(),
-        );
+        write(dir.path(), "TextVQA_0.5.1_val.json", &annotations.to_string());
         std::fs::create_dir_all(dir.path().join("train_images")).unwrap();
         dir
     }
@@ -371,32 +342,23 @@ mod tests {
     fn textvqa_joins_questions_with_annotations() {
         let dir = textvqa_dir();
         let items = load(&TextVqa, dir.path()).unwrap();
-        assert_eq!(
-            items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-            ["34602", "34603"]
-        );
-        assert_eq!(
-            items[0].image,
-            ImageSource::Path(dir.path().join("train_images/003a8ae2ef43b901.jpg"))
-        );
-        assert!(items[0]
-            .question
-            .starts_with("what is the brand of this camera?\nReference OCR token: dakota"));
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["34602", "34603"]);
+        assert_eq!(items[0].image, ImageSource::Path(dir.path().join("train_images/003a8ae2ef43b901.jpg")));
+        assert!(items[0].question.starts_with("what is the brand of this camera?\nReference OCR token: dakota"));
         let meta: TextVqaMeta = items[0].meta_as().unwrap();
-        assert_eq!(
-            (meta.answers.len(), meta.image_id.as_str()),
-            (10, "003a8ae2ef43b901")
-        );
+        assert_eq!((meta.answers.len(), meta.image_id.as_str()), (10, "003a8ae2ef43b901"));
 
-        let score = score(
-            &TextVqa,
-            &items,
-            &predictions(&[("34602", "Dakota."), ("34603", "2009")]),
-            None,
-        )
-        .unwrap();
+        let score = score(&TextVqa, &items, &predictions(&[("34602", "Dakota."), ("34603", "2009")]), None).unwrap();
         // "dakota" matches 9 of 10 answers: every leave-one-out subset keeps >= 3 -> 1.0; "2009" -> 0.
         assert_eq!((score.correct, score.accuracy), (1.0, 0.5));
+    }
+
+    #[test]
+    fn textvqa_missing_prediction_is_left_out_as_eval_textvqa_leaves_it() {
+        let dir = textvqa_dir();
+        let items = load(&TextVqa, dir.path()).unwrap();
+        let score = score(&TextVqa, &items, &predictions(&[("34602", "Dakota.")]), None).unwrap();
+        assert_eq!((score.correct, score.total, score.missing_predictions, score.accuracy), (1.0, 1, 1, 1.0));
     }
 
     #[test]
@@ -435,22 +397,12 @@ mod tests {
 
     #[test]
     fn textvqa_prompt_processor_layouts() {
-        let three_lines =
-            "Q?\nReference OCR token: a\nAnswer the question using a single word or phrase.";
-        assert_eq!(
-            textvqa_question_from_prompt(three_lines).as_deref(),
-            Some("q?")
-        );
+        let three_lines = "Q?\nReference OCR token: a\nAnswer the question using a single word or phrase.";
+        assert_eq!(textvqa_question_from_prompt(three_lines).as_deref(), Some("q?"));
         let ocr_first = "Reference OCR token: a\nWhat Is It?\nAnswer the question using a single word or phrase.";
-        assert_eq!(
-            textvqa_question_from_prompt(ocr_first).as_deref(),
-            Some("what is it?")
-        );
+        assert_eq!(textvqa_question_from_prompt(ocr_first).as_deref(), Some("what is it?"));
         let ocr_tokens = "OCR tokens: a b Question: Who\nwon? Short answer:";
-        assert_eq!(
-            textvqa_question_from_prompt(ocr_tokens).as_deref(),
-            Some("who\nwon?")
-        );
+        assert_eq!(textvqa_question_from_prompt(ocr_tokens).as_deref(), Some("who\nwon?"));
         assert_eq!(textvqa_question_from_prompt("just one line"), None);
     }
 
@@ -464,10 +416,7 @@ mod tests {
             "question_id": "ffff", "image": "ffff.jpg", "text": "who?\nAnswer the question using a single word or phrase." })]),
         );
         let error = load(&TextVqa, dir.path()).unwrap_err();
-        assert!(
-            error.to_string().contains("no annotation for image ffff"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("no annotation for image ffff"), "{error}");
         std::fs::remove_file(dir.path().join("TextVQA_0.5.1_val.json")).unwrap();
         let message = missing_file_message(&TextVqa, dir.path());
         assert!(message.contains("TextVQA_0.5.1_val.json"), "{message}");

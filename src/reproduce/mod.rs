@@ -1,0 +1,74 @@
+//! `stic reproduce`: the STIC paper end to end from one profile (`configs/<profile>/reproduce.yaml`) — stage-1
+//! preferences, DPO, the stage-2 subset, descriptions, infusion, SFT, then every benchmark for the original model
+//! and for STIC, each with and without describe-and-respond, and a report beside the paper's numbers.
+//!
+//! Every step is a run of this same binary's subcommands (or, for the subset and the report, a function here),
+//! so the pipeline needs nothing else at run time. A finished step leaves a marker with its command line: a rerun
+//! skips it, a killed step is rerun and continues where its command left off (the generation jobs and evaluation
+//! resume their JSONL outputs, training resumes from its latest checkpoint).
+pub mod config;
+pub mod error;
+pub mod report;
+pub mod runner;
+pub mod steps;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Profile, ReproduceConfig};
+pub use error::ReproduceError;
+pub use runner::run_steps;
+pub use steps::{plan, Plan, Step};
+
+use crate::error::{Error, Result};
+use steps::FlagSupport;
+
+/// What `stic reproduce` is asked to do.
+pub struct ReproduceOptions {
+    /// A profile file.
+    pub config: Option<PathBuf>,
+    /// A shipped profile by name (configs/NAME/reproduce.yaml), when `config` is not given.
+    pub profile: Option<String>,
+    /// Print the plan and run nothing.
+    pub plan_only: bool,
+    /// Stop after this step.
+    pub until: Option<String>,
+    /// Only these benchmarks (among the profile's).
+    pub benchmarks: Option<Vec<String>>,
+    /// Print the JSON summary on stdout too.
+    pub print_summary: bool,
+}
+
+/// Runs (or with `plan_only` prints) the steps of the profile with this binary, and writes the run's summary to
+/// `reproduce_summary.json` in the profile's output folder.
+pub fn reproduce(opts: &ReproduceOptions, has_flag: FlagSupport) -> Result<()> {
+    let path = match (&opts.config, &opts.profile) {
+        (Some(path), _) => path.clone(),
+        (None, Some(name)) => Profile::path_of(Path::new(""), name)?,
+        (None, None) => return Err(Error::Input("give --config FILE or --profile NAME".into())),
+    };
+    let profile = Profile::load(&path, |var| std::env::var(var).ok(), opts.benchmarks.as_deref())?;
+    let plan = plan(&profile, has_flag);
+    if opts.plan_only {
+        return runner::print_plan(&profile, &plan, opts.until.as_deref());
+    }
+    let binary = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
+    let started = std::time::Instant::now();
+    let steps = run_steps(&plan, &profile, &binary, opts.until.as_deref())?;
+    let output = &profile.cfg.paths.output;
+    let path = output.join("reproduce_summary.json");
+    let report = &profile.cfg.paths.report;
+    let reports: Vec<PathBuf> =
+        ["md", "json", "png"].iter().map(|ext| report.with_extension(ext)).filter(|p| p.is_file()).collect();
+    let summary = serde_json::json!({
+        "profile": profile.cfg.profile,
+        "config": profile.path,
+        "output": output,
+        "summary": path,
+        "seconds": started.elapsed().as_secs_f64(),
+        "steps_run": steps.iter().filter(|s| s.ran).count(),
+        "steps_skipped": steps.iter().filter(|s| !s.ran).count(),
+        "steps": steps,
+        "reports": reports,
+    });
+    crate::summary::write_summary(&path, &summary, opts.print_summary)
+}
