@@ -21,6 +21,9 @@ enum Command {
     Prefs(cli::prefs::Args),
     /// Join the shard outputs of `prefs` (or `describe`) into one file, in input order.
     PrefsMerge(cli::prefs::MergeArgs),
+    /// Stage 1 as SFT (the paper's Table 3): each pair's prompt and chosen description as a conversation for
+    /// `train-sft`, as the official `convert_pref_to_sft.py` writes them.
+    PrefsToSft(cli::prefs_to_sft::Args),
     /// STIC stage 2: describe the images of an instruction data set (with the stage-1 adapter).
     Describe(cli::describe::Args),
     /// STIC stage 2: put each image's description in front of the first user turn.
@@ -120,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(args) => cli::merge::run(args),
         Command::Prefs(args) => cli::prefs::run(args),
         Command::PrefsMerge(args) => cli::prefs::run_merge(args),
+        Command::PrefsToSft(args) => cli::prefs_to_sft::run(args),
         Command::Describe(args) => cli::describe::run(args),
         Command::Infuse(args) => cli::infuse::run(args),
         Command::Eval(args) => cli::eval::run(args),

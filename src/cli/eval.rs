@@ -51,6 +51,10 @@ pub struct Args {
     /// description prompt has no `<image>`); every question then gets the same description.
     #[arg(long, requires = "dar")]
     dar_image_blind: bool,
+    /// DaR: the description prompt (the paper's Table 9 compares prompts). Default: the official
+    /// `model_vqa_mmbench_dar.py` one, "Detail the composition and subjects within the frame."
+    #[arg(long, value_name = "TEXT", requires = "dar")]
+    dar_prompt: Option<String>,
     /// DaR with the descriptions of FILE instead of generating them, as the paper's DaR on the benchmarks other
     /// than MMBench: JSONL of `{"image": …, "description": …}` (what `stic describe` writes), matched to each
     /// question by its image path; every question with an image needs one.
@@ -116,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         template: args.template.parse()?,
         dar: args.dar,
         dar_image_blind: args.dar_image_blind,
+        dar_prompt: args.dar_prompt,
         descriptions: args.descriptions,
         selection: args.selection.load_options(),
         limit: args.limit,

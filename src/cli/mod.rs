@@ -14,6 +14,7 @@ pub mod man;
 pub mod merge;
 pub mod model_args;
 pub mod prefs;
+pub mod prefs_to_sft;
 pub mod render_template;
 pub mod reproduce;
 pub mod score;

@@ -48,6 +48,8 @@ pub struct EvalRun {
     pub dar: bool,
     /// DaR descriptions written without the image.
     pub dar_image_blind: bool,
+    /// The DaR description prompt; `None`: the official one.
+    pub dar_prompt: Option<String>,
     /// DaR with the descriptions of this file (JSONL of `{image, description}`) instead of generated ones.
     pub descriptions: Option<PathBuf>,
     pub selection: LoadOptions,
@@ -119,7 +121,13 @@ pub fn evaluate(run: &EvalRun) -> Result<Evaluated> {
     let shard = sharding.shard();
     let device = sharding.device(run.model.device()?);
     let dtype = dtype_name(parse_dtype(&run.model.dtype, device)?);
-    let description_prompt = SticPrompts::shipped().dar_description_prompt;
+    let description_prompt = match &run.dar_prompt {
+        Some(prompt) if prompt.trim().is_empty() => {
+            return Err(Error::Input("--dar-prompt is empty: give the description prompt's text".into()))
+        }
+        Some(prompt) => prompt.clone(),
+        None => SticPrompts::shipped().dar_description_prompt,
+    };
     let max_new_tokens = run.max_new_tokens.unwrap_or(bench.protocol().answer_tokens);
     let limit = run.limit.unwrap_or(items.len()).min(items.len());
     let description_file =

@@ -3,6 +3,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::method::infuse::{InstructionEntry, Turn, GPT, HUMAN};
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 pub struct Message {
@@ -79,6 +80,32 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path, skip_bad: bool)
         return Err(Error::Input(format!("{}: no usable records", path.display())));
     }
     Ok((records, skipped))
+}
+
+/// Stage 1 as supervised fine-tuning (the paper's Table 3): each pair's chosen turn as a LLaVA-format
+/// conversation, made as the official `scripts/convert_pref_to_sft.py` makes it. The id is the image name less
+/// `COCO_train2014_` and `.jpg`; the human turn is the stored prompt as it is (the official prompts hold no
+/// `<image>`, so LLaVA's trainer drops the image: train it with `text_only: true` to follow that). Pairs of one
+/// image listed twice keep one entry each, as the official list does. Returns the number of conversations.
+pub fn prefs_to_sft(prefs: &Path, output: &Path) -> Result<usize> {
+    crate::fsutil::check_output("--output", output, &[("--prefs", prefs)])?;
+    let (pairs, _) = read_records::<PreferencePair>(prefs, false)?;
+    let mut entries = Vec::with_capacity(pairs.len());
+    for (number, pair) in pairs {
+        let (prompt, chosen, _) =
+            pair.parts().map_err(|why| Error::Input(format!("{}: record {number}: {why}", prefs.display())))?;
+        let turn = |from: &str, value: &str| Turn { from: from.into(), value: value.into(), extra: Default::default() };
+        entries.push(InstructionEntry {
+            id: pair.image.replace("COCO_train2014_", "").replace(".jpg", "").into(),
+            image: Some(pair.image.clone()),
+            conversations: vec![turn(HUMAN, prompt), turn(GPT, chosen)],
+            extra: Default::default(),
+        });
+    }
+    let text = serde_json::to_vec(&entries).map_err(|e| Error::Input(format!("{}: {e}", output.display())))?;
+    crate::fsutil::create_parent(output)?;
+    crate::fsutil::write_atomic(output, &text)?;
+    Ok(entries.len())
 }
 
 /// Resolves an image name against the image folder (the caller names the record when it is missing).

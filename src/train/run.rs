@@ -11,7 +11,7 @@ use super::sft::{SftExample, SftObjective};
 use super::trainer::{RunReport, Trainer};
 use crate::adapter::Adapter;
 use crate::dist::ProcessGroup;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::generate::session::Session;
 use crate::method::infuse::{load_instruction_data, InstructionEntry};
 use crate::model::LlavaNext;
@@ -21,6 +21,13 @@ use crate::model::LlavaNext;
 pub fn run_dpo(dpo: &DpoRun) -> Result<Option<serde_json::Value>> {
     let run = &dpo.run;
     let cfg = run.config(STAGE1_DEFAULTS)?;
+    if cfg.pooled_device_batch().is_some() {
+        return Err(Error::Input(
+            "loss_weighting: device_batch pools token losses, and train-dpo has none (its loss is one per pair); \
+             remove loss_weighting and device_batch from the --config YAML"
+                .into(),
+        ));
+    }
     let group = ProcessGroup::from_env()?;
     let mut session = run.load(&cfg, group.as_ref())?;
     let samples = run.sample_prompts(&session, group.as_ref())?;

@@ -6,7 +6,7 @@ import os
 import shutil
 
 import eval_data
-from conftest import run_stic
+from conftest import ROOT, run_stic
 from test_eval import (DAR_TIMEOUT, assert_clean_failure, predictions, read_jsonl, score_json, stic_eval, tiny_model,
                        without_provenance)
 
@@ -48,6 +48,20 @@ def test_dar_descriptions_are_made_once_per_image_across_rotations_and_runs(tiny
     assert {r["prompt"].split("\n\n", 1)[0] for r in read_jsonl(blind / "predictions.jsonl")} == \
         {"Image description:\n" + description["description"]}
     assert summary_of(blind)["provenance"]["generation"]["dar"]["image_blind"] is True
+
+
+def test_dar_prompt_reaches_the_descriptions_and_guards_the_folder(tiny_model, tmp_path):
+    """The paper's Table 9: DaR with another description prompt (here the first hallucination prompt)."""
+    bench = eval_data.mmbench(tmp_path / "data")
+    out = tmp_path / "out"
+    prompt = json.loads((ROOT / "third_party" / "stic" / "prompts.json").read_text())["hallucination_prompts"][0]
+    stic_eval(tiny_model, bench, out, *DAR, "--dar-prompt", prompt, timeout=DAR_TIMEOUT)
+    assert summary_of(out)["provenance"]["generation"]["dar"]["description_prompt"] == prompt
+    proc = stic_eval(tiny_model, bench, out, *DAR, check=False, timeout=DAR_TIMEOUT)
+    assert_clean_failure(proc, "holds predictions made with other settings", "description_prompt")
+    for extra in [["--dar-prompt", prompt], [*DAR, "--dar-prompt", " "]]:
+        proc = stic_eval(tiny_model, bench, tmp_path / "x", *extra, check=False)
+        assert proc.returncode == 2 and "--dar" in proc.stderr, proc.stderr
 
 
 def test_template_profile_and_token_limit_reach_the_run_and_its_provenance(tiny_model, tmp_path):

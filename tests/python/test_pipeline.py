@@ -372,6 +372,50 @@ def test_sft_loss_goes_down(tiny, tmp_path):
     assert max(losses[-5:]) < min(losses[:3]), losses
 
 
+def official_pref_to_sft(pairs):
+    """What the official `scripts/convert_pref_to_sft.py` (yihedeng9/STIC 993734e) writes for a list of pairs."""
+    return [{"image": p["image"], "id": p["image"].replace("COCO_train2014_", "").replace(".jpg", ""),
+             "conversations": [{"from": "human", "value": p["chosen"][0]["content"]},
+                               {"from": "gpt", "value": p["chosen"][1]["content"]}]} for p in pairs]
+
+
+def test_prefs_to_sft_writes_the_official_conversion_and_trains(tiny, prefs_baseline, tmp_path):
+    pairs = read_jsonl(prefs_baseline)
+    # the official flow: generate_pref.py's JSONL, then convert_jsonl_to_json.py's list; a COCO name listed twice
+    coco = dict(pairs[0], image="COCO_train2014_000000000009.jpg")
+    listed = tmp_path / "pref_data.json"
+    listed.write_text(json.dumps(pairs + [coco, coco]))
+    for source, expected in [(prefs_baseline, pairs), (listed, pairs + [coco, coco])]:
+        out = tmp_path / f"{source.stem}_sft.json"
+        proc = stic("prefs-to-sft", "--prefs", source, "--output", out)
+        assert f"{len(expected)} conversations" in proc.stderr, proc.stderr
+        assert json.loads(out.read_text()) == official_pref_to_sft(expected)
+    assert json.loads((tmp_path / "pref_data_sft.json").read_text())[-1]["id"] == "000000000009"
+
+    # the official prompts hold no <image>, so LLaVA's trainer drops the image: text_only follows it
+    config = tmp_path / "text_only.yaml"
+    config.write_text((ROOT / "configs" / "paper" / "stage2.yaml").read_text().replace(
+        "text_only: false", "text_only: true"))
+    out = tmp_path / "sft"
+    stic("train-sft", "--model", tiny, "--data", tmp_path / "straight_sft.json", "--image-dir", IMAGES,
+         "--output", out, "--config", config, "--max-steps", "1", "--lora-r", "4", "--max-length", "4096",
+         "--device", "cpu", "--batch-size", "2", "--grad-accum", "1", "--gradient-checkpointing", "false")
+    with open(out / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["loss"])), rows
+
+
+def test_train_dpo_refuses_a_device_batch_loss_weighting(tiny, prefs_baseline, tmp_path):
+    config = tmp_path / "stage1.yaml"
+    config.write_text((ROOT / "configs" / "paper" / "stage1.yaml").read_text()
+                      + "loss_weighting: device_batch\ndevice_batch: 16\n")
+    out = tmp_path / "dpo"
+    proc = stic("train-dpo", "--model", tiny, "--data", prefs_baseline, "--image-dir", IMAGES, "--output", out,
+                "--config", config, "--device", "cpu", check=False)
+    assert_clean_failure(proc, "loss_weighting: device_batch", "train-dpo", "remove loss_weighting and device_batch")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_missing_images_in_the_list_are_skipped_listed_and_counted(tiny, tmp_path):
