@@ -279,7 +279,10 @@ def run_killed_then_resumed(world, tmp_path, profile, *extra):
     return proc
 
 
-def check_report(tmp_path, profile):
+MISTRAL_SCIENCEQA = {"original": 68.9, "stic_dar": 75.3}  # the paper's Table 2
+
+
+def check_report(tmp_path, profile, paper_scienceqa=MISTRAL_SCIENCEQA):
     report = json.loads((tmp_path / "report" / "reproduce.json").read_text())
     assert report["profile"] == profile
     for bench in ["scienceqa", "mmbench"]:
@@ -288,7 +291,7 @@ def check_report(tmp_path, profile):
         assert isinstance(measured["original"], float) and isinstance(measured["stic"], float)
     dar = report["benchmarks"]["scienceqa"]["measured"]["original_dar"]
     assert (dar == "not in profile") == (profile == "official")
-    assert report["benchmarks"]["scienceqa"]["paper"] == {"original": 68.9, "stic_dar": 75.3}
+    assert report["benchmarks"]["scienceqa"]["paper"] == paper_scienceqa
     markdown = (tmp_path / "report" / "reproduce.md").read_text()
     assert "| scienceqa |" in markdown and "DaR gain" in markdown and "training gain" in markdown
     png = Image.open(tmp_path / "report" / "reproduce.png")
@@ -329,6 +332,24 @@ def test_official_profile_runs_to_the_end(world, tmp_path):
     assert all(r["corruption"] is None for r in prefs)
     assert "image features per example 0-0" in proc.stderr  # stage 1 is text only
     check_report(tmp_path, "official")
+
+
+def test_official_llava_v15_profile_runs_to_the_end(world, tmp_path):
+    """LLaVA-v1.5-7b as liuhaotian ships it, built by LLaVA's code: pickle shards without the tower, the tower in
+    its own folder (mm_vision_tower), the Llama decoder, pad to one 576-feature tile; llava_v1 for generation."""
+    original = tmp_path / "llava-v1.5-7b"
+    tiny_models.build_llava_llama_original(
+        original, tower_inside=False, tower_name=None, image_aspect_ratio="pad", mm_patch_merge_type="flat",
+        save_kwargs={"safe_serialization": False, "max_shard_size": "6MB"})
+    assert not list(original.glob("*.safetensors")) and list(original.glob("pytorch_model-*.bin"))
+    env = env_for(world, tmp_path, STIC_MODEL=original)
+    proc = reproduce("--profile", "official-llava-v1.5-7b", "--benchmarks", "scienceqa,mmbench", env=env)
+    assert proc.returncode == 0, proc.stderr
+    for step in ["prefs", "describe"]:
+        args = json.loads((tmp_path / "run" / ".steps" / f"{step}.json").read_text())["command"]
+        assert args[args.index("--template") + 1] == "llava_v1", args
+    assert "image features per example 0-0" in proc.stderr  # stage 1 is text only, as in the official profile
+    check_report(tmp_path, "official-llava-v1.5-7b", paper_scienceqa=None)  # Table 1 not entered
 
 
 # ------------------------------------------------------------------------------------------ each switch, its effect
