@@ -17,12 +17,22 @@ pub struct JudgeArgs {
     /// Environment variable holding the API key.
     #[arg(long, default_value = "OPENAI_API_KEY")]
     judge_key_env: String,
+    /// LLaVA-Bench: review every answer in K independent judge runs (each its own requests, cached apart);
+    /// summary.json gives the mean over the runs and their spread (std, min, max) per category.
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "judge_url",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    judge_runs: u32,
 }
 
 impl JudgeArgs {
     fn settings(&self) -> Option<JudgeSettings> {
         let url = self.judge_url.clone()?;
-        Some(JudgeSettings { url, model: self.judge_model.clone(), key_env: self.judge_key_env.clone() })
+        Some(JudgeSettings {
+            url,
+            model: self.judge_model.clone(),
+            key_env: self.judge_key_env.clone(),
+            runs: self.judge_runs,
+        })
     }
 }
 

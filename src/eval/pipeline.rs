@@ -30,6 +30,8 @@ pub struct JudgeSettings {
     pub model: Option<String>,
     /// Environment variable holding the API key.
     pub key_env: String,
+    /// Independent judge runs (LLaVA-Bench only), summarised by their mean and spread.
+    pub runs: u32,
 }
 
 /// What `stic eval` runs.
@@ -114,6 +116,7 @@ fn dtype_name(kind: tch::Kind) -> String {
 /// what is there, and scores them into `summary.json` once every shard is answered.
 pub fn evaluate(run: &EvalRun) -> Result<Evaluated> {
     let bench = benchmark(&run.benchmark)?;
+    check_judge_runs(bench, run.judge.as_ref())?;
     let template = run.template;
     run.model.check_output("--output", &run.output, &[])?;
     let items = bench.load(&run.data, &run.selection)?;
@@ -219,6 +222,7 @@ pub fn evaluate(run: &EvalRun) -> Result<Evaluated> {
 /// Scores a prediction file of the benchmark into `summary.json` beside it; returns the summary.
 pub fn score_predictions(run: &ScoreRun) -> Result<serde_json::Value> {
     let bench = benchmark(&run.benchmark)?;
+    check_judge_runs(bench, run.judge.as_ref())?;
     let items = bench.load(&run.data, &run.selection)?;
     let out_dir = run.predictions.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let provenance = Provenance {
@@ -245,6 +249,19 @@ fn benchmark_run(bench: &dyn Benchmark, data: &Path, selection: &LoadOptions) ->
     }
 }
 
+/// Refuses several judge runs for a benchmark whose review is not repeated, before anything is answered.
+fn check_judge_runs(bench: &dyn Benchmark, judge: Option<&JudgeSettings>) -> Result<()> {
+    match judge {
+        Some(settings) if settings.runs > 1 && !bench.repeats_judge_review() => Err(Error::Input(format!(
+            "--judge-runs {}: {} is not reviewed in repeated judge runs (only llava-bench is); leave --judge-runs \
+             at 1",
+            settings.runs,
+            bench.name()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The judge client of `settings`, caching its replies in `cache_dir`.
 fn judge_client(settings: &JudgeSettings, bench: &dyn Benchmark, cache_dir: &Path) -> Result<JudgeClient> {
     let default = JudgeConfig::default();
@@ -256,6 +273,7 @@ fn judge_client(settings: &JudgeSettings, bench: &dyn Benchmark, cache_dir: &Pat
         api_key_env: settings.key_env.clone(),
         cache_path: Some(cache_dir.join("judge_cache.jsonl")),
         timeout: Duration::from_secs(120),
+        runs: settings.runs,
         ..default
     };
     JudgeClient::new(cfg).map_err(|e| Error::Input(format!("judge: {e}")))

@@ -456,6 +456,59 @@ def test_llava_bench_judge_retries_scores_and_caches(stub_judge, tmp_path, monke
     assert stub.count() == 6 and third["judge"]["cache_hits"] == 2 and third["judge"]["http_requests"] == 1
 
 
+def test_llava_bench_judge_runs_are_asked_apart_and_summarised(stub_judge, tmp_path):
+    """--judge-runs 3 reviews every answer three times (cached apart from run 1) and reports the spread."""
+    bench = eval_data.llava_bench(tmp_path / "data")
+    preds = write_predictions(tmp_path / "predictions.jsonl",
+                              {"0": "A rocket.", "1": "A launch pad with smoke.", "2": "For fun."})
+    # the n-th review of a question shifts the model's score by model_shift[n - 1]
+    model_shift = [0, -1, 1]
+    times_asked = {}
+
+    def reply(request):
+        reference, model = llava_bench_reply(request).split("\n")[0].replace(",", " ").split()
+        content = user_content(request)
+        times_asked[content] = times_asked.get(content, 0) + 1
+        return f"{reference} {int(model) + model_shift[times_asked[content] - 1]}\nreviewed"
+
+    stub = stub_judge(reply)
+    judge = ["--judge-url", stub.url, *JUDGE]
+    summary = score_json("llava-bench", preds, bench.path, *judge, "--judge-runs", "3")
+    assert stub.count() == summary["judge"]["http_requests"] == 9
+    sent = [r["body"] for r in stub.requests]
+    assert sent[0:3] == sent[3:6] == sent[6:9], "every run asks the same requests, all answers run by run"
+    # all (GPT-4, model) means: run 1 (8, 7) -> 87.5 %, run 2 (8, 6) -> 75.0 %, run 3 (8, 8) -> 100.0 %
+    spread = summary["extra"]["judge_runs"]
+    assert spread["runs"] == 3
+    assert spread["relative"]["all"] == {"mean": 87.5, "std": 12.5, "min": 75.0, "max": 100.0,
+                                         "per_run": [87.5, 75.0, 100.0]}
+    # detail (9, 6), (9, 5), (9, 7): 66.7, 55.6, 77.8
+    assert spread["relative"]["detail"]["per_run"] == [66.7, 55.6, 77.8]
+    assert spread["relative"]["detail"]["std"] == pytest.approx(11.1)
+    assert summary["extra"]["categories"]["all"] == {"relative": 87.5, "reference": 80.0, "model": 70.0}
+    assert summary["accuracy"] == 0.875, "the headline is the mean over the runs"
+
+    # run 1 is the single run's cache entry: without --judge-runs the summary is run 1's, from the cache
+    single = score_json("llava-bench", preds, bench.path, *judge)
+    assert stub.count() == 9 and single["judge"]["cache_hits"] == 3
+    assert "judge_runs" not in single["extra"]
+    assert single["extra"]["categories"]["detail"] == {"relative": 66.7, "reference": 90.0, "model": 60.0}
+    again = score_json("llava-bench", preds, bench.path, *judge, "--judge-runs", "3")
+    assert stub.count() == 9 and again["judge"]["cache_hits"] == 9 and again["extra"] == summary["extra"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--benchmark", "mm-vet", "--judge-url", "http://127.0.0.1:9/v1", "--judge-runs", "2"],
+     "mm-vet is not reviewed in repeated judge runs"),
+    (["--benchmark", "llava-bench", "--judge-url", "http://127.0.0.1:9/v1", "--judge-runs", "0"], "--judge-runs"),
+    (["--benchmark", "llava-bench", "--judge-runs", "2"], "--judge-url"),
+])
+def test_judge_runs_refused_where_they_do_not_apply(tmp_path, args, needle):
+    preds = write_predictions(tmp_path / "predictions.jsonl", {"v1_0": "a kitten"})
+    proc = run_stic("eval-score", "--predictions", preds, "--data", tmp_path, *args, check=False, timeout=60)
+    assert_clean_failure(proc, needle)
+
+
 def test_llava_bench_unparsable_review_counts_as_failed(stub_judge, tmp_path):
     bench = eval_data.llava_bench(tmp_path / "data")
     preds = write_predictions(tmp_path / "predictions.jsonl", {"0": "a", "1": "b", "2": "c"})

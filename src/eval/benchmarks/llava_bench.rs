@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::{required_judge, Answer, Benchmark, GraderFile, Judge, LoadOptions, Protocol, Score, ScoreError};
 use crate::eval::files::{invalid, json_text, read_jsonl, require, to_meta, EvalDataError};
@@ -33,36 +33,32 @@ impl Benchmark for LlavaBench {
 
     /// Reviews that the judge answers without two scores enter as `[-1, -1]`,
     /// as in `eval_gpt_review_bench.py`; transport and HTTP failures abort.
+    /// With several judge runs every answer is reviewed once per run; the numbers are the means over the runs
+    /// and `judge_runs` holds the spread of the relative scores.
     fn score(&self, answers: &[Answer], judge: Option<&JudgeClient>) -> Result<Score, ScoreError> {
         let judge = required_judge(NAME, judge)?;
-        let mut reviews = Vec::with_capacity(answers.len());
-        for entry in answers {
-            let meta: LlavaBenchMeta = entry.meta(NAME)?;
-            let rule = llava_bench_rule(&meta.category).ok_or_else(|| ScoreError::InvalidMeta {
-                benchmark: NAME,
-                id: entry.item.id.clone(),
-                source: serde::de::Error::custom(format!("no review rule for category {:?}", meta.category)),
-            })?;
-            let input = LlavaBenchReviewInput {
-                rule,
-                context: meta.context,
-                question: entry.item.question.clone(),
-                reference_answer: meta.reference_answer,
-                model_answer: entry.prediction.to_string(),
-            };
-            let scores = match judge.review_llava_bench(&input) {
-                Ok(scores) => scores,
-                // A reply the judge client could not read counts like an unreadable score; its stats count it.
-                Err(JudgeError::UnparsableScore { .. } | JudgeError::MalformedReply { .. }) => [-1.0, -1.0],
-                Err(error) => return Err(error.into()),
-            };
-            reviews.push((meta.category, scores));
+        let inputs = review_inputs(answers)?;
+        let runs = judge.config().runs;
+        let mut summaries = Vec::with_capacity(runs as usize);
+        let mut model_total = 0.0;
+        for run in 1..=runs {
+            let reviews = review(judge, &inputs, run)?;
+            model_total += reviews.iter().map(|(_, scores)| scores[1]).sum::<f64>();
+            summaries.push(llava_bench_summary(&reviews));
         }
-        let summary = llava_bench_summary(&reviews);
-        let model_total = reviews.iter().map(|(_, scores)| scores[1]).sum();
-        let mut score = Score::new(NAME, model_total, answers.len());
+        let summary = mean_summary(&summaries);
+        let mut score = Score::new(NAME, model_total / f64::from(runs), answers.len());
         score.accuracy = summary.get("all").map_or(0.0, |all| all.relative / 100.0);
-        Ok(score.with_extra("categories", to_meta(summary)))
+        score = score.with_extra("categories", to_meta(summary));
+        if runs > 1 {
+            let spread = json!({ "runs": runs, "relative": relative_spread(&summaries) });
+            score = score.with_extra("judge_runs", spread);
+        }
+        Ok(score)
+    }
+
+    fn repeats_judge_review(&self) -> bool {
+        true
     }
 
     /// LLaVA's answer-file lines, which `eval_gpt_review_bench.py` reads beside `answers_gpt4.jsonl`.
@@ -78,6 +74,49 @@ impl Benchmark for LlavaBench {
             .collect();
         Some(GraderFile { name: "llava_bench_answers.jsonl", contents: lines.join("\n") + "\n" })
     }
+}
+
+/// The category of each answer and the review the judge is asked for.
+fn review_inputs(answers: &[Answer]) -> Result<Vec<(String, LlavaBenchReviewInput)>, ScoreError> {
+    answers
+        .iter()
+        .map(|entry| {
+            let meta: LlavaBenchMeta = entry.meta(NAME)?;
+            let rule = llava_bench_rule(&meta.category).ok_or_else(|| ScoreError::InvalidMeta {
+                benchmark: NAME,
+                id: entry.item.id.clone(),
+                source: serde::de::Error::custom(format!("no review rule for category {:?}", meta.category)),
+            })?;
+            let input = LlavaBenchReviewInput {
+                rule,
+                context: meta.context,
+                question: entry.item.question.clone(),
+                reference_answer: meta.reference_answer,
+                model_answer: entry.prediction.to_string(),
+            };
+            Ok((meta.category, input))
+        })
+        .collect()
+}
+
+/// One judge run over every answer: `(category, [reference score, model score])`.
+fn review(
+    judge: &JudgeClient,
+    inputs: &[(String, LlavaBenchReviewInput)],
+    run: u32,
+) -> Result<Vec<(String, [f64; 2])>, ScoreError> {
+    inputs
+        .iter()
+        .map(|(category, input)| {
+            let scores = match judge.review_llava_bench(input, run) {
+                Ok(scores) => scores,
+                // A reply the judge client could not read counts like an unreadable score; its stats count it.
+                Err(JudgeError::UnparsableScore { .. } | JudgeError::MalformedReply { .. }) => [-1.0, -1.0],
+                Err(error) => return Err(error.into()),
+            };
+            Ok((category.clone(), scores))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,13 +239,68 @@ pub fn llava_bench_summary(reviews: &[(String, [f64; 2])]) -> BTreeMap<String, L
         .collect()
 }
 
+/// Each number of the per-run summaries averaged over the runs (one run: its own numbers).
+pub fn mean_summary(runs: &[BTreeMap<String, LlavaBenchSummary>]) -> BTreeMap<String, LlavaBenchSummary> {
+    let mean = |category: &str, field: fn(&LlavaBenchSummary) -> f64| {
+        runs.iter().map(|run| field(&run[category])).sum::<f64>() / runs.len() as f64
+    };
+    runs.first()
+        .into_iter()
+        .flat_map(BTreeMap::keys)
+        .map(|category| {
+            let summary = LlavaBenchSummary {
+                relative: mean(category, |s| s.relative),
+                reference: mean(category, |s| s.reference),
+                model: mean(category, |s| s.model),
+            };
+            (category.clone(), summary)
+        })
+        .collect()
+}
+
+/// How a number varies over the judge runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSpread {
+    pub mean: f64,
+    /// Sample standard deviation (over runs - 1).
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    pub per_run: Vec<f64>,
+}
+
+impl RunSpread {
+    /// Of at least two values.
+    fn of(per_run: Vec<f64>) -> Self {
+        let count = per_run.len() as f64;
+        let mean = per_run.iter().sum::<f64>() / count;
+        let variance = per_run.iter().map(|value| (value - mean).powi(2)).sum::<f64>() / (count - 1.0);
+        RunSpread {
+            mean,
+            std: variance.sqrt(),
+            min: per_run.iter().copied().fold(f64::INFINITY, f64::min),
+            max: per_run.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            per_run,
+        }
+    }
+}
+
+/// The spread of each category's relative score over two or more judge runs.
+pub fn relative_spread(runs: &[BTreeMap<String, LlavaBenchSummary>]) -> BTreeMap<String, RunSpread> {
+    runs.first()
+        .into_iter()
+        .flat_map(BTreeMap::keys)
+        .map(|category| (category.clone(), RunSpread::of(runs.iter().map(|run| run[category].relative).collect())))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::score;
     use super::super::test_support::{jsonl, load, missing_file_message, predictions, write};
     use super::*;
     use crate::eval::judge::test_support::{completion, test_client, StubServer};
-    use serde_json::json;
+    use crate::eval::judge::JudgeConfig;
 
     fn llava_bench_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -298,5 +392,41 @@ mod tests {
         // all: means (17/3 = 5.667) and (13/3 = 4.333) -> 4.333/5.667 = 76.46% -> 76.5.
         assert_eq!(summary["all"], LlavaBenchSummary { relative: 76.5, reference: 56.7, model: 43.3 });
         assert_eq!(summary["detail"].relative, 100.0);
+    }
+
+    #[test]
+    fn judge_runs_are_averaged_with_their_spread() {
+        let run = |relative: f64, reference: f64| {
+            BTreeMap::from([("all".to_string(), LlavaBenchSummary { relative, reference, model: 50.0 })])
+        };
+        let runs = [run(70.0, 80.0), run(80.0, 70.0), run(90.0, 60.0)];
+        assert_eq!(mean_summary(&runs)["all"], LlavaBenchSummary { relative: 80.0, reference: 70.0, model: 50.0 });
+        // Deviations -10, 0 and 10: sample variance 200 / 2 = 100.
+        let spread = &relative_spread(&runs)["all"];
+        assert_eq!(*spread, RunSpread { mean: 80.0, std: 10.0, min: 70.0, max: 90.0, per_run: vec![70.0, 80.0, 90.0] });
+        // Two runs 77.8 and 76.4: mean 77.1, std |77.8 - 76.4| / sqrt(2).
+        let spread = &relative_spread(&[run(77.8, 0.0), run(76.4, 0.0)])["all"];
+        assert!((spread.mean - 77.1).abs() < 1e-9 && (spread.std - 1.4 / 2f64.sqrt()).abs() < 1e-9, "{spread:?}");
+        // One run is its own mean, to the bit.
+        assert_eq!(mean_summary(&runs[..1]), runs[0]);
+    }
+
+    #[test]
+    fn every_judge_run_reviews_every_answer_in_its_own_requests() {
+        let dir = llava_bench_dir();
+        let items = load(&LlavaBench, dir.path()).unwrap();
+        let replies = ["8 6", "10 4", "8 8", "10 8"].map(|review| (200, completion(review)));
+        let server = StubServer::start(replies.to_vec());
+        let judge =
+            JudgeClient::new(JudgeConfig { runs: 2, ..test_client(&server.url, None).config().clone() }).unwrap();
+        let preds = predictions(&[("0", "Diamond Head"), ("1", "A beach.")]);
+        let score = score(&LlavaBench, &items, &preds, Some(&judge)).unwrap();
+        let bodies = server.finish();
+        assert_eq!(bodies.len(), 4);
+        assert_eq!(bodies[0], bodies[2], "run 2 asks the same request again");
+        // Run 1: all means 9 and 5 -> 55.6%; run 2: 9 and 8 -> 88.9%.
+        assert_eq!(score.extra["judge_runs"]["relative"]["all"]["per_run"], json!([55.6, 88.9]));
+        assert!((score.accuracy - 0.7225).abs() < 1e-9, "{}", score.accuracy);
+        assert_eq!(score.extra["judge_runs"]["runs"], 2);
     }
 }

@@ -62,6 +62,12 @@ pub trait Benchmark: Sync {
         MissingPrediction::LeftOut
     }
 
+    /// Whether its judge review can be repeated over several runs (`--judge-runs`), each scored apart and
+    /// summarised by the mean and spread over the runs.
+    fn repeats_judge_review(&self) -> bool {
+        false
+    }
+
     /// For a benchmark graded by an LLM judge, the file its official grader reads (written when there is no
     /// judge here), from the answers to every item in order.
     fn grader_file(&self, _answers: &[Answer]) -> Option<GraderFile> {

@@ -51,9 +51,13 @@ impl ReplyCache {
     }
 }
 
-/// sha256 over the model, the messages and the temperature.
-pub fn cache_key(model: &str, messages: &[ChatMessage], temperature: f64) -> String {
-    let identity = json!({ "model": model, "messages": messages, "temperature": temperature });
+/// sha256 over the model, the messages, the temperature and, from the second on, the judge run: each run of a
+/// repeated review (`--judge-runs`) is its own request, and run 1 keeps the key of a single run.
+pub fn cache_key(model: &str, messages: &[ChatMessage], temperature: f64, run: u32) -> String {
+    let mut identity = json!({ "model": model, "messages": messages, "temperature": temperature });
+    if run > 1 {
+        identity["run"] = run.into();
+    }
     sha256_hex(identity.to_string().as_bytes())
 }
 
@@ -69,7 +73,7 @@ mod tests {
         let path = dir.path().join("cache.jsonl");
         let messages = [ChatMessage::user("q")];
         let good = serde_json::to_string(&CacheLine {
-            key: cache_key("judge-model", &messages, 0.0),
+            key: cache_key("judge-model", &messages, 0.0, 1),
             reply: "0.7".to_string(),
         })
         .unwrap();
@@ -103,13 +107,18 @@ mod tests {
     }
 
     #[test]
-    fn cache_key_depends_on_model_messages_and_temperature() {
+    fn cache_key_depends_on_model_messages_temperature_and_run() {
         let messages = [ChatMessage::user("q")];
-        let key = cache_key("m", &messages, 0.0);
+        let key = cache_key("m", &messages, 0.0, 1);
         assert_eq!(key.len(), 64);
-        assert_eq!(key, cache_key("m", &messages, 0.0));
-        assert_ne!(key, cache_key("other", &messages, 0.0));
-        assert_ne!(key, cache_key("m", &messages, 0.5));
-        assert_ne!(key, cache_key("m", &[ChatMessage::system("q")], 0.0));
+        assert_eq!(key, cache_key("m", &messages, 0.0, 1));
+        assert_ne!(key, cache_key("other", &messages, 0.0, 1));
+        assert_ne!(key, cache_key("m", &messages, 0.5, 1));
+        assert_ne!(key, cache_key("m", &[ChatMessage::system("q")], 0.0, 1));
+        assert_ne!(key, cache_key("m", &messages, 0.0, 2));
+        assert_ne!(cache_key("m", &messages, 0.0, 2), cache_key("m", &messages, 0.0, 3));
+        // Run 1 keeps the key of the caches written before judge runs existed.
+        let single_run = json!({ "model": "m", "messages": messages, "temperature": 0.0 });
+        assert_eq!(key, sha256_hex(single_run.to_string().as_bytes()));
     }
 }

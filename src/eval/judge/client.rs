@@ -29,6 +29,8 @@ pub struct JudgeConfig {
     pub backoff_base: Duration,
     /// JSONL file of cached replies; `None` disables caching.
     pub cache_path: Option<PathBuf>,
+    /// Independent runs of the LLaVA-Bench review (`--judge-runs`): every run asks each request anew.
+    pub runs: u32,
 }
 
 impl Default for JudgeConfig {
@@ -41,6 +43,7 @@ impl Default for JudgeConfig {
             max_attempts: 6,
             backoff_base: Duration::from_secs(2),
             cache_path: None,
+            runs: 1,
         }
     }
 }
@@ -134,7 +137,18 @@ impl JudgeClient {
     /// The assistant's reply to `messages`, from the cache when this exact
     /// request was answered before.
     pub fn complete(&self, messages: &[ChatMessage], temperature: f64, max_tokens: u32) -> Result<String, JudgeError> {
-        let key = cache_key(&self.config.model, messages, temperature);
+        self.complete_in_run(messages, temperature, max_tokens, 1)
+    }
+
+    /// [`Self::complete`] in judge run `run` (from 1), whose replies are cached apart from the other runs'.
+    fn complete_in_run(
+        &self,
+        messages: &[ChatMessage],
+        temperature: f64,
+        max_tokens: u32,
+        run: u32,
+    ) -> Result<String, JudgeError> {
+        let key = cache_key(&self.config.model, messages, temperature, run);
         if let Some(cache) = &self.cache {
             if let Some(reply) = cache.lock().expect("cache lock").get(&key) {
                 self.count(|s| s.cache_hits += 1);
@@ -208,12 +222,12 @@ impl JudgeClient {
         JudgeError::UnparsableScore { reply }
     }
 
-    /// LLaVA-Bench review as `eval_gpt_review_bench.py` runs it: the pair
+    /// LLaVA-Bench review as `eval_gpt_review_bench.py` runs it, in judge run `run` (from 1): the pair
     /// `[reference (GPT-4) score, model score]`.
-    pub fn review_llava_bench(&self, input: &LlavaBenchReviewInput) -> Result<[f64; 2], JudgeError> {
+    pub fn review_llava_bench(&self, input: &LlavaBenchReviewInput, run: u32) -> Result<[f64; 2], JudgeError> {
         let messages =
             [ChatMessage::system(LLAVA_BENCH_SYSTEM_PROMPT), ChatMessage::user(llava_bench_review_prompt(input))];
-        let review = self.complete(&messages, LLAVA_BENCH_TEMPERATURE, LLAVA_BENCH_MAX_TOKENS)?;
+        let review = self.complete_in_run(&messages, LLAVA_BENCH_TEMPERATURE, LLAVA_BENCH_MAX_TOKENS, run)?;
         parse_review_scores(&review).ok_or_else(|| self.unparsable(review))
     }
 
@@ -354,7 +368,7 @@ mod tests {
             reference_answer: "A cat.".to_string(),
             model_answer: "A dog.".to_string(),
         };
-        let error = judge.review_llava_bench(&input).unwrap_err();
+        let error = judge.review_llava_bench(&input, 1).unwrap_err();
         assert!(matches!(error, JudgeError::UnparsableScore { .. }), "{error}");
         server.finish();
         let stats = judge.stats();
@@ -373,7 +387,7 @@ mod tests {
             reference_answer: "Red.".to_string(),
             model_answer: "It is red.".to_string(),
         };
-        assert_eq!(judge.review_llava_bench(&input).unwrap(), [7.0, 6.0]);
+        assert_eq!(judge.review_llava_bench(&input, 1).unwrap(), [7.0, 6.0]);
         let sent: Value = serde_json::from_str(&server.finish()[0]).unwrap();
         assert_eq!(sent["temperature"], 0.2);
         assert_eq!(sent["max_tokens"], 1024);

@@ -97,6 +97,7 @@ pub(crate) fn test_client(url: &str, cache_path: Option<PathBuf>) -> JudgeClient
         max_attempts: 4,
         backoff_base: Duration::from_millis(1),
         cache_path,
+        runs: 1,
     })
     .unwrap()
 }
