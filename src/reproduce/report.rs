@@ -1,6 +1,7 @@
 //! The reproduction report: four measured rows per benchmark (original, original + DaR, STIC, STIC + DaR) so
 //! that the gain of DaR and the gain of training separate, the paper's numbers beside them, as Markdown, JSON
-//! and a PNG bar chart.
+//! and a PNG bar chart; MMBench's accuracy by category beside it where its summaries have them.
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use plotters::prelude::*;
@@ -10,7 +11,7 @@ use super::config::{BaseModel, Profile};
 use super::steps::{eval_dir, Plan, Row};
 use super::ReproduceError;
 use crate::error::Result;
-use crate::eval::benchmarks::{Benchmark, BENCHMARKS};
+use crate::eval::benchmarks::{AccuracyBy, Benchmark, BENCHMARKS, CATEGORY_ACCURACY, L2_CATEGORY_ACCURACY};
 use crate::fsutil::{create_parent, write_atomic};
 
 /// The paper's numbers of one base model, in the order of [`BENCHMARKS`]: original, STIC + DaR.
@@ -88,19 +89,45 @@ pub struct BenchmarkRows {
     pub cells: [Cell; 4],
     /// ScienceQA over every question: the accuracy on those with an image, by row.
     pub img_accuracy: [Option<f64>; 4],
+    /// MMBench: the accuracy per L2 category and per category, by row.
+    pub categories: [Option<Categories>; 4],
 }
 
-fn read_cell(profile: &Profile, row: Row, bench: &dyn Benchmark) -> (Cell, Option<f64>) {
+/// A summary's accuracy per L2 category and per category (MMBench's `l2_category_accuracy` and
+/// `category_accuracy`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Categories {
+    pub l2_category: AccuracyBy,
+    pub category: AccuracyBy,
+}
+
+impl Categories {
+    /// From a summary's extras; `None` where it has neither.
+    fn from_extra(extra: &Value) -> Option<Self> {
+        let read = |key: &str| {
+            extra.get(key).and_then(|by| serde_json::from_value::<AccuracyBy>(by.clone()).ok()).unwrap_or_default()
+        };
+        let categories = Categories { l2_category: read(L2_CATEGORY_ACCURACY), category: read(CATEGORY_ACCURACY) };
+        (!categories.l2_category.is_empty() || !categories.category.is_empty()).then_some(categories)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({ L2_CATEGORY_ACCURACY: self.l2_category, CATEGORY_ACCURACY: self.category })
+    }
+}
+
+/// A row's cell and its summary's extras (`Null` where there is no summary).
+fn read_cell(profile: &Profile, row: Row, bench: &dyn Benchmark) -> (Cell, Value) {
     let dar = matches!(row, Row::OriginalDar | Row::SticDar);
     if dar && !profile.cfg.eval.dar.applies_to(bench) {
-        return (Cell::NotInProfile, None);
+        return (Cell::NotInProfile, Value::Null);
     }
     let path = eval_dir(&profile.cfg.paths.output, row, bench).join("summary.json");
-    let Ok(summary) = crate::fsutil::read_json::<Value>(&path) else { return (Cell::Pending, None) };
-    let img = summary.get("img_accuracy").and_then(Value::as_f64).map(|v| 100.0 * v);
+    let Ok(mut summary) = crate::fsutil::read_json::<Value>(&path) else { return (Cell::Pending, Value::Null) };
+    let extra = summary["extra"].take();
     match summary.get("accuracy").and_then(Value::as_f64) {
-        Some(v) => (Cell::Score(100.0 * v), img),
-        None => (Cell::NeedsJudge, img),
+        Some(v) => (Cell::Score(100.0 * v), extra),
+        None => (Cell::NeedsJudge, extra),
     }
 }
 
@@ -110,7 +137,12 @@ pub fn collect(profile: &Profile) -> Vec<BenchmarkRows> {
         .iter()
         .map(|(bench, _)| {
             let read = Row::ALL.map(|row| read_cell(profile, row, *bench));
-            BenchmarkRows { bench: *bench, cells: read.clone().map(|(c, _)| c), img_accuracy: read.map(|(_, i)| i) }
+            BenchmarkRows {
+                bench: *bench,
+                cells: read.clone().map(|(cell, _)| cell),
+                img_accuracy: read.clone().map(|(_, extra)| extra["img_accuracy"].as_f64().map(|v| 100.0 * v)),
+                categories: read.map(|(_, extra)| Categories::from_extra(&extra)),
+            }
         })
         .collect()
 }
@@ -205,6 +237,7 @@ fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
             out.push(format!("{} IMG-Accuracy (the questions with an image): {}.", r.bench.name(), cells.join(", ")));
         }
     }
+    out.extend(category_table(rows));
     let source = match paper.rows {
         Some(_) => format!("The paper's numbers are its {}.", paper.table),
         None => format!(
@@ -223,6 +256,40 @@ fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
         ),
     ]);
     out.join("\n") + "\n"
+}
+
+/// "MMBench by category": one line per L2 category, then one per category, one column per row with them.
+fn category_table(rows: &[BenchmarkRows]) -> Vec<String> {
+    let Some(bench_rows) = rows.iter().find(|r| r.categories.iter().any(Option::is_some)) else { return Vec::new() };
+    let evaluated: Vec<(Row, &Categories)> =
+        Row::ALL.iter().zip(&bench_rows.categories).filter_map(|(row, c)| Some((*row, c.as_ref()?))).collect();
+    let labels: Vec<&str> = evaluated.iter().map(|(row, _)| row.label()).collect();
+    let mut out = vec![
+        String::new(),
+        "## MMBench by category".into(),
+        String::new(),
+        format!("| level | ability | questions | {} |", labels.join(" | ")),
+        format!("|---|---|---|{}", "---|".repeat(labels.len())),
+    ];
+    type Level = fn(&Categories) -> &AccuracyBy;
+    let levels: [(&str, Level); 2] = [("L2", |c| &c.l2_category), ("category", |c| &c.category)];
+    for (level, of) in levels {
+        let names: BTreeSet<&String> = evaluated.iter().flat_map(|(_, c)| of(c).keys()).collect();
+        for name in names {
+            let found: Vec<_> = evaluated.iter().map(|(_, c)| of(c).get(name)).collect();
+            let total = found.iter().flatten().map(|a| a.total).max().unwrap_or_default();
+            let cells: Vec<String> =
+                found.iter().map(|a| a.map_or("–".into(), |a| format!("{:.1}", 100.0 * a.accuracy))).collect();
+            out.push(format!("| {level} | {name} | {total} | {} |", cells.join(" | ")));
+        }
+    }
+    out.extend([
+        String::new(),
+        "Circular accuracy, as VLMEvalKit's `report_acc` groups it: each question once, right only when every \
+         variant of it is; questions: the most any row graded."
+            .into(),
+    ]);
+    out
 }
 
 fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
@@ -246,6 +313,14 @@ fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
                     .iter()
                     .zip(&r.img_accuracy)
                     .map(|(row, a)| (row.name().to_string(), json!(a)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
+            if r.categories.iter().any(Option::is_some) {
+                v["categories"] = Row::ALL
+                    .iter()
+                    .zip(&r.categories)
+                    .filter_map(|(row, c)| Some((row.name().to_string(), c.as_ref()?.to_json())))
                     .collect::<serde_json::Map<_, _>>()
                     .into();
             }
@@ -377,6 +452,64 @@ mod tests {
     }
 
     #[test]
+    fn summaries_extras_give_img_accuracy_and_mmbench_categories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let path = Profile::path_of(&root, "official-llava-v1.5-7b").unwrap();
+        let out = dir.path().to_string_lossy().to_string();
+        let profile = Profile::load(&path, |var| (var == "STIC_OUTPUT").then(|| out.clone()), None).unwrap();
+        let write_summary = |row: Row, bench: &str, summary: Value| {
+            let path = eval_dir(&profile.cfg.paths.output, row, find(bench)).join("summary.json");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, summary.to_string()).unwrap();
+        };
+        let by = |entries: &[(&str, f64, usize, usize)]| -> Value {
+            entries
+                .iter()
+                .map(|(name, accuracy, correct, total)| {
+                    (name.to_string(), json!({"accuracy": accuracy, "correct": correct, "total": total}))
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        write_summary(Row::Original, "scienceqa", json!({"accuracy": 0.7, "extra": {"img_accuracy": 0.65}}));
+        write_summary(
+            Row::Original,
+            "mmbench",
+            json!({"accuracy": 0.5, "extra": {
+                "l2_category_accuracy": by(&[("coarse_perception", 0.75, 3, 4)]),
+                "category_accuracy": by(&[("image_scene", 1.0, 2, 2), ("ocr", 0.5, 1, 2)]),
+            }}),
+        );
+        write_summary(
+            Row::SticDar,
+            "mmbench",
+            json!({"accuracy": 0.6, "extra": {
+                "l2_category_accuracy": by(&[("coarse_perception", 1.0, 4, 4)]),
+                "category_accuracy": by(&[("ocr", 1.0, 2, 2)]),
+            }}),
+        );
+        // An older summary without the categories: no column.
+        write_summary(Row::Stic, "mmbench", json!({"accuracy": 0.55, "extra": {"plain_accuracy": 0.6}}));
+
+        let rows = collect(&profile);
+        let plan = super::super::steps::plan(&profile, &|_, _| true);
+        let text = markdown(&profile, &plan, &rows);
+        assert!(text.contains("scienceqa IMG-Accuracy (the questions with an image): original 65.0,"), "{text}");
+        assert!(text.contains("## MMBench by category"), "{text}");
+        assert!(text.contains("| level | ability | questions | original | STIC + DaR |"), "{text}");
+        assert!(text.contains("| L2 | coarse_perception | 4 | 75.0 | 100.0 |"), "{text}");
+        assert!(text.contains("| category | image_scene | 2 | 100.0 | – |"), "{text}");
+        assert!(text.contains("| category | ocr | 2 | 50.0 | 100.0 |"), "{text}");
+
+        let json = to_json(&profile, &rows);
+        let categories = &json["benchmarks"]["mmbench"]["categories"];
+        assert_eq!(categories.as_object().unwrap().keys().collect::<Vec<_>>(), ["original", "stic_dar"]);
+        assert_eq!(categories["stic_dar"]["category_accuracy"]["ocr"]["correct"], 2);
+        assert_eq!(json["benchmarks"]["scienceqa"].get("categories"), None);
+    }
+
+    #[test]
     fn chart_is_a_png_of_the_chart_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chart.png");
@@ -385,11 +518,13 @@ mod tests {
                 bench: find("scienceqa"),
                 cells: [Cell::Score(60.0), Cell::Score(62.0), Cell::Pending, Cell::Score(70.0)],
                 img_accuracy: [None; 4],
+                categories: Default::default(),
             },
             BenchmarkRows {
                 bench: find("mm-vet"),
                 cells: [Cell::NeedsJudge, Cell::NotInProfile, Cell::Pending, Cell::Pending],
                 img_accuracy: [None; 4],
+                categories: Default::default(),
             },
         ];
         write_chart(&path, "test", BaseModel::LlavaV15Vicuna7b, &rows).unwrap();

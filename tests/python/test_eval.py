@@ -706,6 +706,14 @@ def test_score_mmbench_plain_and_circular(tmp_path):
     assert summary["accuracy"] == 0.5
     assert summary["extra"]["plain_accuracy"] == 2 / 3
     assert summary["extra"]["plain_correct"] == 2 and summary["extra"]["plain_total"] == 3
+    # per category and per L2 category, as VLMEvalKit's report_acc: one count per question group, keys sorted
+    assert summary["extra"]["category_accuracy"] == {
+        "action_recognition": {"accuracy": 1.0, "correct": 1, "total": 1},
+        "object_localization": {"accuracy": 0.0, "correct": 0, "total": 1},
+    }
+    l2 = summary["extra"]["l2_category_accuracy"]
+    assert list(l2) == ["coarse_perception", "finegrained_perception (instance-level)"]
+    assert [(v["correct"], v["total"]) for v in l2.values()] == [(1, 1), (0, 1)]
 
     # --circular: stic rotates the options itself (the file's own copies are skipped): row 0 -> 0, 1000000, 2000000;
     # row 1 -> 1, 1000001, 2000001, 3000001. Answering with the option text is right in every rotation.
@@ -717,6 +725,9 @@ def test_score_mmbench_plain_and_circular(tmp_path):
     assert summary["answered"] == 7
     assert summary["accuracy"] == 0.5
     assert summary["extra"]["plain_accuracy"] == 6 / 7
+    # row 0's group is right now, row 1's wrong (2000001)
+    assert {k: v["correct"] for k, v in summary["extra"]["category_accuracy"].items()} == \
+        {"action_recognition": 0, "object_localization": 1}
 
 
 def test_score_mathvista(tmp_path):
@@ -792,6 +803,8 @@ def test_score_mmbench_parquet_circular_and_integer_index(tmp_path):
     })
     expected = score_json("mmbench", circular, llava.path, "--circular")
     assert expected["accuracy"] == 0.5 and expected["answered"] == 7
+    # the release's `L2-category` column reads as the TSV's `l2-category`
+    assert len(expected["extra"]["l2_category_accuracy"]) == 2
     plain = write_predictions(tmp_path / "p.jsonl", dict(zip(llava.ids, PARQUET_SCORE_CASES["mmbench"])))
     for bench in releases:
         assert without_provenance(score_json("mmbench", circular, bench.path, "--circular")) == without_provenance(expected)

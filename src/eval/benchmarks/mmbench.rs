@@ -48,7 +48,12 @@ impl Benchmark for MmBench {
             options_cut += usize::from(meta.llava_options < meta.choices.len());
             let answer = meta.answer.ok_or_else(|| ScoreError::MissingAnswer(entry.item.id.clone()))?;
             let chosen = infer_option_letter(entry.prediction, &meta.choices);
-            results.push((meta.index, chosen.is_some_and(|letter| answer == letter.to_string())));
+            results.push(MmBenchResult {
+                index: meta.index,
+                correct: chosen.is_some_and(|letter| answer == letter.to_string()),
+                category: meta.category,
+                l2_category: meta.l2_category,
+            });
         }
         let accuracy = mmbench_accuracy(&results);
         let plain = Score::new("plain", accuracy.correct as f64, accuracy.total);
@@ -56,9 +61,15 @@ impl Benchmark for MmBench {
             .with_extra("plain_accuracy", plain.accuracy)
             .with_extra("plain_correct", accuracy.correct)
             .with_extra("plain_total", accuracy.total)
-            .with_extra("options_cut", options_cut))
+            .with_extra("options_cut", options_cut)
+            .with_extra(CATEGORY_ACCURACY, to_meta(accuracy_by(&results, |r| r.category.as_deref())))
+            .with_extra(L2_CATEGORY_ACCURACY, to_meta(accuracy_by(&results, |r| r.l2_category.as_deref()))))
     }
 }
+
+/// The `summary.json` extras with the accuracy per `category` and per `l2-category` column ([`AccuracyBy`]).
+pub const CATEGORY_ACCURACY: &str = "category_accuracy";
+pub const L2_CATEGORY_ACCURACY: &str = "l2_category_accuracy";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MmBenchMeta {
@@ -72,6 +83,8 @@ pub struct MmBenchMeta {
     /// How many of `choices` LLaVA's `get_options` lists.
     pub llava_options: usize,
     pub category: Option<String>,
+    /// The ability one level up from `category` (MMBench's L2 ability).
+    pub l2_category: Option<String>,
 }
 
 /// An option's letter and text.
@@ -117,6 +130,7 @@ struct MmBenchRow {
     choices: Vec<Choice>,
     answer: Option<String>,
     category: Option<String>,
+    l2_category: Option<String>,
     image: ImageSource,
 }
 
@@ -138,6 +152,8 @@ impl MmBenchRow {
                 .collect(),
             answer: present("answer"),
             category: present("category"),
+            // `l2-category` in LLaVA's TSV, `L2-category` in lmms-lab/MMBench.
+            l2_category: present("l2-category").or_else(|| present("L2-category")),
             image,
         })
     }
@@ -291,7 +307,14 @@ fn mmbench_item(
         id: index.to_string(),
         image: row.image.clone(),
         question: mmbench_prompt(row.hint.as_deref(), &row.question, listed),
-        meta: to_meta(MmBenchMeta { index, answer, choices, llava_options, category: row.category.clone() }),
+        meta: to_meta(MmBenchMeta {
+            index,
+            answer,
+            choices,
+            llava_options,
+            category: row.category.clone(),
+            l2_category: row.l2_category.clone(),
+        }),
     }
 }
 
@@ -356,6 +379,16 @@ pub fn mmbench_circular_group(index: u64) -> u64 {
     index % MMBENCH_CIRCULAR_STRIDE
 }
 
+/// One graded question variant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MmBenchResult {
+    /// The TSV index, which names the circular group.
+    pub index: u64,
+    pub correct: bool,
+    pub category: Option<String>,
+    pub l2_category: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmBenchAccuracy {
     pub correct: usize,
@@ -365,18 +398,70 @@ pub struct MmBenchAccuracy {
     pub circular_groups: usize,
 }
 
-/// Plain and circular accuracy from `(TSV index, answered correctly)` pairs.
-pub fn mmbench_accuracy(results: &[(u64, bool)]) -> MmBenchAccuracy {
-    let mut groups: BTreeMap<u64, bool> = BTreeMap::new();
-    for &(index, correct) in results {
-        *groups.entry(mmbench_circular_group(index)).or_insert(true) &= correct;
+/// A circular group: whether every variant was answered correctly, and its lowest-index variant (the question
+/// itself where it was graded), whose categories VLMEvalKit reports the group under.
+struct CircularGroup<'a> {
+    all_correct: bool,
+    question: &'a MmBenchResult,
+}
+
+fn circular_groups(results: &[MmBenchResult]) -> BTreeMap<u64, CircularGroup<'_>> {
+    let mut groups: BTreeMap<u64, CircularGroup> = BTreeMap::new();
+    for result in results {
+        let group = groups
+            .entry(mmbench_circular_group(result.index))
+            .or_insert(CircularGroup { all_correct: true, question: result });
+        group.all_correct &= result.correct;
+        if result.index < group.question.index {
+            group.question = result;
+        }
     }
+    groups
+}
+
+/// Plain and circular accuracy.
+pub fn mmbench_accuracy(results: &[MmBenchResult]) -> MmBenchAccuracy {
+    let groups = circular_groups(results);
     MmBenchAccuracy {
-        correct: results.iter().filter(|(_, correct)| *correct).count(),
+        correct: results.iter().filter(|result| result.correct).count(),
         total: results.len(),
-        circular_correct: groups.values().filter(|&&all_correct| all_correct).count(),
+        circular_correct: groups.values().filter(|group| group.all_correct).count(),
         circular_groups: groups.len(),
     }
+}
+
+/// The accuracy of the circular groups of one label.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LabelAccuracy {
+    pub accuracy: f64,
+    pub correct: usize,
+    pub total: usize,
+}
+
+/// Accuracy per label, in label order.
+pub type AccuracyBy = BTreeMap<String, LabelAccuracy>;
+
+/// VLMEvalKit's `report_acc` per `category` or `l2-category`: the circular groups of each label, a group correct
+/// only when every variant is, as the headline counts them. Groups without the label are left out.
+pub fn accuracy_by<'a>(
+    results: &'a [MmBenchResult],
+    label: impl Fn(&'a MmBenchResult) -> Option<&'a str>,
+) -> AccuracyBy {
+    let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for group in circular_groups(results).into_values() {
+        if let Some(name) = label(group.question) {
+            let (correct, total) = counts.entry(name.to_string()).or_default();
+            *correct += usize::from(group.all_correct);
+            *total += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(name, (correct, total))| {
+            let accuracy = Score::new(name.as_str(), correct as f64, total).accuracy;
+            (name, LabelAccuracy { accuracy, correct, total })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -439,7 +524,7 @@ mod tests {
         assert_eq!(items[1].image, ImageSource::Bytes(png), "a short image cell refers to another row's image");
         let meta: MmBenchMeta = items[0].meta_as().unwrap();
         assert_eq!(meta.answer.as_deref(), Some("B"));
-        assert_eq!(meta.category.as_deref(), Some("attribute"));
+        assert_eq!((meta.category.as_deref(), meta.l2_category.as_deref()), (Some("attribute"), Some("l2")));
     }
 
     #[test]
@@ -472,6 +557,18 @@ mod tests {
         let score = score(&MmBench, &items, &preds, None).unwrap();
         assert_eq!((score.correct, score.total, score.accuracy), (1.0, 2, 0.5));
         assert_eq!(score.extra["plain_accuracy"], 6.0 / 7.0);
+        // Group 0 is row 0's question (attribute), group 1 row 1's (object); both have the L2 category "l2".
+        assert_eq!(
+            score.extra["category_accuracy"],
+            serde_json::json!({
+                "attribute": {"accuracy": 0.0, "correct": 0, "total": 1},
+                "object": {"accuracy": 1.0, "correct": 1, "total": 1},
+            })
+        );
+        assert_eq!(
+            score.extra["l2_category_accuracy"],
+            serde_json::json!({"l2": {"accuracy": 0.5, "correct": 1, "total": 2}})
+        );
     }
 
     #[test]
@@ -663,18 +760,49 @@ mod tests {
         assert_eq!(infer_option_letter("Z", &options), None);
     }
 
+    fn graded(index: u64, correct: bool, category: Option<&str>, l2_category: Option<&str>) -> MmBenchResult {
+        MmBenchResult {
+            index,
+            correct,
+            category: category.map(str::to_string),
+            l2_category: l2_category.map(str::to_string),
+        }
+    }
+
     #[test]
-    fn mmbench_plain_and_circular_accuracy() {
+    fn mmbench_plain_circular_and_per_category_accuracy() {
+        let (ocr, celebrity, scene) = (Some("ocr"), Some("celebrity_recognition"), Some("image_scene"));
+        let (fine, coarse) = (Some("finegrained_perception"), Some("coarse_perception"));
         let results = [
-            (7, true),
-            (1_000_007, true),
-            (2_000_007, true), // group 7: all right
-            (8, true),
-            (1_000_008, false), // group 8: one variant wrong
-            (9, false),         // group 9: single variant wrong
+            graded(7, true, ocr, fine),
+            graded(1_000_007, true, ocr, fine),
+            graded(2_000_007, true, ocr, fine), // group 7: all right
+            graded(8, true, ocr, fine),
+            graded(1_000_008, false, ocr, fine), // group 8: one variant wrong
+            graded(9, false, celebrity, fine),   // group 9: single variant wrong
+            graded(10, true, scene, coarse),
+            graded(1_000_010, true, scene, coarse), // group 10: all right
+            graded(11, true, None, None),           // group 11: right, without categories
+            // Group 12: all right; its labels are its question's (index 12), not those of the variant seen first.
+            graded(2_000_012, true, Some("image_style"), Some("other")),
+            graded(12, true, scene, coarse),
         ];
+        // Plain: 9 of the 11 variants; circular: groups 7, 10, 11 and 12 of the 6.
         let accuracy = mmbench_accuracy(&results);
-        assert_eq!(accuracy, MmBenchAccuracy { correct: 4, total: 6, circular_correct: 1, circular_groups: 3 });
+        assert_eq!(accuracy, MmBenchAccuracy { correct: 9, total: 11, circular_correct: 4, circular_groups: 6 });
         assert_eq!(mmbench_circular_group(3_000_042), 42);
+
+        // Per label, one count per group: ocr has groups 7 (right) and 8 (wrong), celebrity group 9 (wrong), scene
+        // groups 10 and 12 (both right); finegrained is 7, 8 and 9, coarse 10 and 12. Group 11 has no label.
+        let counts = |by: AccuracyBy| -> Vec<(String, usize, usize)> {
+            by.into_iter().map(|(name, a)| (name, a.correct, a.total)).collect()
+        };
+        assert_eq!(
+            counts(accuracy_by(&results, |r| r.category.as_deref())),
+            [("celebrity_recognition".into(), 0, 1), ("image_scene".into(), 2, 2), ("ocr".into(), 1, 2)]
+        );
+        let by_l2 = accuracy_by(&results, |r| r.l2_category.as_deref());
+        assert_eq!(by_l2["finegrained_perception"].accuracy, 1.0 / 3.0);
+        assert_eq!(counts(by_l2), [("coarse_perception".into(), 2, 2), ("finegrained_perception".into(), 1, 3)]);
     }
 }

@@ -23,6 +23,8 @@ mod mmbench;
 mod scienceqa;
 mod textvqa;
 
+pub use mmbench::{AccuracyBy, CATEGORY_ACCURACY, L2_CATEGORY_ACCURACY};
+
 /// Every benchmark `stic eval` knows, in the order the paper's table lists them.
 pub static BENCHMARKS: [&dyn Benchmark; 7] = [
     &scienceqa::ScienceQa,
