@@ -251,6 +251,9 @@ pub struct EvalSettings {
     #[serde(default)]
     pub mmbench_options: MmBenchOptions,
     pub dar: DarMode,
+    /// Also evaluate the stage-1 adapter alone (no DaR): the row "stage 1 only" of the progression.
+    #[serde(default)]
+    pub stage1_row: bool,
     /// The LLaVA-Bench judge model (the other judged benchmarks keep their official graders' models).
     pub llava_bench_judge: String,
     /// An OpenAI-compatible endpoint for the judged benchmarks; without one their answers are written for the

@@ -1,6 +1,7 @@
 //! `stic reproduce`: the STIC paper end to end from one profile (`configs/<profile>/reproduce.yaml`) — stage-1
 //! preferences, DPO, the stage-2 subset, descriptions, infusion, SFT, then every benchmark for the original model
-//! and for STIC, each with and without describe-and-respond, and a report beside the paper's numbers.
+//! and for STIC, each with and without describe-and-respond (with `eval.stage1_row` also for the stage-1 adapter
+//! alone), and a report beside the paper's numbers.
 //!
 //! Every step is a run of this same binary's subcommands (or, for the subset and the report, a function here),
 //! so the pipeline needs nothing else at run time. A finished step leaves a marker with its command line: a rerun

@@ -1,6 +1,7 @@
 //! The reproduction report: four measured rows per benchmark (original, original + DaR, STIC, STIC + DaR) so
-//! that the gain of DaR and the gain of training separate, the paper's numbers beside them, as Markdown, JSON
-//! and a PNG bar chart; MMBench's accuracy by category beside it where its summaries have them.
+//! that the gain of DaR and the gain of training separate, with `eval.stage1_row` a fifth (stage 1 only) before
+//! STIC, the paper's numbers beside them, as Markdown, JSON and a PNG bar chart; MMBench's accuracy by category
+//! beside it where its summaries have them.
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -43,6 +44,28 @@ pub fn paper_numbers(base: BaseModel, bench: &dyn Benchmark) -> Option<(f64, f64
     Some(rows[BENCHMARKS.iter().position(|b| b.name() == bench.name()).expect("every benchmark is in BENCHMARKS")])
 }
 
+/// Whether the report has a column of the paper's numbers for `row`, entered or not.
+fn in_paper(row: Row) -> bool {
+    matches!(row, Row::Original | Row::Stage1 | Row::SticDar)
+}
+
+/// The paper's number of `row` on `bench`, where it is entered.
+fn paper_value(base: BaseModel, row: Row, bench: &dyn Benchmark) -> Option<f64> {
+    let (original, stic_dar) = paper_numbers(base, bench)?;
+    match row {
+        Row::Original => Some(original),
+        Row::SticDar => Some(stic_dar),
+        _ => None,
+    }
+}
+
+/// The measured rows of `profile` and those of them with a paper column.
+fn rows_of(profile: &Profile) -> (Vec<Row>, Vec<Row>) {
+    let measured = Row::of(&profile.cfg.eval);
+    let paper = measured.iter().copied().filter(|row| in_paper(*row)).collect();
+    (measured, paper)
+}
+
 /// One measured cell.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
@@ -83,14 +106,32 @@ impl Cell {
     }
 }
 
+/// One measured row of one benchmark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    pub row: Row,
+    pub cell: Cell,
+    /// ScienceQA over every question: the accuracy on those with an image.
+    pub img_accuracy: Option<f64>,
+    /// MMBench: the accuracy per L2 category and per category.
+    pub categories: Option<Categories>,
+}
+
 pub struct BenchmarkRows {
     pub bench: &'static dyn Benchmark,
-    /// In the order of [`Row::ALL`].
-    pub cells: [Cell; 4],
-    /// ScienceQA over every question: the accuracy on those with an image, by row.
-    pub img_accuracy: [Option<f64>; 4],
-    /// MMBench: the accuracy per L2 category and per category, by row.
-    pub categories: [Option<Categories>; 4],
+    /// In the order of [`Row::of`] the profile.
+    pub measured: Vec<Measured>,
+}
+
+impl BenchmarkRows {
+    fn score(&self, row: Row) -> Option<f64> {
+        self.measured.iter().find(|m| m.row == row)?.cell.value()
+    }
+
+    /// `row` − `base`, where both are scored.
+    fn gain(&self, row: Row, base: Row) -> Option<f64> {
+        Some(self.score(row)? - self.score(base)?)
+    }
 }
 
 /// A summary's accuracy per L2 category and per category (MMBench's `l2_category_accuracy` and
@@ -116,39 +157,44 @@ impl Categories {
     }
 }
 
-/// A row's cell and its summary's extras (`Null` where there is no summary).
-fn read_cell(profile: &Profile, row: Row, bench: &dyn Benchmark) -> (Cell, Value) {
-    let dar = matches!(row, Row::OriginalDar | Row::SticDar);
-    if dar && !profile.cfg.eval.dar.applies_to(bench) {
-        return (Cell::NotInProfile, Value::Null);
+fn read_cell(profile: &Profile, row: Row, bench: &dyn Benchmark) -> Measured {
+    let measured = |cell, extra: &Value| Measured {
+        row,
+        cell,
+        img_accuracy: extra["img_accuracy"].as_f64().map(|v| 100.0 * v),
+        categories: Categories::from_extra(extra),
+    };
+    if row.dar() && !profile.cfg.eval.dar.applies_to(bench) {
+        return measured(Cell::NotInProfile, &Value::Null);
     }
     let path = eval_dir(&profile.cfg.paths.output, row, bench).join("summary.json");
-    let Ok(mut summary) = crate::fsutil::read_json::<Value>(&path) else { return (Cell::Pending, Value::Null) };
-    let extra = summary["extra"].take();
+    let Ok(summary) = crate::fsutil::read_json::<Value>(&path) else { return measured(Cell::Pending, &Value::Null) };
+    let extra = &summary["extra"];
     match summary.get("accuracy").and_then(Value::as_f64) {
-        Some(v) => (Cell::Score(100.0 * v), extra),
-        None => (Cell::NeedsJudge, extra),
+        Some(v) => measured(Cell::Score(100.0 * v), extra),
+        None => measured(Cell::NeedsJudge, extra),
     }
 }
 
 pub fn collect(profile: &Profile) -> Vec<BenchmarkRows> {
+    let rows = Row::of(&profile.cfg.eval);
     profile
         .benchmarks
         .iter()
-        .map(|(bench, _)| {
-            let read = Row::ALL.map(|row| read_cell(profile, row, *bench));
-            BenchmarkRows {
-                bench: *bench,
-                cells: read.clone().map(|(cell, _)| cell),
-                img_accuracy: read.clone().map(|(_, extra)| extra["img_accuracy"].as_f64().map(|v| 100.0 * v)),
-                categories: read.map(|(_, extra)| Categories::from_extra(&extra)),
-            }
+        .map(|(bench, _)| BenchmarkRows {
+            bench: *bench,
+            measured: rows.iter().map(|&row| read_cell(profile, row, *bench)).collect(),
         })
         .collect()
 }
 
-fn difference(a: &Cell, b: &Cell) -> Option<f64> {
-    Some(a.value()? - b.value()?)
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+/// Empty where there is no number.
+fn one_decimal(v: Option<f64>) -> String {
+    v.map_or_else(String::new, |v| format!("{v:.1}"))
 }
 
 fn signed(v: Option<f64>) -> String {
@@ -164,13 +210,18 @@ pub fn write_report(profile: &Profile, plan: &Plan) -> Result<String> {
     write_atomic(&base.with_extension("md"), markdown.as_bytes())?;
     let json = to_json(profile, &rows);
     write_atomic(&base.with_extension("json"), serde_json::to_string_pretty(&json).expect("json").as_bytes())?;
-    write_chart(&base.with_extension("png"), &profile.cfg.profile, profile.cfg.model.base, &rows)?;
+    let (measured_rows, _) = rows_of(profile);
+    write_chart(&base.with_extension("png"), &profile.cfg.profile, profile.cfg.model.base, &measured_rows, &rows)?;
     Ok(markdown)
 }
 
 fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
     let base = profile.cfg.model.base;
     let paper = paper_table(base);
+    let (measured_rows, paper_rows) = rows_of(profile);
+    let labels = |rows: &[Row], prefix: &str| {
+        rows.iter().map(|row| format!("{prefix}{}", row.label())).collect::<Vec<_>>().join(" | ")
+    };
     let mut out = vec![
         format!("# STIC reproduction, profile `{}`: {}", profile.cfg.profile, base.title()),
         String::new(),
@@ -184,54 +235,57 @@ fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
             plan.stage2_adapter.display()
         ),
         String::new(),
-        "| benchmark | original | original + DaR | STIC | STIC + DaR | paper original | paper STIC + DaR | DaR gain | training gain | measured STIC + DaR − original |".into(),
-        "|---|---|---|---|---|---|---|---|---|---|".into(),
+        format!(
+            "| benchmark | {} | {} | DaR gain | training gain | measured STIC + DaR − original |",
+            labels(&measured_rows, ""),
+            labels(&paper_rows, "paper ")
+        ),
+        format!("|{}", "---|".repeat(1 + measured_rows.len() + paper_rows.len() + 3)),
     ];
     for r in rows {
-        let (po, ps) = match paper_numbers(base, r.bench) {
-            Some((po, ps)) => (format!("{po:.1}"), format!("{ps:.1}")),
-            None => (String::new(), String::new()),
-        };
-        let [o, od, s, sd] = &r.cells;
+        let measured: Vec<String> = r.measured.iter().map(|m| m.cell.text()).collect();
+        let paper: Vec<String> = paper_rows.iter().map(|&row| one_decimal(paper_value(base, row, r.bench))).collect();
         out.push(format!(
-            "| {} | {} | {} | {} | {} | {po} | {ps} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             r.bench.name(),
-            o.text(),
-            od.text(),
-            s.text(),
-            sd.text(),
-            signed(difference(od, o)),
-            signed(difference(s, o)),
-            signed(difference(sd, o))
+            measured.join(" | "),
+            paper.join(" | "),
+            signed(r.gain(Row::OriginalDar, Row::Original)),
+            signed(r.gain(Row::Stic, Row::Original)),
+            signed(r.gain(Row::SticDar, Row::Original))
         ));
     }
     let complete: Vec<&BenchmarkRows> =
-        rows.iter().filter(|r| r.cells[0].value().is_some() && r.cells[3].value().is_some()).collect();
+        rows.iter().filter(|r| r.score(Row::Original).is_some() && r.score(Row::SticDar).is_some()).collect();
     if !complete.is_empty() {
-        let mean =
-            |f: &dyn Fn(&BenchmarkRows) -> f64| complete.iter().map(|r| f(r)).sum::<f64>() / complete.len() as f64;
-        let paper_means = match paper.rows {
-            Some(_) => format!(
-                "{:.1} | {:.1}",
-                mean(&|r| paper_numbers(base, r.bench).map_or(0.0, |p| p.0)),
-                mean(&|r| paper_numbers(base, r.bench).map_or(0.0, |p| p.1))
-            ),
-            None => " | ".into(),
+        // The average is over the benchmarks with both ends of the progression; its other cells stay empty.
+        let mean_of = |value: &dyn Fn(&BenchmarkRows) -> Option<f64>| -> Option<f64> {
+            let values: Option<Vec<f64>> = complete.iter().map(|r| value(r)).collect();
+            values.map(|v| mean(&v))
         };
+        let measured: Vec<String> = measured_rows
+            .iter()
+            .map(|&row| match row {
+                Row::Original | Row::SticDar => format!("{} |", one_decimal(mean_of(&|r| r.score(row)))),
+                _ => "|".into(),
+            })
+            .collect();
+        let paper_means: Vec<String> =
+            paper_rows.iter().map(|&row| one_decimal(mean_of(&|r| paper_value(base, row, r.bench)))).collect();
         out.push(format!(
-            "| average of the {} with original and STIC + DaR | {:.1} | | | {:.1} | {paper_means} | | | {:+.1} |",
+            "| average of the {} with original and STIC + DaR | {} {} | | | {} |",
             complete.len(),
-            mean(&|r| r.cells[0].value().unwrap()),
-            mean(&|r| r.cells[3].value().unwrap()),
-            mean(&|r| r.cells[3].value().unwrap() - r.cells[0].value().unwrap())
+            measured.join(" "),
+            paper_means.join(" | "),
+            signed(mean_of(&|r| r.gain(Row::SticDar, Row::Original))),
         ));
     }
     for r in rows {
-        if r.img_accuracy.iter().any(Option::is_some) {
-            let cells: Vec<String> = Row::ALL
+        if r.measured.iter().any(|m| m.img_accuracy.is_some()) {
+            let cells: Vec<String> = r
+                .measured
                 .iter()
-                .zip(&r.img_accuracy)
-                .map(|(row, v)| format!("{} {}", row.label(), v.map_or("–".into(), |v| format!("{v:.1}"))))
+                .map(|m| format!("{} {}", m.row.label(), m.img_accuracy.map_or("–".into(), |v| format!("{v:.1}"))))
                 .collect();
             out.push(String::new());
             out.push(format!("{} IMG-Accuracy (the questions with an image): {}.", r.bench.name(), cells.join(", ")));
@@ -246,11 +300,17 @@ fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
             paper.table
         ),
     };
+    let stage1 = if measured_rows.contains(&Row::Stage1) {
+        " Stage 1 only: the stage-1 adapter without DaR; its paper column is empty (the paper's stage-1-only \
+         numbers are not entered)."
+    } else {
+        ""
+    };
     out.extend([
         String::new(),
         format!(
-            "DaR gain: original + DaR − original; training gain: STIC − original. {source} n/a: the profile has no \
-             such row (the official code has DaR for MMBench only); judge: graded by an LLM judge and no \
+            "DaR gain: original + DaR − original; training gain: STIC − original.{stage1} {source} n/a: the profile \
+             has no such row (the official code has DaR for MMBench only); judge: graded by an LLM judge and no \
              eval.judge_url was set (the files for the official graders are in the evaluation folder); –: not \
              evaluated yet."
         ),
@@ -260,9 +320,11 @@ fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
 
 /// "MMBench by category": one line per L2 category, then one per category, one column per row with them.
 fn category_table(rows: &[BenchmarkRows]) -> Vec<String> {
-    let Some(bench_rows) = rows.iter().find(|r| r.categories.iter().any(Option::is_some)) else { return Vec::new() };
+    let Some(bench_rows) = rows.iter().find(|r| r.measured.iter().any(|m| m.categories.is_some())) else {
+        return Vec::new();
+    };
     let evaluated: Vec<(Row, &Categories)> =
-        Row::ALL.iter().zip(&bench_rows.categories).filter_map(|(row, c)| Some((*row, c.as_ref()?))).collect();
+        bench_rows.measured.iter().filter_map(|m| Some((m.row, m.categories.as_ref()?))).collect();
     let labels: Vec<&str> = evaluated.iter().map(|(row, _)| row.label()).collect();
     let mut out = vec![
         String::new(),
@@ -293,34 +355,39 @@ fn category_table(rows: &[BenchmarkRows]) -> Vec<String> {
 }
 
 fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
+    let base = profile.cfg.model.base;
+    let (_, paper_rows) = rows_of(profile);
     let benchmarks: serde_json::Map<String, Value> = rows
         .iter()
         .map(|r| {
-            let paper = paper_numbers(profile.cfg.model.base, r.bench);
-            let mut measured = serde_json::Map::new();
-            for (row, cell) in Row::ALL.iter().zip(&r.cells) {
-                measured.insert(row.name().into(), cell.to_json());
-            }
-            let mut v = json!({
-                "measured": measured,
-                "paper": paper.map(|(po, ps)| json!({"original": po, "stic_dar": ps})),
-                "dar_gain": difference(&r.cells[1], &r.cells[0]),
-                "training_gain": difference(&r.cells[2], &r.cells[0]),
-                "stic_dar_gain": difference(&r.cells[3], &r.cells[0]),
-            });
-            if r.img_accuracy.iter().any(Option::is_some) {
-                v["img_accuracy"] = Row::ALL
+            let by_row = |value: &dyn Fn(&Measured) -> Value| -> Value {
+                r.measured
                     .iter()
-                    .zip(&r.img_accuracy)
-                    .map(|(row, a)| (row.name().to_string(), json!(a)))
+                    .map(|m| (m.row.name().to_string(), value(m)))
                     .collect::<serde_json::Map<_, _>>()
-                    .into();
-            }
-            if r.categories.iter().any(Option::is_some) {
-                v["categories"] = Row::ALL
+                    .into()
+            };
+            let paper = paper_numbers(base, r.bench).map(|_| {
+                paper_rows
                     .iter()
-                    .zip(&r.categories)
-                    .filter_map(|(row, c)| Some((row.name().to_string(), c.as_ref()?.to_json())))
+                    .map(|&row| (row.name().to_string(), json!(paper_value(base, row, r.bench))))
+                    .collect::<serde_json::Map<_, _>>()
+            });
+            let mut v = json!({
+                "measured": by_row(&|m| m.cell.to_json()),
+                "paper": paper,
+                "dar_gain": r.gain(Row::OriginalDar, Row::Original),
+                "training_gain": r.gain(Row::Stic, Row::Original),
+                "stic_dar_gain": r.gain(Row::SticDar, Row::Original),
+            });
+            if r.measured.iter().any(|m| m.img_accuracy.is_some()) {
+                v["img_accuracy"] = by_row(&|m| json!(m.img_accuracy));
+            }
+            if r.measured.iter().any(|m| m.categories.is_some()) {
+                v["categories"] = r
+                    .measured
+                    .iter()
+                    .filter_map(|m| Some((m.row.name().to_string(), m.categories.as_ref()?.to_json())))
                     .collect::<serde_json::Map<_, _>>()
                     .into();
             }
@@ -338,19 +405,41 @@ fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
     })
 }
 
-/// Grouped bars per benchmark: the four measured rows, then the paper's two.
-fn write_chart(path: &Path, profile: &str, base_model: BaseModel, rows: &[BenchmarkRows]) -> Result<()> {
+/// The bar colour of each measured row.
+fn colour(row: Row) -> RGBColor {
+    match row {
+        Row::Original => RGBColor(158, 158, 158),
+        Row::OriginalDar => RGBColor(100, 149, 237),
+        Row::Stage1 => RGBColor(60, 170, 113),
+        Row::Stic => RGBColor(255, 165, 79),
+        Row::SticDar => RGBColor(214, 39, 40),
+    }
+}
+
+/// The paper's numbers the chart draws, with their colours.
+const PAPER_SERIES: [(Row, RGBColor); 2] =
+    [(Row::Original, RGBColor(90, 90, 90)), (Row::SticDar, RGBColor(120, 20, 20))];
+
+/// Grouped bars per benchmark: the measured rows, then the paper's two.
+fn write_chart(
+    path: &Path,
+    profile: &str,
+    base_model: BaseModel,
+    measured_rows: &[Row],
+    rows: &[BenchmarkRows],
+) -> Result<()> {
     let (width, height) = (1400u32, 640u32);
     let mut pixels = vec![0u8; (width * height * 3) as usize];
     let failed = |e: &dyn std::fmt::Display| ReproduceError::Chart { path: path.to_owned(), reason: e.to_string() };
-    let series: [(&str, RGBColor); 6] = [
-        ("original", RGBColor(158, 158, 158)),
-        ("original + DaR", RGBColor(100, 149, 237)),
-        ("STIC", RGBColor(255, 165, 79)),
-        ("STIC + DaR", RGBColor(214, 39, 40)),
-        ("paper original", RGBColor(90, 90, 90)),
-        ("paper STIC + DaR", RGBColor(120, 20, 20)),
-    ];
+    // Each series: its legend, colour, and value per benchmark.
+    let mut series: Vec<(String, RGBColor, Vec<Option<f64>>)> = measured_rows
+        .iter()
+        .map(|&row| (row.label().to_string(), colour(row), rows.iter().map(|r| r.score(row)).collect()))
+        .collect();
+    series.extend(PAPER_SERIES.iter().map(|&(row, colour)| {
+        let values = rows.iter().map(|r| paper_value(base_model, row, r.bench)).collect();
+        (format!("paper {}", row.label()), colour, values)
+    }));
     {
         let font = crate::plot::font();
         let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
@@ -372,18 +461,12 @@ fn write_chart(path: &Path, profile: &str, base_model: BaseModel, rows: &[Benchm
             .draw()
             .map_err(|e| failed(&e))?;
         let bar = 0.8 / series.len() as f64;
-        for (s, (name, colour)) in series.iter().enumerate() {
-            let bars: Vec<Rectangle<(f64, f64)>> = rows
+        for (s, (name, colour, values)) in series.iter().enumerate() {
+            let bars: Vec<Rectangle<(f64, f64)>> = values
                 .iter()
                 .enumerate()
-                .filter_map(|(g, r)| {
-                    let value = if s < 4 {
-                        r.cells[s].value()?
-                    } else if s == 4 {
-                        paper_numbers(base_model, r.bench)?.0
-                    } else {
-                        paper_numbers(base_model, r.bench)?.1
-                    };
+                .filter_map(|(g, value)| {
+                    let value = (*value)?;
                     let x0 = g as f64 + 0.1 + s as f64 * bar;
                     Some(Rectangle::new([(x0, 0.0), (x0 + bar * 0.9, value)], colour.filled()))
                 })
@@ -392,7 +475,7 @@ fn write_chart(path: &Path, profile: &str, base_model: BaseModel, rows: &[Benchm
             chart
                 .draw_series(bars)
                 .map_err(|e| failed(&e))?
-                .label(*name)
+                .label(name.as_str())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
         }
         for (g, r) in rows.iter().enumerate() {
@@ -449,6 +532,96 @@ mod tests {
         assert!(text.contains("paper numbers not entered (for LLaVA-v1.5-7B, its Table 1)"), "{text}");
         assert!(text.contains("| scienceqa | – | n/a | – | n/a |  |  |"), "{text}");
         assert_eq!(to_json(&profile, &collect(&profile))["benchmarks"]["scienceqa"]["paper"], Value::Null);
+    }
+
+    /// The shipped `paper` profile on ScienceQA and TextVQA, writing to `out`, with these evaluations done: (row,
+    /// benchmark, accuracy, img_accuracy).
+    fn paper_profile_with(out: &Path, stage1_row: bool, done: &[(Row, &str, f64, Option<f64>)]) -> Profile {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let path = Profile::path_of(&root, "paper").unwrap();
+        let out_text = out.to_string_lossy().to_string();
+        let only = ["scienceqa".to_string(), "textvqa".to_string()];
+        let mut profile =
+            Profile::load(&path, |var| (var == "STIC_OUTPUT").then(|| out_text.clone()), Some(&only)).unwrap();
+        profile.cfg.eval.stage1_row = stage1_row;
+        for &(row, bench, accuracy, img_accuracy) in done {
+            let dir = eval_dir(out, row, find(bench));
+            std::fs::create_dir_all(&dir).unwrap();
+            let summary = json!({"accuracy": accuracy, "extra": {"img_accuracy": img_accuracy}});
+            std::fs::write(dir.join("summary.json"), summary.to_string()).unwrap();
+        }
+        profile
+    }
+
+    const DONE: [(Row, &str, f64, Option<f64>); 7] = [
+        (Row::Original, "scienceqa", 0.6, Some(0.5)),
+        (Row::OriginalDar, "scienceqa", 0.62, None),
+        (Row::Stage1, "scienceqa", 0.63, None),
+        (Row::Stic, "scienceqa", 0.65, None),
+        (Row::SticDar, "scienceqa", 0.7, None),
+        (Row::Original, "textvqa", 0.5, None),
+        (Row::SticDar, "textvqa", 0.6, None),
+    ];
+
+    fn report_of(profile: &Profile) -> (Vec<String>, Value) {
+        let plan = super::super::steps::plan(profile, &|_, _| true);
+        let rows = collect(profile);
+        (markdown(profile, &plan, &rows).lines().map(String::from).collect(), to_json(profile, &rows))
+    }
+
+    #[test]
+    fn without_the_stage1_row_the_report_is_the_four_row_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lines, json) = report_of(&paper_profile_with(dir.path(), false, &DONE));
+        let expected = [
+            "| benchmark | original | original + DaR | STIC | STIC + DaR | paper original | paper STIC + DaR | DaR gain \
+             | training gain | measured STIC + DaR − original |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            "| scienceqa | 60.0 | 62.0 | 65.0 | 70.0 | 68.9 | 75.3 | +2.0 | +5.0 | +10.0 |",
+            "| textvqa | 50.0 | – | – | 60.0 | 60.3 | 65.2 | – | – | +10.0 |",
+            "| average of the 2 with original and STIC + DaR | 55.0 | | | 65.0 | 64.6 | 70.2 | | | +10.0 |",
+            "",
+            "scienceqa IMG-Accuracy (the questions with an image): original 50.0, original + DaR –, STIC –, \
+             STIC + DaR –.",
+        ];
+        assert_eq!(lines[4..11], expected, "{lines:#?}");
+        assert!(lines[12].starts_with("DaR gain: original + DaR − original; training gain: STIC − original. The"));
+        let scienceqa = &json["benchmarks"]["scienceqa"];
+        assert_eq!(
+            scienceqa["measured"],
+            json!({"original": 60.0, "original_dar": 62.0, "stic": 65.0, "stic_dar": 70.0})
+        );
+        assert_eq!(scienceqa["paper"], json!({"original": 68.9, "stic_dar": 75.3}));
+        assert_eq!(
+            scienceqa["img_accuracy"],
+            json!({"original": 50.0, "original_dar": null, "stic": null, "stic_dar": null})
+        );
+        assert_eq!(scienceqa["training_gain"], json!(5.0));
+    }
+
+    #[test]
+    fn the_stage1_row_stands_between_original_dar_and_stic_with_an_empty_paper_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lines, json) = report_of(&paper_profile_with(dir.path(), true, &DONE));
+        let expected = [
+            "| benchmark | original | original + DaR | stage 1 only | STIC | STIC + DaR | paper original | paper stage 1 \
+             only | paper STIC + DaR | DaR gain | training gain | measured STIC + DaR − original |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| scienceqa | 60.0 | 62.0 | 63.0 | 65.0 | 70.0 | 68.9 |  | 75.3 | +2.0 | +5.0 | +10.0 |",
+            "| textvqa | 50.0 | – | – | – | 60.0 | 60.3 |  | 65.2 | – | – | +10.0 |",
+            "| average of the 2 with original and STIC + DaR | 55.0 | | | | 65.0 | 64.6 |  | 70.2 | | | +10.0 |",
+            "",
+            "scienceqa IMG-Accuracy (the questions with an image): original 50.0, original + DaR –, stage 1 only –, \
+             STIC –, STIC + DaR –.",
+        ];
+        assert_eq!(lines[4..11], expected, "{lines:#?}");
+        assert!(lines[12].contains("Stage 1 only: the stage-1 adapter without DaR; its paper column is empty"));
+        let scienceqa = &json["benchmarks"]["scienceqa"];
+        let measured: Vec<(&String, &Value)> = scienceqa["measured"].as_object().unwrap().iter().collect();
+        let names: Vec<&str> = measured.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["original", "original_dar", "stage1", "stic", "stic_dar"]);
+        assert_eq!(scienceqa["measured"]["stage1"], json!(63.0));
+        assert_eq!(scienceqa["paper"], json!({"original": 68.9, "stage1": null, "stic_dar": 75.3}));
     }
 
     #[test]
@@ -513,24 +686,29 @@ mod tests {
     fn chart_is_a_png_of_the_chart_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chart.png");
+        let measured = |cells: [Cell; 4]| -> Vec<Measured> {
+            let rows = [Row::Original, Row::OriginalDar, Row::Stic, Row::SticDar];
+            rows.into_iter()
+                .zip(cells)
+                .map(|(row, cell)| Measured { row, cell, img_accuracy: None, categories: None })
+                .collect()
+        };
         let rows = vec![
             BenchmarkRows {
                 bench: find("scienceqa"),
-                cells: [Cell::Score(60.0), Cell::Score(62.0), Cell::Pending, Cell::Score(70.0)],
-                img_accuracy: [None; 4],
-                categories: Default::default(),
+                measured: measured([Cell::Score(60.0), Cell::Score(62.0), Cell::Pending, Cell::Score(70.0)]),
             },
             BenchmarkRows {
                 bench: find("mm-vet"),
-                cells: [Cell::NeedsJudge, Cell::NotInProfile, Cell::Pending, Cell::Pending],
-                img_accuracy: [None; 4],
-                categories: Default::default(),
+                measured: measured([Cell::NeedsJudge, Cell::NotInProfile, Cell::Pending, Cell::Pending]),
             },
         ];
-        write_chart(&path, "test", BaseModel::LlavaV15Vicuna7b, &rows).unwrap();
+        let with_stage1 = [Row::Original, Row::OriginalDar, Row::Stage1, Row::Stic, Row::SticDar];
+        write_chart(&path, "test", BaseModel::LlavaV15Vicuna7b, &with_stage1, &rows).unwrap();
         let image = ::image::open(&path).unwrap().to_rgb8();
         assert_eq!(image.dimensions(), (1400, 640));
-        // Bars and text were drawn: the measured STIC + DaR red is there.
+        // Bars and text were drawn: the measured STIC + DaR red is there, and the stage-1 legend entry.
         assert!(image.pixels().any(|p| p.0 == [214, 39, 40]));
+        assert!(image.pixels().any(|p| p.0 == [60, 170, 113]));
     }
 }

@@ -2,26 +2,45 @@
 //! switches), what it reads and writes, and what it needs that is not there.
 use std::path::{Path, PathBuf};
 
-use super::config::{Checkpoint, DarMode, Profile, ScienceQaQuestions, Subset};
+use super::config::{Checkpoint, DarMode, EvalSettings, Profile, ScienceQaQuestions, Subset};
 use crate::eval::benchmarks::Benchmark;
 use crate::model::config::{Layout, LlavaConfig, VisionTower};
 
-/// The four measured rows of every benchmark: the DaR gain and the training gain separate.
+/// The measured rows of every benchmark: the DaR gain and the training gain separate, and with
+/// `eval.stage1_row` the progression base → stage 1 → stage 1 + 2 → + DaR of the paper's Table 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Row {
     Original,
     OriginalDar,
+    /// The stage-1 adapter, without DaR.
+    Stage1,
     Stic,
     SticDar,
 }
 
+/// The adapter a row is evaluated with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adapter {
+    Stage1,
+    Stage2,
+}
+
 impl Row {
-    pub const ALL: [Row; 4] = [Row::Original, Row::OriginalDar, Row::Stic, Row::SticDar];
+    /// The rows `eval` asks for, in the report's order.
+    pub fn of(eval: &EvalSettings) -> Vec<Row> {
+        let mut rows = vec![Row::Original, Row::OriginalDar];
+        if eval.stage1_row {
+            rows.push(Row::Stage1);
+        }
+        rows.extend([Row::Stic, Row::SticDar]);
+        rows
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Row::Original => "original",
             Row::OriginalDar => "original_dar",
+            Row::Stage1 => "stage1",
             Row::Stic => "stic",
             Row::SticDar => "stic_dar",
         }
@@ -31,17 +50,22 @@ impl Row {
         match self {
             Row::Original => "original",
             Row::OriginalDar => "original + DaR",
+            Row::Stage1 => "stage 1 only",
             Row::Stic => "STIC",
             Row::SticDar => "STIC + DaR",
         }
     }
 
-    fn dar(self) -> bool {
+    pub fn dar(self) -> bool {
         matches!(self, Row::OriginalDar | Row::SticDar)
     }
 
-    fn adapted(self) -> bool {
-        matches!(self, Row::Stic | Row::SticDar)
+    pub fn adapter(self) -> Option<Adapter> {
+        match self {
+            Row::Original | Row::OriginalDar => None,
+            Row::Stage1 => Some(Adapter::Stage1),
+            Row::Stic | Row::SticDar => Some(Adapter::Stage2),
+        }
     }
 }
 
@@ -400,7 +424,11 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
     );
 
     let mut eval_count = 0;
-    for row in Row::ALL {
+    for row in Row::of(&cfg.eval) {
+        let adapter = row.adapter().map(|adapter| match adapter {
+            Adapter::Stage1 => &stage1,
+            Adapter::Stage2 => &stage2,
+        });
         for (bench, data) in &profile.benchmarks {
             if row.dar() && !cfg.eval.dar.applies_to(*bench) {
                 continue;
@@ -419,8 +447,8 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
                 .arg("--template", e.template.name())
                 .flag("--dar", row.dar())
                 .arg("--profile", &cfg.profile);
-            if row.adapted() {
-                cmd = cmd.path("--adapter", &stage2);
+            if let Some(adapter) = adapter {
+                cmd = cmd.path("--adapter", adapter);
             }
             if let Some(n) = e.max_new_tokens_of(*bench) {
                 cmd = cmd.arg("--max-new-tokens", n);
@@ -450,9 +478,7 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
                 ));
             }
             let mut reads = vec![paths.model.clone(), data.clone()];
-            if row.adapted() {
-                reads.push(stage2.clone());
-            }
+            reads.extend(adapter.cloned());
             eval_count += 1;
             push(
                 format!("eval-{}-{}", row.name(), bench.name()),
@@ -485,4 +511,56 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
 /// The output folder of one evaluation.
 pub fn eval_dir(output: &Path, row: Row, bench: &dyn Benchmark) -> PathBuf {
     output.join("eval").join(row.name()).join(bench.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped `paper` profile (DaR on every benchmark) writing to `out`, with or without the stage-1 row.
+    fn paper_profile(out: &Path, stage1_row: bool) -> Profile {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let out = out.to_string_lossy().to_string();
+        let path = Profile::path_of(&root, "paper").unwrap();
+        let mut profile = Profile::load(&path, |var| (var == "STIC_OUTPUT").then(|| out.clone()), None).unwrap();
+        profile.cfg.eval.stage1_row = stage1_row;
+        profile
+    }
+
+    fn position(plan: &Plan, prefix: &str) -> usize {
+        plan.steps.iter().position(|s| s.name.starts_with(prefix)).unwrap()
+    }
+
+    #[test]
+    fn the_stage1_row_is_off_by_default_and_adds_only_its_evaluations() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = plan(&paper_profile(dir.path(), false), &|_, _| true);
+        let on = plan(&paper_profile(dir.path(), true), &|_, _| true);
+        assert!(!paper_profile(dir.path(), false).cfg.eval.stage1_row, "serde default: off");
+        assert!(off.steps.iter().all(|s| !s.name.starts_with("eval-stage1-")));
+        let stage1: Vec<&Step> = on.steps.iter().filter(|s| s.name.starts_with("eval-stage1-")).collect();
+        assert_eq!(stage1.len(), 7, "one per benchmark");
+        let others: Vec<(&String, &Action)> =
+            on.steps.iter().filter(|s| !s.name.starts_with("eval-stage1-")).map(|s| (&s.name, &s.action)).collect();
+        let unchanged: Vec<(&String, &Action)> = off.steps.iter().map(|s| (&s.name, &s.action)).collect();
+        assert_eq!(others, unchanged, "the other steps keep their command lines (and so their markers)");
+        assert!(position(&on, "eval-original_dar-") < position(&on, "eval-stage1-"));
+        assert_eq!(position(&on, "eval-stage1-") + 7, position(&on, "eval-stic-"));
+    }
+
+    #[test]
+    fn the_stage1_row_evaluates_the_stage1_adapter_without_dar() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan(&paper_profile(dir.path(), true), &|_, _| true);
+        let step = plan.steps.iter().find(|s| s.name == "eval-stage1-scienceqa").unwrap();
+        let Action::Command { args, .. } = &step.action else { panic!("{:?}", step.action) };
+        let adapter = args.iter().position(|a| a == "--adapter").map(|k| PathBuf::from(&args[k + 1]));
+        assert_eq!(adapter.as_ref(), Some(&plan.stage1_adapter));
+        assert!(!args.iter().any(|a| a == "--dar"), "{args:?}");
+        assert!(step.reads.contains(&plan.stage1_adapter) && !step.reads.contains(&plan.stage2_adapter));
+        assert_eq!(step.writes, vec![dir.path().join("eval/stage1/scienceqa")]);
+        assert_eq!(step.what, "scienceqa: stage 1 only");
+        let stic = plan.steps.iter().find(|s| s.name == "eval-stic-scienceqa").unwrap();
+        assert!(stic.reads.contains(&plan.stage2_adapter) && !stic.reads.contains(&plan.stage1_adapter));
+    }
 }

@@ -199,6 +199,35 @@ def test_plan_lists_steps_reads_writes_and_what_is_missing(world, tmp_path, prof
         assert "nothing is missing" in proc.stdout, proc.stdout
 
 
+def stage1_row_config(tmp_path, profile):
+    """The shipped profile with eval.stage1_row on (its relative paths stay relative to the repository root)."""
+    cfg = yaml.safe_load((ROOT / "configs" / profile / "reproduce.yaml").read_text())
+    cfg["eval"]["stage1_row"] = True
+    path = tmp_path / "stage1_row.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_plan_with_the_stage1_row_evaluates_the_stage1_adapter(world, tmp_path):
+    env = env_for(world, tmp_path)
+    config = stage1_row_config(tmp_path, "paper")
+    proc = reproduce("--config", config, "--plan", "--benchmarks", "scienceqa,mmbench", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{6 + 4 + 2 + 4 + 1} steps" in proc.stdout
+    lines = proc.stdout.splitlines()
+    names = [line.split(". ")[1].split(" ")[0] for line in lines if ". eval-" in line]
+    assert names[2:6] == ["eval-original_dar-scienceqa", "eval-original_dar-mmbench", "eval-stage1-scienceqa",
+                          "eval-stage1-mmbench"], names
+    for bench in ("scienceqa", "mmbench"):
+        k = next(k for k, line in enumerate(lines) if f". eval-stage1-{bench} [to run]: {bench}: stage 1 only" in line)
+        command = lines[k + 1].split()
+        assert command[command.index("--adapter") + 1] == str(tmp_path / "run" / "stage1" / "adapter")
+        assert "--dar" not in command
+        assert str(tmp_path / "run" / "eval" / "stage1" / bench) in lines[k + 3]
+    proc = reproduce("--config", config, "--plan", "--until", "eval-stage1-mmbench", env=env)
+    assert ". eval-stage1-mmbench [to run]" in proc.stdout and ". eval-stic-scienceqa [after --until]" in proc.stdout
+
+
 @pytest.mark.parametrize("profile", sorted(OTHER_BASE_MODELS))
 def test_plan_of_another_base_model_lists_what_to_fetch_and_its_template(world, tmp_path, profile):
     """Each profile says its model; the v1.5 ones also the CLIP tower their checkpoint lacks (missing until it is in
@@ -319,6 +348,20 @@ def test_paper_profile_runs_to_the_end_and_resumes_after_a_kill(world, tmp_path)
     assert_clean_failure(reproduce("--config", tmp_path / "changed.yaml", "--plan", env=env_for(world, tmp_path)),
                          "step prefs was done with another command line", "prefs.jsonl")
     check_report(tmp_path, "paper")
+    # The stage-1 row turned on after the run: only its evaluations and the report run.
+    proc = reproduce("--config", stage1_row_config(tmp_path, "paper"), "--benchmarks", "scienceqa,mmbench",
+                     env=env_for(world, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    ran = [line.split("] ", 1)[1].split(" done in ")[0] for line in proc.stderr.splitlines()
+           if line.startswith("[") and " done in " in line]
+    assert ran == ["eval-stage1-scienceqa", "eval-stage1-mmbench", "report"], proc.stderr
+    report = json.loads((tmp_path / "report" / "reproduce.json").read_text())
+    for bench in ["scienceqa", "mmbench"]:
+        measured = report["benchmarks"][bench]["measured"]
+        assert list(measured) == ["original", "original_dar", "stage1", "stic", "stic_dar"]
+        assert isinstance(measured["stage1"], float)
+    assert report["benchmarks"]["scienceqa"]["paper"] == {"original": 68.9, "stage1": None, "stic_dar": 75.3}
+    assert "| original + DaR | stage 1 only | STIC |" in (tmp_path / "report" / "reproduce.md").read_text()
 
 
 def test_official_profile_runs_to_the_end(world, tmp_path):
