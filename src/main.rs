@@ -24,6 +24,8 @@ enum Command {
     /// Stage 1 as SFT (the paper's Table 3): each pair's prompt and chosen description as a conversation for
     /// `train-sft`, as the official `convert_pref_to_sft.py` writes them.
     PrefsToSft(cli::prefs_to_sft::Args),
+    /// A seeded list of images of a folder for `prefs --images` (the paper's Fig. 6: 6k, 12k, 30k of train2014).
+    SampleImages(cli::sample_images::Args),
     /// STIC stage 2: describe the images of an instruction data set (with the stage-1 adapter).
     Describe(cli::describe::Args),
     /// STIC stage 2: put each image's description in front of the first user turn.
@@ -124,6 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prefs(args) => cli::prefs::run(args),
         Command::PrefsMerge(args) => cli::prefs::run_merge(args),
         Command::PrefsToSft(args) => cli::prefs_to_sft::run(args),
+        Command::SampleImages(args) => cli::sample_images::run(args),
         Command::Describe(args) => cli::describe::run(args),
         Command::Infuse(args) => cli::infuse::run(args),
         Command::Eval(args) => cli::eval::run(args),

@@ -17,6 +17,7 @@ pub mod prefs;
 pub mod prefs_to_sft;
 pub mod render_template;
 pub mod reproduce;
+pub mod sample_images;
 pub mod score;
 pub mod summary;
 pub mod tokenize;

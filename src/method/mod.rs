@@ -1,12 +1,13 @@
 //! The STIC method itself, independent of the model: image corruptions and the preference pairs of stage 1
 //! (`corrupt`, `prefs`), the descriptions and their infusion into instruction data of stage 2 (`describe`,
-//! `infuse`).
+//! `infuse`), and the seeded image lists that choose the stage-1 images (`sample`).
 //!
 //! What the method finds wrong with its inputs is a [`MethodError`].
 pub mod corrupt;
 pub mod describe;
 pub mod infuse;
 pub mod prefs;
+pub mod sample;
 
 use std::path::PathBuf;
 
@@ -41,4 +42,11 @@ pub enum MethodError {
          '{entry_image}': the descriptions were generated for another data file"
     )]
     DescriptionImageMismatch { entry_id: String, entry_image: String, description_image: String },
+
+    #[error(
+        "--count {count} is more than the {available} images of {image_dir}{}: lower --count, or give a folder \
+         with more images",
+        exclude.as_ref().map_or(String::new(), |list| format!(" not in {}", list.display()))
+    )]
+    SampleLargerThanPool { count: usize, available: usize, image_dir: PathBuf, exclude: Option<PathBuf> },
 }

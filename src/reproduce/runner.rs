@@ -6,9 +6,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-
 use super::config::{Profile, Subset};
 use super::steps::{Action, Plan, Step};
 use super::{report, ReproduceError};
@@ -231,9 +228,7 @@ pub fn write_subset(profile: &Profile, out: &Path) -> Result<()> {
     }
     let subset = match (profile.cfg.stage2.subset, profile.cfg.stage2.sample) {
         (Subset::SeededSample, Some(sample)) => {
-            let mut picked = with_images;
-            picked.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(sample.seed));
-            picked.truncate(sample.size);
+            let picked = crate::method::sample::seeded_sample(with_images, sample.size, sample.seed);
             if picked.len() < sample.size {
                 eprintln!(
                     "{} has {} entries with an image, fewer than stage2.sample.size {}: taking them all",

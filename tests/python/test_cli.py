@@ -163,6 +163,41 @@ def test_an_unknown_device_exits_2_saying_what_it_takes():
     assert proc.returncode == 2 and "cuda:N" in proc.stderr, proc.stderr
 
 
+# ---------------------------------------------------------------- sample-images
+
+def test_sample_images_draws_a_seeded_list_that_extends_and_refuses_a_count_above_the_folder(tmp_path):
+    images = tmp_path / "train2014"
+    images.mkdir()
+    names = [f"COCO_train2014_{k:012}.jpg" for k in range(40)]
+    for name in names:
+        (images / name).touch()
+    (images / "readme.txt").touch()
+
+    def sample(output, count, seed=42, *extra, check=True):
+        proc = run_stic("sample-images", "--image-dir", images, "--count", count, "--seed", seed,
+                        "--output", tmp_path / output, *extra, check=check)
+        return proc if not check else json.loads((tmp_path / output).read_text())
+
+    six = sample("6.json", 6)
+    assert len(set(six)) == 6 and set(six) <= set(names)
+    assert sample("6_again.json", 6) == six
+    assert sample("6_seed_7.json", 6, 7) != six
+    assert sample("12.json", 12)[:6] == six, "a larger count extends a smaller one"
+    rest = sample("rest.json", 34, 42, "--exclude", tmp_path / "6.json")
+    assert sorted(six + rest) == names
+
+    before = (tmp_path / "6.json").read_bytes()
+    for output, count, extra, needle in [
+        ("35.json", 35, ["--exclude", tmp_path / "6.json"], "--count 35 is more than the 34 images"),
+        ("6.json", 1, ["--exclude", tmp_path / "6.json"], "writing it would destroy that input"),
+        ("none.json", 1, ["--exclude", tmp_path / "missing.json"], "missing.json"),
+    ]:
+        proc = sample(output, count, 42, *extra, check=False)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert not (tmp_path / "35.json").exists() and not (tmp_path / "none.json").exists()
+    assert (tmp_path / "6.json").read_bytes() == before
+
+
 # ---------------------------------------------------------------- completions and man pages
 
 def test_bash_completion_is_valid_bash_naming_every_command(tmp_path):
