@@ -178,11 +178,20 @@ fn require(problems: &mut Vec<String>, path: &Path, key: &str, dir: bool, profil
     }
 }
 
+/// The tower a checkpoint without one loads: what its config's `mm_vision_tower` names (a folder or a hub id), or
+/// the base model's hub id while the model is not there yet.
+fn separate_tower(profile: &Profile) -> Option<String> {
+    let hub_id = profile.cfg.model.base.separate_tower(profile.cfg.model.checkpoint)?;
+    let config = crate::fsutil::read_json::<serde_json::Value>(&profile.cfg.paths.model.join("config.json")).ok();
+    let named = config.and_then(|c| c.get("mm_vision_tower")?.as_str().map(String::from));
+    Some(named.unwrap_or_else(|| hub_id.to_string()))
+}
+
 fn model_problems(profile: &Profile) -> Vec<String> {
     let path = &profile.cfg.paths.model;
     let mut problems = Vec::new();
-    if let Some(tower) = profile.cfg.model.base.separate_tower(profile.cfg.model.checkpoint) {
-        if matches!(VisionTower::locate(tower), VisionTower::NotFound(_)) {
+    if let Some(tower) = separate_tower(profile) {
+        if matches!(VisionTower::locate(&tower), VisionTower::NotFound(_)) {
             let hint = fetch_hint("tower", profile);
             problems.push(format!(
                 "  tower: {tower} is neither a folder nor in the Hugging Face cache; get it from {hint}"

@@ -183,10 +183,10 @@ def test_peft_adapter_loads_in_stic(hf_models, tmp_path, layout):
     assert (got["logits"] - ref).abs().max().item() <= 1e-4
 
 
-def train(folder, data, out, *extra):
+def train(folder, data, out, *extra, timeout=600):
     return run_stic("train-dpo", "--model", folder, "--data", data, "--image-dir", IMAGES, "--output", out,
                     "--lora-r", "4", "--lora-alpha", "8", "--grad-accum", "1", "--dtype", "f32", "--device", DEVICE,
-                    *(extra if "--max-length" in extra else (*extra, "--max-length", "4096")))
+                    *(extra if "--max-length" in extra else (*extra, "--max-length", "4096")), timeout=timeout)
 
 
 def test_learning_drives_reward_accuracy_to_one(hf_models, tmp_path):
@@ -194,7 +194,7 @@ def test_learning_drives_reward_accuracy_to_one(hf_models, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", n=4, chosen="yes yes yes yes", rejected="no no no no")
     out = tmp_path / "out"
     train(folder, data, out, "--max-steps", "30", "--lr", "5e-3", "--projector-lr", "1e-3", "--batch-size", "2",
-          "--beta", "0.5", "--lora-dropout", "0")
+          "--beta", "0.5", "--lora-dropout", "0", timeout=1800)  # 60 anyres rows: minutes on 2 busy cores
     rows = list(__import__("csv").DictReader(open(out / "train_log.csv")))
     assert len(rows) == 30
     assert float(rows[-1]["rewards/accuracies"]) == 1.0
