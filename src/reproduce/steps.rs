@@ -223,8 +223,12 @@ fn model_problems(profile: &Profile) -> Vec<String> {
 pub fn fetch_list(profile: &Profile) -> Vec<(&'static str, String, String)> {
     let paths = &profile.cfg.paths;
     let mut list = vec![("model", paths.model.display().to_string(), fetch_hint("model", profile))];
-    if let Some(tower) = profile.cfg.model.base.separate_tower(profile.cfg.model.checkpoint) {
-        list.push(("tower", format!("{tower} (Hugging Face cache)"), fetch_hint("tower", profile)));
+    if let Some(tower) = separate_tower(profile) {
+        let place = match VisionTower::locate(&tower) {
+            VisionTower::Folder(folder) => format!("{tower} (found: {})", folder.display()),
+            VisionTower::NotFound(_) => format!("{tower} (a folder, or the Hugging Face cache)"),
+        };
+        list.push(("tower", place, fetch_hint("tower", profile)));
     }
     for (key, path) in [
         ("coco_train2014", &paths.coco_train2014),

@@ -16,28 +16,44 @@ pub struct Message {
 pub struct PreferencePair {
     pub image: String,
     pub chosen: Vec<Message>,
+    /// Absent in a file meant only for `prefs-to-sft`, which reads the chosen side alone as the official converter
+    /// does; DPO refuses a pair without it.
+    #[serde(default)]
     pub rejected: Vec<Message>,
 }
 
 impl PreferencePair {
     /// The shared user prompt and the two responses.
     pub fn parts(&self) -> std::result::Result<(&str, &str, &str), String> {
-        let turn = |msgs: &[Message], idx: usize, role: &str, side: &str| -> std::result::Result<String, String> {
-            match msgs.get(idx) {
-                Some(m) if m.role == role => Ok(m.content.clone()),
-                Some(m) => Err(format!("{side}[{idx}] has role '{}', expected '{role}'", m.role)),
-                None => Err(format!("{side} needs a user and an assistant message")),
-            }
-        };
-        turn(&self.chosen, 0, "user", "chosen")?;
-        turn(&self.chosen, 1, "assistant", "chosen")?;
-        turn(&self.rejected, 1, "assistant", "rejected")?;
-        let (c, r) = (&self.chosen[1].content, &self.rejected[1].content);
-        if c.trim().is_empty() || r.trim().is_empty() {
-            return Err("empty chosen or rejected response".into());
+        let (prompt, chosen) = self.chosen_turn()?;
+        let rejected = assistant_turn(&self.rejected, "rejected")?;
+        if rejected.trim().is_empty() {
+            return Err("empty rejected response".into());
         }
-        Ok((&self.chosen[0].content, c, r))
+        Ok((prompt, chosen, rejected))
     }
+
+    /// The user prompt and the chosen response, all that an SFT conversion reads.
+    pub fn chosen_turn(&self) -> std::result::Result<(&str, &str), String> {
+        let prompt = message(&self.chosen, 0, "user", "chosen")?;
+        let chosen = assistant_turn(&self.chosen, "chosen")?;
+        if chosen.trim().is_empty() {
+            return Err("empty chosen response".into());
+        }
+        Ok((prompt, chosen))
+    }
+}
+
+fn message<'a>(msgs: &'a [Message], idx: usize, role: &str, side: &str) -> std::result::Result<&'a str, String> {
+    match msgs.get(idx) {
+        Some(m) if m.role == role => Ok(&m.content),
+        Some(m) => Err(format!("{side}[{idx}] has role '{}', expected '{role}'", m.role)),
+        None => Err(format!("{side} needs a user and an assistant message")),
+    }
+}
+
+fn assistant_turn<'a>(msgs: &'a [Message], side: &str) -> std::result::Result<&'a str, String> {
+    message(msgs, 1, "assistant", side)
 }
 
 /// The usable records of a data file, each with its position in the file, and why the others were skipped.
@@ -92,8 +108,8 @@ pub fn prefs_to_sft(prefs: &Path, output: &Path) -> Result<usize> {
     let (pairs, _) = read_records::<PreferencePair>(prefs, false)?;
     let mut entries = Vec::with_capacity(pairs.len());
     for (number, pair) in pairs {
-        let (prompt, chosen, _) =
-            pair.parts().map_err(|why| Error::Input(format!("{}: record {number}: {why}", prefs.display())))?;
+        let (prompt, chosen) =
+            pair.chosen_turn().map_err(|why| Error::Input(format!("{}: record {number}: {why}", prefs.display())))?;
         let turn = |from: &str, value: &str| Turn { from: from.into(), value: value.into(), extra: Default::default() };
         entries.push(InstructionEntry {
             id: pair.image.replace("COCO_train2014_", "").replace(".jpg", "").into(),

@@ -383,14 +383,18 @@ def test_prefs_to_sft_writes_the_official_conversion_and_trains(tiny, prefs_base
     pairs = read_jsonl(prefs_baseline)
     # the official flow: generate_pref.py's JSONL, then convert_jsonl_to_json.py's list; a COCO name listed twice
     coco = dict(pairs[0], image="COCO_train2014_000000000009.jpg")
+    # the official converter reads the chosen side alone: an empty or absent rejected side converts too
+    empty_rejected = dict(pairs[1], rejected=[pairs[1]["rejected"][0], {"role": "assistant", "content": ""}])
+    no_rejected = {k: v for k, v in pairs[1].items() if k != "rejected"}
     listed = tmp_path / "pref_data.json"
-    listed.write_text(json.dumps(pairs + [coco, coco]))
-    for source, expected in [(prefs_baseline, pairs), (listed, pairs + [coco, coco])]:
+    everything = pairs + [coco, coco, empty_rejected, no_rejected]
+    listed.write_text(json.dumps(everything))
+    for source, expected in [(prefs_baseline, pairs), (listed, everything)]:
         out = tmp_path / f"{source.stem}_sft.json"
         proc = stic("prefs-to-sft", "--prefs", source, "--output", out)
         assert f"{len(expected)} conversations" in proc.stderr, proc.stderr
         assert json.loads(out.read_text()) == official_pref_to_sft(expected)
-    assert json.loads((tmp_path / "pref_data_sft.json").read_text())[-1]["id"] == "000000000009"
+    assert json.loads((tmp_path / "pref_data_sft.json").read_text())[-3]["id"] == "000000000009"
 
     # the official prompts hold no <image>, so LLaVA's trainer drops the image: text_only follows it
     config = tmp_path / "text_only.yaml"

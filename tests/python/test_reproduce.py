@@ -250,11 +250,13 @@ def test_plan_of_another_base_model_lists_what_to_fetch_and_its_template(world, 
     if tower:
         assert f"  tower: {tower} is neither a folder nor in the Hugging Face cache" in missing, missing
         assert f"huggingface-cli download {tower}" in missing
+        assert f"  tower: {tower} (a folder, or the Hugging Face cache): " in fetch, fetch
         snapshot = cache / f"models--{tower.replace('/', '--')}" / "snapshots" / "0"
         snapshot.mkdir(parents=True)
         (snapshot / "config.json").write_text("{}")
         proc = reproduce("--profile", profile, "--plan", "--benchmarks", "scienceqa", env=env)
         assert proc.returncode == 0 and "  tower: " not in proc.stdout.split("missing (a run stops")[-1], proc.stdout
+        assert f"  tower: {tower} (found: {snapshot}): " in proc.stdout.split("\n  1. ")[0], proc.stdout
     else:
         assert "  tower: " not in missing
 

@@ -55,15 +55,16 @@ impl Benchmark for MmBench {
                 l2_category: meta.l2_category,
             });
         }
-        let accuracy = mmbench_accuracy(&results);
+        let graded = CircularGroups::of(&results);
+        let accuracy = graded.accuracy();
         let plain = Score::new("plain", accuracy.correct as f64, accuracy.total);
         Ok(Score::new(NAME, accuracy.circular_correct as f64, accuracy.circular_groups)
             .with_extra("plain_accuracy", plain.accuracy)
             .with_extra("plain_correct", accuracy.correct)
             .with_extra("plain_total", accuracy.total)
             .with_extra("options_cut", options_cut)
-            .with_extra(CATEGORY_ACCURACY, to_meta(accuracy_by(&results, |r| r.category.as_deref())))
-            .with_extra(L2_CATEGORY_ACCURACY, to_meta(accuracy_by(&results, |r| r.l2_category.as_deref()))))
+            .with_extra(CATEGORY_ACCURACY, to_meta(graded.accuracy_by(|r| r.category.as_deref())))
+            .with_extra(L2_CATEGORY_ACCURACY, to_meta(graded.accuracy_by(|r| r.l2_category.as_deref()))))
     }
 }
 
@@ -405,28 +406,55 @@ struct CircularGroup<'a> {
     question: &'a MmBenchResult,
 }
 
-fn circular_groups(results: &[MmBenchResult]) -> BTreeMap<u64, CircularGroup<'_>> {
-    let mut groups: BTreeMap<u64, CircularGroup> = BTreeMap::new();
-    for result in results {
-        let group = groups
-            .entry(mmbench_circular_group(result.index))
-            .or_insert(CircularGroup { all_correct: true, question: result });
-        group.all_correct &= result.correct;
-        if result.index < group.question.index {
-            group.question = result;
-        }
-    }
-    groups
+/// The graded variants of a run and their circular groups, grouped once for every count made of them.
+pub struct CircularGroups<'a> {
+    results: &'a [MmBenchResult],
+    groups: BTreeMap<u64, CircularGroup<'a>>,
 }
 
-/// Plain and circular accuracy.
-pub fn mmbench_accuracy(results: &[MmBenchResult]) -> MmBenchAccuracy {
-    let groups = circular_groups(results);
-    MmBenchAccuracy {
-        correct: results.iter().filter(|result| result.correct).count(),
-        total: results.len(),
-        circular_correct: groups.values().filter(|group| group.all_correct).count(),
-        circular_groups: groups.len(),
+impl<'a> CircularGroups<'a> {
+    pub fn of(results: &'a [MmBenchResult]) -> Self {
+        let mut groups: BTreeMap<u64, CircularGroup> = BTreeMap::new();
+        for result in results {
+            let group = groups
+                .entry(mmbench_circular_group(result.index))
+                .or_insert(CircularGroup { all_correct: true, question: result });
+            group.all_correct &= result.correct;
+            if result.index < group.question.index {
+                group.question = result;
+            }
+        }
+        Self { results, groups }
+    }
+
+    /// Plain and circular accuracy.
+    pub fn accuracy(&self) -> MmBenchAccuracy {
+        MmBenchAccuracy {
+            correct: self.results.iter().filter(|result| result.correct).count(),
+            total: self.results.len(),
+            circular_correct: self.groups.values().filter(|group| group.all_correct).count(),
+            circular_groups: self.groups.len(),
+        }
+    }
+
+    /// VLMEvalKit's `report_acc` per `category` or `l2-category`: the circular groups of each label, a group
+    /// correct only when every variant is, as the headline counts them. Groups without the label are left out.
+    pub fn accuracy_by(&self, label: impl Fn(&'a MmBenchResult) -> Option<&'a str>) -> AccuracyBy {
+        let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for group in self.groups.values() {
+            if let Some(name) = label(group.question) {
+                let (correct, total) = counts.entry(name.to_string()).or_default();
+                *correct += usize::from(group.all_correct);
+                *total += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(name, (correct, total))| {
+                let accuracy = Score::new(name.as_str(), correct as f64, total).accuracy;
+                (name, LabelAccuracy { accuracy, correct, total })
+            })
+            .collect()
     }
 }
 
@@ -440,29 +468,6 @@ pub struct LabelAccuracy {
 
 /// Accuracy per label, in label order.
 pub type AccuracyBy = BTreeMap<String, LabelAccuracy>;
-
-/// VLMEvalKit's `report_acc` per `category` or `l2-category`: the circular groups of each label, a group correct
-/// only when every variant is, as the headline counts them. Groups without the label are left out.
-pub fn accuracy_by<'a>(
-    results: &'a [MmBenchResult],
-    label: impl Fn(&'a MmBenchResult) -> Option<&'a str>,
-) -> AccuracyBy {
-    let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for group in circular_groups(results).into_values() {
-        if let Some(name) = label(group.question) {
-            let (correct, total) = counts.entry(name.to_string()).or_default();
-            *correct += usize::from(group.all_correct);
-            *total += 1;
-        }
-    }
-    counts
-        .into_iter()
-        .map(|(name, (correct, total))| {
-            let accuracy = Score::new(name.as_str(), correct as f64, total).accuracy;
-            (name, LabelAccuracy { accuracy, correct, total })
-        })
-        .collect()
-}
 
 #[cfg(test)]
 mod tests {
@@ -788,7 +793,8 @@ mod tests {
             graded(12, true, scene, coarse),
         ];
         // Plain: 9 of the 11 variants; circular: groups 7, 10, 11 and 12 of the 6.
-        let accuracy = mmbench_accuracy(&results);
+        let graded = CircularGroups::of(&results);
+        let accuracy = graded.accuracy();
         assert_eq!(accuracy, MmBenchAccuracy { correct: 9, total: 11, circular_correct: 4, circular_groups: 6 });
         assert_eq!(mmbench_circular_group(3_000_042), 42);
 
@@ -798,10 +804,10 @@ mod tests {
             by.into_iter().map(|(name, a)| (name, a.correct, a.total)).collect()
         };
         assert_eq!(
-            counts(accuracy_by(&results, |r| r.category.as_deref())),
+            counts(graded.accuracy_by(|r| r.category.as_deref())),
             [("celebrity_recognition".into(), 0, 1), ("image_scene".into(), 2, 2), ("ocr".into(), 1, 2)]
         );
-        let by_l2 = accuracy_by(&results, |r| r.l2_category.as_deref());
+        let by_l2 = graded.accuracy_by(|r| r.l2_category.as_deref());
         assert_eq!(by_l2["finegrained_perception"].accuracy, 1.0 / 3.0);
         assert_eq!(counts(by_l2), [("coarse_perception".into(), 2, 2), ("finegrained_perception".into(), 1, 3)]);
     }
