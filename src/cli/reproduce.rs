@@ -17,8 +17,16 @@ pub struct Args {
     #[arg(long)]
     plan: bool,
     /// Stop after this step (the names --plan prints).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sweep")]
     until: Option<String>,
+    /// The quirk sweep: run the profile, then the profile with each switch set as this other profile (a shipped
+    /// name or a file) sets it, one switch at a time, sharing every step two runs have in common; writes a table
+    /// of each switch's effect beside the report (REPORT_sweep.md/.json/.png).
+    #[arg(long, value_name = "PROFILE")]
+    sweep: Option<String>,
+    /// Only these switches of the sweep (comma-separated, the names `--sweep P --plan` prints).
+    #[arg(long, value_delimiter = ',', requires = "sweep")]
+    switches: Option<Vec<String>>,
     /// Only these benchmarks (comma-separated, among the profile's eval.benchmarks).
     #[arg(long, value_delimiter = ',', value_parser = super::choices::benchmark())]
     benchmarks: Option<Vec<String>>,
@@ -38,6 +46,8 @@ pub fn run(args: Args, cli: &clap::Command) -> anyhow::Result<()> {
         until: args.until,
         benchmarks: args.benchmarks,
         print_summary: args.summary.json,
+        sweep: args.sweep,
+        switches: args.switches,
     };
     reproduce(&opts, &has_flag)?;
     Ok(())

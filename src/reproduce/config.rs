@@ -307,7 +307,7 @@ pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Repro
 
 /// A profile's YAML laid over the profile its `extends` names (a folder beside its own under `configs/`), so that a
 /// profile for another base model states only what differs: mappings merge key by key, any other value replaces.
-fn read_profile_yaml(path: &Path, seen: &mut Vec<PathBuf>) -> Result<serde_yaml::Value, ReproduceError> {
+pub(super) fn read_profile_yaml(path: &Path, seen: &mut Vec<PathBuf>) -> Result<serde_yaml::Value, ReproduceError> {
     let bad = |reason: String| ReproduceError::BadConfig { path: path.to_owned(), reason };
     let mut value: serde_yaml::Value = read_yaml(path)?;
     let Some(parent) = value.as_mapping_mut().and_then(|m| m.remove("extends")) else { return Ok(value) };

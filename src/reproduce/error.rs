@@ -19,6 +19,9 @@ pub enum ReproduceError {
     #[error("--benchmarks: '{name}' is not among eval.benchmarks of {}", path.display())]
     UnknownBenchmark { name: String, path: PathBuf },
 
+    #[error("--switches: no switch '{name}' between the two profiles (switches: {})", known.join(", "))]
+    UnknownSwitch { name: String, known: Vec<String> },
+
     #[error("--until: no step '{name}' (steps: {})", steps.join(", "))]
     UnknownStep { name: String, steps: Vec<String> },
 

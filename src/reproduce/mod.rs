@@ -12,6 +12,7 @@ pub mod error;
 pub mod report;
 pub mod runner;
 pub mod steps;
+pub mod sweep;
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,10 @@ pub struct ReproduceOptions {
     pub benchmarks: Option<Vec<String>>,
     /// Print the JSON summary on stdout too.
     pub print_summary: bool,
+    /// Sweep the switches where this profile (a shipped name, or a file) differs, one at a time.
+    pub sweep: Option<String>,
+    /// Only these switches of the sweep.
+    pub switches: Option<Vec<String>>,
 }
 
 /// Runs (or with `plan_only` prints) the steps of the profile with this binary, and writes the run's summary to
@@ -48,6 +53,9 @@ pub fn reproduce(opts: &ReproduceOptions, has_flag: FlagSupport) -> Result<()> {
         (None, None) => return Err(Error::Input("give --config FILE or --profile NAME".into())),
     };
     let profile = Profile::load(&path, |var| std::env::var(var).ok(), opts.benchmarks.as_deref())?;
+    if let Some(other) = &opts.sweep {
+        return quirk_sweep(&path, profile, other, opts, has_flag);
+    }
     let plan = plan(&profile, has_flag);
     if opts.plan_only {
         return runner::print_plan(&profile, &plan, opts.until.as_deref());
@@ -70,6 +78,44 @@ pub fn reproduce(opts: &ReproduceOptions, has_flag: FlagSupport) -> Result<()> {
         "steps_skipped": steps.iter().filter(|s| !s.ran).count(),
         "steps": steps,
         "reports": reports,
+    });
+    crate::summary::write_summary(&path, &summary, opts.print_summary)
+}
+
+/// `--sweep`: the profile, then the profile with each switch set as `other` sets it, sharing their common steps.
+fn quirk_sweep(
+    path: &Path,
+    profile: Profile,
+    other: &str,
+    opts: &ReproduceOptions,
+    has_flag: FlagSupport,
+) -> Result<()> {
+    let other = if Path::new(other).is_file() { PathBuf::from(other) } else { Profile::path_of(Path::new(""), other)? };
+    let mut switches = sweep::Switches::between(path, &other)?;
+    if let Some(only) = &opts.switches {
+        switches.keep(only)?;
+    }
+    let variants = sweep::variants(profile, &switches, |var| std::env::var(var).ok(), opts.benchmarks.as_deref())?;
+    if opts.plan_only {
+        return sweep::print_sweep_plan(&switches, &variants, has_flag);
+    }
+    let binary = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
+    let started = std::time::Instant::now();
+    let runs = sweep::run_sweep(&variants, has_flag, &binary)?;
+    println!("{}", sweep::write_sweep_report(&variants)?);
+    let count = |f: &dyn Fn(&runner::StepRun) -> bool| runs.iter().flat_map(|r| &r.steps).filter(|s| f(s)).count();
+    let shared: usize = runs.iter().map(|r| r.shared.len()).sum();
+    let path = variants[0].profile.cfg.paths.output.join("sweep").join("sweep_summary.json");
+    let summary = serde_json::json!({
+        "profile": variants[0].profile.cfg.profile,
+        "against": other,
+        "seconds": started.elapsed().as_secs_f64(),
+        "runs": runs.len(),
+        "steps_run": count(&|s| s.ran),
+        "steps_shared": shared,
+        "steps_skipped": count(&|s| !s.ran) - shared,
+        "not_swept": switches.not_swept.iter().map(|(k, why)| serde_json::json!({ "switch": k, "why": why })).collect::<Vec<_>>(),
+        "sweep": runs,
     });
     crate::summary::write_summary(&path, &summary, opts.print_summary)
 }

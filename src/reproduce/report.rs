@@ -80,7 +80,7 @@ pub enum Cell {
 }
 
 impl Cell {
-    fn value(&self) -> Option<f64> {
+    pub(super) fn value(&self) -> Option<f64> {
         match self {
             Cell::Score(v) => Some(*v),
             _ => None,
@@ -124,7 +124,7 @@ pub struct BenchmarkRows {
 }
 
 impl BenchmarkRows {
-    fn score(&self, row: Row) -> Option<f64> {
+    pub(super) fn score(&self, row: Row) -> Option<f64> {
         self.measured.iter().find(|m| m.row == row)?.cell.value()
     }
 

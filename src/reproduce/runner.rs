@@ -24,7 +24,7 @@ fn marker_path(output: &Path, step: &Step) -> PathBuf {
 }
 
 /// What identifies a step's work: its command line, or what the internal steps read.
-fn signature(step: &Step, profile: &Profile) -> Vec<String> {
+pub(super) fn signature(step: &Step, profile: &Profile) -> Vec<String> {
     match &step.action {
         Action::Command { args, .. } => args.clone(),
         Action::Subset => {
@@ -39,6 +39,14 @@ fn signature(step: &Step, profile: &Profile) -> Vec<String> {
         }
         Action::Report => Vec::new(),
     }
+}
+
+/// Marks `step` done in the profile's output folder, with the command line that did it.
+pub(super) fn write_marker(step: &Step, profile: &Profile, seconds: f64) -> Result<()> {
+    let marker = Marker { command: signature(step, profile), seconds };
+    let path = marker_path(&profile.cfg.paths.output, step);
+    create_parent(&path)?;
+    write_atomic(&path, serde_json::to_string_pretty(&marker).expect("marker serialises").as_bytes())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +147,6 @@ pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&s
     if !problems.is_empty() {
         return Err(ReproduceError::NotReady { problems }.into());
     }
-    let output = &profile.cfg.paths.output;
     let mut durations: Vec<Option<f64>> = statuses.iter().map(|(_, d)| *d).collect();
     let n = plan.steps.len();
     let started = Instant::now();
@@ -173,10 +180,7 @@ pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&s
         let seconds = t.elapsed().as_secs_f64();
         durations[k] = Some(seconds);
         if step.action != Action::Report {
-            let marker = Marker { command: signature(step, profile), seconds };
-            let path = marker_path(output, step);
-            create_parent(&path)?;
-            write_atomic(&path, serde_json::to_string_pretty(&marker).expect("marker serialises").as_bytes())?;
+            write_marker(step, profile, seconds)?;
         }
         eprintln!("[{}/{n}] {} done in {}", k + 1, step.name, format_duration(seconds, Precision::Seconds));
         runs.push(StepRun { name: step.name.clone(), ran: true, seconds: Some(seconds) });

@@ -525,3 +525,101 @@ def test_top_k_1_samples_the_greedy_tokens(world, tmp_path):
     sampled = prefs(world, tmp_path / "sampled.jsonl", "--temperature", 0.9)
     assert [r["chosen"] for r in top1] == [r["chosen"] for r in greedy]
     assert [r["chosen"] for r in sampled] != [r["chosen"] for r in greedy]
+
+
+# ------------------------------------------------------------------------------------------ the quirk sweep
+LOSS_WEIGHTING = "stage2.config.loss_weighting+stage2.config.device_batch"
+SWEEP = ["--sweep", "paper", "--benchmarks", "scienceqa",
+         "--switches", f"generation.top_k,{LOSS_WEIGHTING},eval.scienceqa_questions"]
+
+
+def short_official(tmp_path):
+    """The official profile with short generations (the tiny model's random weights rarely stop on their own)."""
+    config = yaml.safe_load((ROOT / "configs" / "official" / "reproduce.yaml").read_text())
+    config["generation"]["max_new_tokens"] = 24
+    config["eval"].update(max_new_tokens=8, description_max_new_tokens=24, max_new_tokens_by_benchmark={})
+    path = tmp_path / "official_short.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def sweep_plan(stdout):
+    """{run: {step: state}} from the plan of a sweep."""
+    runs, run = {}, None
+    for line in stdout.splitlines():
+        if line[:4].strip().rstrip(".").isdigit() and line[3:5] == ". ":
+            run = runs.setdefault(line[5:].split(":")[0].split(" (")[0], {})
+        elif line.startswith("       ") and line.endswith("]"):
+            step, state = line.strip()[:-1].split(" [")
+            run[step] = state
+    return runs
+
+
+def test_quirk_sweep_shares_steps_and_resumes_after_a_kill(world, tmp_path):
+    """`--sweep paper` on the official profile, three switches: a generation switch redoes everything after the
+    stage-1 generation but shares the base model's evaluation, a stage-2 training switch shares all stage 1 and
+    the base evaluation, an evaluation switch shares all training. Killed in the second run and run again, it
+    skips what is done and shares the rest."""
+    original = tmp_path / "original"
+    tiny_models.build_llava_original(original)
+    env = env_for(world, tmp_path, STIC_MODEL=original)
+    sweep_args = ["--config", short_official(tmp_path), *SWEEP]
+    plan = reproduce(*sweep_args, "--plan", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "not swept: model.checkpoint" in plan.stdout
+    runs = sweep_plan(plan.stdout)
+    assert list(runs) == ["base", LOSS_WEIGHTING, "eval.scienceqa_questions", "generation.top_k"]
+    assert set(runs["base"].values()) == {"to run"}
+    to_run = {name: [step for step, state in steps.items() if state == "to run"] for name, steps in runs.items()}
+    assert to_run[LOSS_WEIGHTING] == ["train-sft", "eval-stic-scienceqa", "report"]
+    assert to_run["eval.scienceqa_questions"] == ["eval-original-scienceqa", "eval-stic-scienceqa", "report"]
+    assert to_run["generation.top_k"] == ["prefs", "train-dpo", "describe", "infuse", "train-sft",
+                                          "eval-stic-scienceqa", "report"]
+    assert runs["generation.top_k"]["eval-original-scienceqa"] == "shared with base"
+    assert "22 of 36 steps to run" in plan.stdout
+
+    sweep = tmp_path / "run" / "sweep"
+    args = [str(STIC), "reproduce", *map(str, sweep_args)]
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = sweep / "stage2-config-loss_weighting-stage2-config-device_batch" / ".steps" / "infuse.json"
+    deadline = time.time() + TIMEOUT
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_log = first.stderr.read()
+    assert marker.exists(), killed_log
+    done_first = killed_log.count(" done in ")
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert summary["runs"] == 4
+    # every step once: the base report runs again, the rest of the 22 to run once over both invocations
+    assert summary["steps_run"] == 22 - done_first + 1, (done_first, summary)
+    assert summary["steps_run"] + summary["steps_shared"] + summary["steps_skipped"] == 36
+    by_run = {r["run"]: r for r in summary["sweep"]}
+    assert by_run["generation.top_k"]["shared"] == ["stage2-subset", "eval-original-scienceqa"]
+    assert len(by_run["eval.scienceqa_questions"]["shared"]) == 6
+    assert "[1/9] prefs: done before, skipped" in proc.stderr
+    assert (sweep / "generation-top_k" / "eval" / "original" / "scienceqa").is_symlink()
+    # each run has its switch: the generation run samples with top_k 0, the evaluation run asks the image questions
+    command = json.loads((sweep / "generation-top_k" / ".steps" / "prefs.json").read_text())["command"]
+    assert command[command.index("--top-k") + 1] == "0", command
+    questions = lambda run: json.loads((run / "eval" / "original" / "scienceqa" / "summary.json").read_text())["total"]  # noqa
+    assert (questions(tmp_path / "run"), questions(sweep / "eval-scienceqa_questions")) == (2, 1)
+
+    table = (tmp_path / "report" / "reproduce_sweep.md").read_text()
+    assert "| generation.top_k | 50 | 0 |" in table and "| eval.scienceqa_questions | all | image |" in table, table
+    report = json.loads((tmp_path / "report" / "reproduce_sweep.json").read_text())
+    assert [s["switch"] for s in report["switches"]] == list(runs)[1:]
+    cell = report["switches"][0]["benchmarks"]["scienceqa"]["stic"]
+    assert cell["delta"] == pytest.approx(cell["score"] - report["base"]["scienceqa"])
+    assert Image.open(tmp_path / "report" / "reproduce_sweep.png").size == (1400, 640)
+
+
+def test_quirk_sweep_refuses_an_unknown_switch_or_profile(world, tmp_path):
+    env = env_for(world, tmp_path)
+    assert_clean_failure(reproduce("--profile", "official", "--sweep", "paper", "--switches", "generation.top_p",
+                                   "--plan", env=env), "no switch 'generation.top_p'", "generation.top_k")
+    assert_clean_failure(reproduce("--profile", "official", "--sweep", "nonesuch", "--plan", env=env),
+                         "unknown profile 'nonesuch'")
