@@ -76,6 +76,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    die_with_torchrun();
     let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     // libtorch reports a failed allocation by an error that tch's tensor operations turn into a panic: that one
@@ -94,6 +95,23 @@ fn main() -> ExitCode {
             let internal = err.downcast_ref::<stic::Error>().is_some_and(|e| !e.is_user_error());
             ExitCode::from(if internal { 1 } else { 2 })
         }
+    }
+}
+
+/// A rank of torchrun goes when its torchrun goes: torchrun starts each rank in a session of its own, so a
+/// torchrun killed outright (SIGKILL, as `stic reproduce` killed with its process group) cannot stop them, and
+/// orphaned ranks would go on writing the outputs a rerun takes over.
+fn die_with_torchrun() {
+    if std::env::var_os("TORCHELASTIC_RUN_ID").is_none() {
+        return;
+    }
+    let parent = unsafe { libc::getppid() };
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    // torchrun went before the request took effect.
+    if unsafe { libc::getppid() } != parent {
+        std::process::exit(1);
     }
 }
 

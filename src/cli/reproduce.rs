@@ -1,7 +1,7 @@
 //! `stic reproduce`: the paper end to end from one profile.
 use std::path::PathBuf;
 
-use stic::reproduce::{reproduce, ReproduceOptions};
+use stic::reproduce::{reproduce, Launch, ReproduceOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +30,14 @@ pub struct Args {
     /// Only these benchmarks (comma-separated, among the profile's eval.benchmarks).
     #[arg(long, value_delimiter = ',', value_parser = super::choices::benchmark())]
     benchmarks: Option<Vec<String>>,
+    /// Run the steps that have a data-parallel mode (prefs, describe, train-dpo, train-sft, eval) under torchrun
+    /// with this many ranks, one per GPU (cuda:LOCAL_RANK; gloo on the CPU); training divides its config's
+    /// grad_accum among them, so that the global batch stays the profile's. 1: every step in one process.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    nproc_per_node: u32,
+    /// The torchrun to launch the ranks with (default: torchrun on PATH).
+    #[arg(long, value_name = "PATH")]
+    torchrun: Option<PathBuf>,
     #[command(flatten)]
     summary: super::summary::SummaryArgs,
 }
@@ -48,6 +56,7 @@ pub fn run(args: Args, cli: &clap::Command) -> anyhow::Result<()> {
         print_summary: args.summary.json,
         sweep: args.sweep,
         switches: args.switches,
+        launch: Launch::new(args.nproc_per_node as usize, args.torchrun)?,
     };
     reproduce(&opts, &has_flag)?;
     Ok(())

@@ -38,6 +38,15 @@ pub enum ReproduceError {
     #[error("step {step} failed ({status}); its output is in {}: fix the cause and rerun stic reproduce to continue", output.display())]
     StepFailed { step: String, status: String, output: PathBuf },
 
+    #[error(
+        "--nproc-per-node {ranks} runs the data-parallel steps under torchrun, which is not on PATH: install PyTorch \
+         (`pip install torch` brings torchrun) or give its path with --torchrun PATH"
+    )]
+    TorchrunNotFound { ranks: usize },
+
+    #[error("--torchrun {}: no such file", path.display())]
+    TorchrunMissing { path: PathBuf },
+
     #[error("cannot start step {step}: {source}")]
     Spawn { step: String, source: std::io::Error },
 

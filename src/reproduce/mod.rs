@@ -6,7 +6,9 @@
 //! Every step is a run of this same binary's subcommands (or, for the subset and the report, a function here),
 //! so the pipeline needs nothing else at run time. A finished step leaves a marker with its command line: a rerun
 //! skips it, a killed step is rerun and continues where its command left off (the generation jobs and evaluation
-//! resume their JSONL outputs, training resumes from its latest checkpoint).
+//! resume their JSONL outputs, training resumes from its latest checkpoint). With `--nproc-per-node N` the steps
+//! that have a data-parallel mode (prefs, describe, train-dpo, train-sft, eval) run under torchrun, one rank per
+//! device; the rest, and the decisions (skip, resume, mark), stay in this one process.
 pub mod config;
 pub mod error;
 pub mod report;
@@ -18,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Profile, ReproduceConfig};
 pub use error::ReproduceError;
-pub use runner::run_steps;
+pub use runner::{run_steps, Launch};
 pub use steps::{plan, Plan, Step};
 
 use crate::error::{Error, Result};
@@ -42,6 +44,8 @@ pub struct ReproduceOptions {
     pub sweep: Option<String>,
     /// Only these switches of the sweep.
     pub switches: Option<Vec<String>>,
+    /// How the data-parallel steps run: in one process, or under torchrun on the devices of the node.
+    pub launch: Launch,
 }
 
 /// Runs (or with `plan_only` prints) the steps of the profile with this binary, and writes the run's summary to
@@ -58,11 +62,11 @@ pub fn reproduce(opts: &ReproduceOptions, has_flag: FlagSupport) -> Result<()> {
     }
     let plan = plan(&profile, has_flag);
     if opts.plan_only {
-        return runner::print_plan(&profile, &plan, opts.until.as_deref());
+        return runner::print_plan(&profile, &plan, &opts.launch, opts.until.as_deref());
     }
     let binary = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
     let started = std::time::Instant::now();
-    let steps = run_steps(&plan, &profile, &binary, opts.until.as_deref())?;
+    let steps = run_steps(&plan, &profile, &binary, &opts.launch, opts.until.as_deref())?;
     let output = &profile.cfg.paths.output;
     let path = output.join("reproduce_summary.json");
     let report = &profile.cfg.paths.report;
@@ -101,7 +105,7 @@ fn quirk_sweep(
     }
     let binary = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
     let started = std::time::Instant::now();
-    let runs = sweep::run_sweep(&variants, has_flag, &binary)?;
+    let runs = sweep::run_sweep(&variants, has_flag, &binary, &opts.launch)?;
     println!("{}", sweep::write_sweep_report(&variants)?);
     let count = |f: &dyn Fn(&runner::StepRun) -> bool| runs.iter().flat_map(|r| &r.steps).filter(|s| f(s)).count();
     let shared: usize = runs.iter().map(|r| r.shared.len()).sum();

@@ -1,13 +1,14 @@
 //! Runs a plan: skips the steps done before, checks that everything the others need is there before starting
 //! any, runs them in order with one progress line per step (step k/n, what, elapsed, ETA where known), and
-//! leaves a marker after each.
+//! leaves a marker after each. With `--nproc-per-node N` the steps that have a data-parallel mode run under
+//! torchrun, one rank per device.
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::config::{Profile, Subset};
-use super::steps::{Action, Plan, Step};
+use super::steps::{Action, Plan, Ranks, Step};
 use super::{report, ReproduceError};
 use crate::error::{Error, Result};
 use crate::fsutil::{create_parent, write_atomic};
@@ -17,6 +18,78 @@ use crate::progress::{format_duration, Precision};
 struct Marker {
     command: Vec<String>,
     seconds: f64,
+    /// The ranks of a step run under torchrun (not part of its identity: the results do not depend on them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ranks: Option<usize>,
+}
+
+/// How the steps that have a data-parallel mode run: in one process, or under torchrun with `ranks` processes
+/// (`stic reproduce --nproc-per-node N`), each on its own device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launch {
+    Single,
+    Torchrun { torchrun: PathBuf, ranks: usize },
+}
+
+impl Launch {
+    /// `--nproc-per-node ranks`, with torchrun at `torchrun` or else on `PATH`.
+    pub fn new(ranks: usize, torchrun: Option<PathBuf>) -> Result<Launch, ReproduceError> {
+        if ranks <= 1 {
+            return Ok(Launch::Single);
+        }
+        let torchrun = match torchrun {
+            Some(path) if path.is_file() => path,
+            Some(path) => return Err(ReproduceError::TorchrunMissing { path }),
+            None => std::env::var_os("PATH")
+                .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("torchrun")).find(|p| p.is_file()))
+                .ok_or(ReproduceError::TorchrunNotFound { ranks })?,
+        };
+        Ok(Launch::Torchrun { torchrun, ranks })
+    }
+
+    /// The program and arguments that run subcommand `args` of `binary`: the data-parallel ones as
+    /// `torchrun --standalone --nproc-per-node N --no-python BINARY ARGS` (a training step with its share of the
+    /// profile's `grad_accum`), the others as they are.
+    fn command_line(&self, binary: &Path, args: &[String], ranks: Ranks) -> (PathBuf, Vec<String>) {
+        match (self, ranks) {
+            (Launch::Torchrun { torchrun, ranks: n }, Ranks::Shards | Ranks::Training { .. }) => {
+                let mut line: Vec<String> = vec!["--standalone".into(), "--nproc-per-node".into(), n.to_string()];
+                line.extend(["--no-python".to_string(), binary.display().to_string()]);
+                line.extend(args.iter().cloned());
+                if let Ranks::Training { grad_accum } = ranks {
+                    line.extend(["--grad-accum".to_string(), (grad_accum / n).to_string()]);
+                }
+                (torchrun.clone(), line)
+            }
+            _ => (binary.to_path_buf(), args.to_vec()),
+        }
+    }
+
+    /// The ranks `step` runs on under torchrun; None when it runs in one process.
+    fn ranks_of(&self, step: &Step) -> Option<usize> {
+        match (self, &step.action) {
+            (Launch::Torchrun { ranks, .. }, Action::Command { ranks: Ranks::Shards | Ranks::Training { .. }, .. }) => {
+                Some(*ranks)
+            }
+            _ => None,
+        }
+    }
+
+    /// Why `step` cannot run under this launch: a training step whose `grad_accum` the ranks do not divide.
+    fn problem(&self, step: &Step) -> Option<String> {
+        let (Launch::Torchrun { ranks, .. }, Action::Command { ranks: Ranks::Training { grad_accum }, .. }) =
+            (self, &step.action)
+        else {
+            return None;
+        };
+        (grad_accum % ranks != 0).then(|| {
+            format!(
+                "  {}: grad_accum {grad_accum} of its training config is not a multiple of --nproc-per-node {ranks}, \
+                 so the ranks cannot keep the profile's global batch; use a number of ranks that divides it",
+                step.name
+            )
+        })
+    }
 }
 
 fn marker_path(output: &Path, step: &Step) -> PathBuf {
@@ -42,8 +115,8 @@ pub(super) fn signature(step: &Step, profile: &Profile) -> Vec<String> {
 }
 
 /// Marks `step` done in the profile's output folder, with the command line that did it.
-pub(super) fn write_marker(step: &Step, profile: &Profile, seconds: f64) -> Result<()> {
-    let marker = Marker { command: signature(step, profile), seconds };
+pub(super) fn write_marker(step: &Step, profile: &Profile, seconds: f64, ranks: Option<usize>) -> Result<()> {
+    let marker = Marker { command: signature(step, profile), seconds, ranks };
     let path = marker_path(&profile.cfg.paths.output, step);
     create_parent(&path)?;
     write_atomic(&path, serde_json::to_string_pretty(&marker).expect("marker serialises").as_bytes())
@@ -97,14 +170,16 @@ pub fn last_step(plan: &Plan, until: Option<&str>) -> Result<usize> {
     }
 }
 
-/// What stops the steps still to run (up to `last`) from starting: missing inputs and missing flags.
-pub fn problems(plan: &Plan, statuses: &[(Status, Option<f64>)], last: usize) -> Vec<String> {
+/// What stops the steps still to run (up to `last`) from starting: missing inputs, missing flags, and ranks that
+/// a training step cannot share its global batch among.
+pub fn problems(plan: &Plan, statuses: &[(Status, Option<f64>)], last: usize, launch: &Launch) -> Vec<String> {
     let mut problems: Vec<String> = Vec::new();
     for (step, (status, _)) in plan.steps.iter().zip(statuses).take(last + 1) {
         if *status == Status::Done {
             continue;
         }
-        for p in step.problems.iter().cloned().chain(step.unsupported.iter().map(|u| format!("  {u}"))) {
+        let unsupported = step.unsupported.iter().map(|u| format!("  {u}"));
+        for p in step.problems.iter().cloned().chain(unsupported).chain(launch.problem(step)) {
             if !problems.contains(&p) {
                 problems.push(p);
             }
@@ -140,10 +215,16 @@ pub struct StepRun {
 }
 
 /// Runs the steps up to `last` that are not done, with `binary` for the subcommands.
-pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&str>) -> Result<Vec<StepRun>> {
+pub fn run_steps(
+    plan: &Plan,
+    profile: &Profile,
+    binary: &Path,
+    launch: &Launch,
+    until: Option<&str>,
+) -> Result<Vec<StepRun>> {
     let last = last_step(plan, until)?;
     let statuses = statuses(plan, profile)?;
-    let problems = problems(plan, &statuses, last);
+    let problems = problems(plan, &statuses, last, launch);
     if !problems.is_empty() {
         return Err(ReproduceError::NotReady { problems }.into());
     }
@@ -170,7 +251,11 @@ pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&s
         );
         let t = Instant::now();
         match &step.action {
-            Action::Command { args, resume_from } => run_command(step, binary, args, resume_from.as_deref())?,
+            Action::Command { args, resume_from, ranks } => {
+                let (program, args) = launch.command_line(binary, args, *ranks);
+                let under_torchrun = launch.ranks_of(step).is_some();
+                run_command(step, &program, &args, resume_from.as_deref(), under_torchrun)?
+            }
             Action::Subset => write_subset(profile, &step.writes[0])?,
             Action::Report => {
                 let written = report::write_report(profile, plan)?;
@@ -180,7 +265,7 @@ pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&s
         let seconds = t.elapsed().as_secs_f64();
         durations[k] = Some(seconds);
         if step.action != Action::Report {
-            write_marker(step, profile, seconds)?;
+            write_marker(step, profile, seconds, launch.ranks_of(step))?;
         }
         eprintln!("[{}/{n}] {} done in {}", k + 1, step.name, format_duration(seconds, Precision::Seconds));
         runs.push(StepRun { name: step.name.clone(), ran: true, seconds: Some(seconds) });
@@ -188,7 +273,13 @@ pub fn run_steps(plan: &Plan, profile: &Profile, binary: &Path, until: Option<&s
     Ok(runs)
 }
 
-fn run_command(step: &Step, binary: &Path, args: &[String], resume_from: Option<&Path>) -> Result<()> {
+fn run_command(
+    step: &Step,
+    program: &Path,
+    args: &[String],
+    resume_from: Option<&Path>,
+    under_torchrun: bool,
+) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let mut args = args.to_vec();
     if resume_from.is_some_and(|dir| dir.join("checkpoints/latest").is_file()) {
@@ -200,18 +291,23 @@ fn run_command(step: &Step, binary: &Path, args: &[String], resume_from: Option<
     let stdout = std::os::fd::AsFd::as_fd(&stdout)
         .try_clone_to_owned()
         .map_err(|source| ReproduceError::Spawn { step: step.name.clone(), source })?;
-    let mut command = std::process::Command::new(binary);
+    let mut command = std::process::Command::new(program);
     command.args(&args).stdout(stdout);
-    // A killed `stic reproduce` takes its running step with it, so that a rerun can take over its outputs.
+    // A killed `stic reproduce` takes its running step with it, so that a rerun can take over its outputs:
+    // torchrun gets the signal it answers by stopping its ranks.
+    let signal = if under_torchrun { libc::SIGTERM } else { libc::SIGKILL };
     unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal);
             Ok(())
         });
     }
     let status = command.status().map_err(|source| ReproduceError::Spawn { step: step.name.clone(), source })?;
     if !status.success() {
-        let status = status.code().map_or_else(|| "killed by a signal".to_string(), |c| format!("exit code {c}"));
+        let mut status = status.code().map_or_else(|| "killed by a signal".to_string(), |c| format!("exit code {c}"));
+        if under_torchrun {
+            status.push_str(" of torchrun, whose report above names the rank that failed first");
+        }
         return Err(
             ReproduceError::StepFailed { step: step.name.clone(), status, output: step.writes[0].clone() }.into()
         );
@@ -252,7 +348,7 @@ pub fn write_subset(profile: &Profile, out: &Path) -> Result<()> {
 }
 
 /// Prints the steps of `plan` up to `until`, what each reads and writes, and what is missing (`stic reproduce --plan`).
-pub fn print_plan(profile: &Profile, plan: &Plan, until: Option<&str>) -> Result<()> {
+pub fn print_plan(profile: &Profile, plan: &Plan, launch: &Launch, until: Option<&str>) -> Result<()> {
     let last = last_step(plan, until)?;
     let statuses = statuses(plan, profile)?;
     let list = |paths: &[PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
@@ -275,14 +371,17 @@ pub fn print_plan(profile: &Profile, plan: &Plan, until: Option<&str>) -> Result
         };
         println!("{:>3}. {} [{state}]: {}", k + 1, step.name, step.what);
         match &step.action {
-            Action::Command { args, .. } => println!("       command: stic {}", args.join(" ")),
+            Action::Command { args, ranks, .. } => {
+                let (program, args) = launch.command_line(Path::new("stic"), args, *ranks);
+                println!("       command: {} {}", program.display(), args.join(" "))
+            }
             Action::Subset => println!("       built in: writes the subset"),
             Action::Report => println!("       built in: writes the report"),
         }
         println!("       reads:  {}", list(&step.reads));
         println!("       writes: {}", list(&step.writes));
     }
-    let problems = problems(plan, &statuses, last);
+    let problems = problems(plan, &statuses, last, launch);
     if problems.is_empty() {
         println!("nothing is missing");
     } else {
@@ -292,4 +391,34 @@ pub fn print_plan(profile: &Profile, plan: &Plan, until: Option<&str>) -> Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torchrun_runs_the_data_parallel_steps_and_divides_grad_accum() {
+        let binary = Path::new("/bin/stic");
+        let args: Vec<String> = ["train-dpo", "--config", "c.yaml"].map(String::from).to_vec();
+        let launch = Launch::Torchrun { torchrun: PathBuf::from("/usr/bin/torchrun"), ranks: 2 };
+        let (program, line) = launch.command_line(binary, &args, Ranks::Training { grad_accum: 8 });
+        assert_eq!(program, PathBuf::from("/usr/bin/torchrun"));
+        let expected = "--standalone --nproc-per-node 2 --no-python /bin/stic train-dpo --config c.yaml --grad-accum 4";
+        assert_eq!(line.join(" "), expected);
+        let (_, line) = launch.command_line(binary, &args, Ranks::Shards);
+        assert_eq!(line.join(" "), "--standalone --nproc-per-node 2 --no-python /bin/stic train-dpo --config c.yaml");
+        for (launch, ranks) in [(&launch, Ranks::One), (&Launch::Single, Ranks::Training { grad_accum: 8 })] {
+            assert_eq!(launch.command_line(binary, &args, ranks), (binary.to_path_buf(), args.clone()));
+        }
+    }
+
+    #[test]
+    fn one_rank_needs_no_torchrun() {
+        assert_eq!(Launch::new(1, Some(PathBuf::from("/nonexistent/torchrun"))).unwrap(), Launch::Single);
+        assert!(matches!(
+            Launch::new(2, Some(PathBuf::from("/nonexistent/torchrun"))),
+            Err(ReproduceError::TorchrunMissing { .. })
+        ));
+    }
 }

@@ -69,11 +69,23 @@ impl Row {
     }
 }
 
+/// How a subcommand runs over the ranks of `stic reproduce --nproc-per-node N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ranks {
+    /// In one process: the subcommand has no data-parallel mode.
+    One,
+    /// Under torchrun, one shard of the inputs per rank (the generation jobs and evaluation).
+    Shards,
+    /// Under torchrun, the ranks share each global batch; the profile's `grad_accum` is divided among them so
+    /// that the global batch stays the profile's.
+    Training { grad_accum: usize },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// A subcommand of this binary with its arguments; `resume_from`: the training output whose
     /// `checkpoints/latest` makes the run continue with `--resume`.
-    Command { args: Vec<String>, resume_from: Option<PathBuf> },
+    Command { args: Vec<String>, resume_from: Option<PathBuf>, ranks: Ranks },
     /// Writes the stage-2 instruction subset.
     Subset,
     /// Writes the report (always rerun: it reads whatever evaluations are done).
@@ -331,7 +343,7 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
         ),
         vec![paths.model.clone(), paths.stage1_images.clone(), paths.coco_train2014.clone()],
         vec![prefs.clone()],
-        Action::Command { args: cmd.args, resume_from: None },
+        Action::Command { args: cmd.args, resume_from: None, ranks: Ranks::Shards },
         problems,
         cmd.unsupported,
     );
@@ -350,7 +362,11 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
         "stage 1: LoRA with DPO and the chosen-likelihood term".into(),
         vec![paths.model.clone(), prefs.clone(), cfg.stage1.config.clone()],
         vec![stage1.clone()],
-        Action::Command { args: cmd.args, resume_from: Some(stage1.clone()) },
+        Action::Command {
+            args: cmd.args,
+            resume_from: Some(stage1.clone()),
+            ranks: Ranks::Training { grad_accum: profile.stage1.grad_accum },
+        },
         model_problems.clone(),
         cmd.unsupported,
     );
@@ -389,7 +405,7 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
         "stage 2: the stage-1 model describes the image of each subset entry".into(),
         vec![paths.model.clone(), stage1.clone(), subset.clone(), paths.instruction_images.clone()],
         vec![descriptions.clone()],
-        Action::Command { args: cmd.args, resume_from: None },
+        Action::Command { args: cmd.args, resume_from: None, ranks: Ranks::Shards },
         problems.clone(),
         cmd.unsupported,
     );
@@ -405,7 +421,7 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
         "stage 2: each description into the first user turn of its entry".into(),
         vec![subset.clone(), descriptions.clone()],
         vec![infused.clone()],
-        Action::Command { args: cmd.args, resume_from: None },
+        Action::Command { args: cmd.args, resume_from: None, ranks: Ranks::One },
         Vec::new(),
         Vec::new(),
     );
@@ -431,7 +447,11 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
             cfg.stage2.config.clone(),
         ],
         vec![stage2.clone()],
-        Action::Command { args: cmd.args, resume_from: Some(stage2.clone()) },
+        Action::Command {
+            args: cmd.args,
+            resume_from: Some(stage2.clone()),
+            ranks: Ranks::Training { grad_accum: profile.stage2.grad_accum },
+        },
         problems,
         cmd.unsupported,
     );
@@ -499,7 +519,7 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
                 format!("{}: {}", bench.name(), row.label()),
                 reads,
                 vec![dir.clone()],
-                Action::Command { args: cmd.args, resume_from: None },
+                Action::Command { args: cmd.args, resume_from: None, ranks: Ranks::Shards },
                 problems,
                 cmd.unsupported,
             );

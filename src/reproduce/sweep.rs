@@ -317,7 +317,7 @@ fn share(plan: &Plan, keys: &[String], variant: &Variant, produced: &HashMap<Str
             let target = std::path::absolute(theirs).map_err(|e| Error::io(theirs, e))?;
             std::os::unix::fs::symlink(&target, mine).map_err(|e| Error::io(mine, e))?;
         }
-        runner::write_marker(step, &variant.profile, earlier.seconds)?;
+        runner::write_marker(step, &variant.profile, earlier.seconds, None)?;
         eprintln!("{}: {} shared with run {}", variant.label(), step.name, earlier.run);
         shared.push(step.name.clone());
     }
@@ -325,7 +325,12 @@ fn share(plan: &Plan, keys: &[String], variant: &Variant, produced: &HashMap<Str
 }
 
 /// Runs every variant in order, sharing steps, then writes the sweep's table; returns the runs.
-pub fn run_sweep(variants: &[Variant], has_flag: FlagSupport, binary: &Path) -> Result<Vec<VariantRun>> {
+pub fn run_sweep(
+    variants: &[Variant],
+    has_flag: FlagSupport,
+    binary: &Path,
+    launch: &runner::Launch,
+) -> Result<Vec<VariantRun>> {
     let mut produced: HashMap<String, Produced> = HashMap::new();
     let mut runs = Vec::new();
     for (k, variant) in variants.iter().enumerate() {
@@ -339,7 +344,7 @@ pub fn run_sweep(variants: &[Variant], has_flag: FlagSupport, binary: &Path) -> 
         let plan = plan(&variant.profile, has_flag);
         let keys = step_keys(&plan, &variant.profile);
         let shared = share(&plan, &keys, variant, &produced)?;
-        let steps = runner::run_steps(&plan, &variant.profile, binary, None)?;
+        let steps = runner::run_steps(&plan, &variant.profile, binary, launch, None)?;
         for ((step, key), (status, seconds)) in
             plan.steps.iter().zip(&keys).zip(runner::statuses(&plan, &variant.profile)?)
         {
