@@ -32,8 +32,9 @@ pub struct Args {
     /// Images per vision-tower batch.
     #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batch_size: usize,
-    /// Weights' dtype; auto is bf16 on CUDA, f32 on CPU.
-    #[arg(long, default_value = "auto", value_parser = super::choices::dtype())]
+    /// The vision tower's dtype (auto: bf16 on CUDA, f32 on CPU); f32 by default, since the tower is small and
+    /// the features are the output.
+    #[arg(long, default_value = "f32", value_parser = super::choices::dtype())]
     dtype: String,
     /// cpu, cuda, cuda:N or auto (CUDA when there is a GPU); the t-SNE runs there too.
     #[arg(long, default_value = "auto", value_parser = super::choices::device)]
