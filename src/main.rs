@@ -26,6 +26,8 @@ enum Command {
     PrefsToSft(cli::prefs_to_sft::Args),
     /// A seeded list of images of a folder for `prefs --images` (the paper's Fig. 6: 6k, 12k, 30k of train2014).
     SampleImages(cli::sample_images::Args),
+    /// The paper's Fig. 7: CLIP features of image sets (stage-1 images, each benchmark's) in a 2-D t-SNE plot.
+    ImageDistribution(cli::image_distribution::Args),
     /// STIC stage 2: describe the images of an instruction data set (with the stage-1 adapter).
     Describe(cli::describe::Args),
     /// STIC stage 2: put each image's description in front of the first user turn.
@@ -145,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::PrefsMerge(args) => cli::prefs::run_merge(args),
         Command::PrefsToSft(args) => cli::prefs_to_sft::run(args),
         Command::SampleImages(args) => cli::sample_images::run(args),
+        Command::ImageDistribution(args) => cli::image_distribution::run(args),
         Command::Describe(args) => cli::describe::run(args),
         Command::Infuse(args) => cli::infuse::run(args),
         Command::Eval(args) => cli::eval::run(args),
@@ -177,6 +180,10 @@ fn memory_advice(command: &Command) -> &'static str {
             "the cache grows with the rows generated together: halve --batch-size or --max-batch-tokens to about \
              halve it, lower --prefill-chunk (e.g. 1024) to bound a long prompt's step, and on a GPU shared with \
              other processes lower --gpu-memory-fraction (e.g. 0.7)"
+        }
+        Command::ImageDistribution(_) => {
+            "the exact t-SNE holds a few n x n matrices of the images drawn: lower --per-set, or halve --batch-size \
+             for the vision tower"
         }
         Command::Reproduce(_) => {
             "lower batch_size (and raise grad_accum) in the profile's training configs, or the generation steps' \

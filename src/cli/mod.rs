@@ -7,6 +7,7 @@ pub mod describe;
 pub mod dist_check;
 pub mod eval;
 pub mod generate;
+pub mod image_distribution;
 pub mod infuse;
 pub mod init_tiny;
 pub mod job_args;

@@ -55,9 +55,7 @@ pub fn score(opts: &ScoreOptions) -> Result<serde_json::Value> {
     let logprobs = token_logprobs(&logits, &prompt.ids, first);
     if let Some(path) = &opts.logits_out {
         crate::fsutil::create_parent(path)?;
-        let pv = &image.pixel_values;
-        let shape: Vec<i64> = pv.shape().iter().map(|&d| d as i64).collect();
-        let pixels = Tensor::from_slice(pv.as_slice().expect("contiguous")).view(shape.as_slice());
+        let pixels = image.pixel_tensor();
         let (h, w) = image.original_size;
         crate::model::weights::save_safetensors(
             path,

@@ -18,6 +18,15 @@ pub struct Preprocessed {
     pub original_size: (u32, u32),
 }
 
+impl Preprocessed {
+    /// The pixel values as a CPU f32 tensor of the same shape.
+    pub fn pixel_tensor(&self) -> tch::Tensor {
+        let shape: Vec<i64> = self.pixel_values.shape().iter().map(|&d| d as i64).collect();
+        tch::Tensor::from_slice(self.pixel_values.as_slice().expect("pixel values are contiguous"))
+            .view(shape.as_slice())
+    }
+}
+
 /// Turns an RGB image into normalised vision-tower tiles as configured by `cfg.aspect_mode`.
 pub fn preprocess(img: &RgbImage, cfg: &ImageConfig) -> Preprocessed {
     let tiles = match cfg.aspect_mode {

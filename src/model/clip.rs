@@ -1,9 +1,13 @@
 //! CLIP ViT vision tower (pre-LN transformer), as transformers' `CLIPVisionModel`.
-use tch::Tensor;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
 
-use super::config::VisionConfig;
+use super::config::{LlavaConfig, VisionConfig};
 use super::linear::{LayerNorm, Linear};
-use super::weights::Vb;
+use super::llava_next::complete_vision_config;
+use super::weights::{Checkpoint, Vb, WeightSource};
+use crate::error::Result;
+use crate::image::ImageConfig;
 
 struct ClipAttention {
     q_proj: Linear,
@@ -157,5 +161,40 @@ impl ClipVisionTower {
             x = layer.forward(&x);
         }
         x
+    }
+}
+
+/// transformers' `CLIPVisionModel` in full: every encoder layer and `post_layernorm`, for the pooled image feature
+/// (LLaVA itself reads an inner layer and builds neither).
+pub struct ClipVisionModel {
+    tower: ClipVisionTower,
+    post_layernorm: LayerNorm,
+}
+
+impl ClipVisionModel {
+    /// `vb` points at `vision_tower.vision_model`.
+    pub fn new(vb: &Vb, cfg: &VisionConfig) -> Self {
+        ClipVisionModel {
+            tower: ClipVisionTower::new(vb, cfg, cfg.num_hidden_layers),
+            post_layernorm: LayerNorm::new(&vb.pp("post_layernorm"), cfg.hidden_size, cfg.layer_norm_eps),
+        }
+    }
+
+    /// The vision tower of a model folder of any layout stic loads (the tower's own folder for an original
+    /// checkpoint without it), and the image settings of the model.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<(Self, ImageConfig)> {
+        let mut cfg = LlavaConfig::from_dir(dir, None)?;
+        let mut ckpt = Checkpoint::open_dir(dir)?;
+        complete_vision_config(&mut cfg, &mut ckpt, &dir.join("config.json"))?;
+        let source = WeightSource::new(&ckpt, kind, device);
+        let model = tch::no_grad(|| ClipVisionModel::new(&source.root().pp(VISION_MODEL), &cfg.vision));
+        source.finish(|name| !name.starts_with(VISION_MODEL) || name.ends_with("embeddings.position_ids"))?;
+        Ok((model, cfg.image))
+    }
+
+    /// pixel values [n, 3, H, W] -> `pooler_output` [n, d]: the CLS state after the last layer and
+    /// `post_layernorm`.
+    pub fn pooler_output(&self, pixel_values: &Tensor) -> Tensor {
+        self.post_layernorm.forward(&self.tower.forward(pixel_values).select(1, 0))
     }
 }

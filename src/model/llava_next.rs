@@ -161,10 +161,7 @@ impl LlavaNext {
     /// The frozen CLIP tower's selected hidden states of every tile, [tiles, patches, vision_hidden] (no graph; no
     /// adapter reaches the tower, so the DPO reference and policy passes can share them).
     pub fn tower_features(&self, image: &Preprocessed) -> Tensor {
-        let pv = &image.pixel_values;
-        let shape: Vec<i64> = pv.shape().iter().map(|&d| d as i64).collect();
-        let pixels = Tensor::from_slice(pv.as_slice().expect("pixel values are contiguous")).view(shape.as_slice());
-        let hidden = tch::no_grad(|| self.vision_tower.forward(&pixels.to_device(self.device())));
+        let hidden = tch::no_grad(|| self.vision_tower.forward(&image.pixel_tensor().to_device(self.device())));
         match self.cfg.feature_select {
             FeatureSelect::Patch => hidden.narrow(1, 1, hidden.size()[1] - 1),
             FeatureSelect::Full => hidden,
