@@ -42,12 +42,18 @@ IMAGES = ROOT / "data" / "images"
 PROMPTS = json.loads((ROOT / "third_party" / "stic" / "prompts.json").read_text())
 # seconds per step on a GPU (the sum stays under the 8-minute budget with room for start-up); the dry run's are
 # the same limits, its steps take a fraction of them
-STEPS = [("versions", 30), ("dist", 60), ("sdpa", 80), ("correctness", 90), ("generate", 120), ("train", 90),
+STEPS = [("versions", 20), ("dist", 40), ("sdpa", 60), ("correctness", 60), ("generate", 160), ("train", 130),
          ("estimate", 10)]
 TOTAL_BUDGET_S = 480
 # the dry run runs in make test on CPUs that other jobs share: twice the limits, so that load alone cannot fail it
 DRY_RUN_SLACK = 2
-SKIP_7B = "needs --random-weights, not implemented (init-tiny has no 7B geometry)"
+# the full-size runs: stic's hidden --random-weights builds the 7B geometry in memory on the GPU (no checkpoint;
+# the shipped Mistral tokenizer), each run under its own limit (seconds) inside its step's
+FULL_SIZE = "llava-v1.6-mistral-7b"
+FULL_SIZE_LM_PARAMS = 7_241_994_240  # Mistral-7B with llava-hf's 32064-token vocabulary (src/model/geometry.rs)
+FULL_SIZE_GENERATE_S, FULL_SIZE_TRAIN_S = 20, 30
+# dense bf16 peak of the GPUs lent to this project (SXM), for the MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 
 def run(cmd, timeout=None, **kw):
@@ -110,6 +116,20 @@ def measured(cmd, log):
     return wall, usage.ru_maxrss / 2**20, gpu
 
 
+def peak_flops():
+    """The GPU's dense bf16 peak by its name, or None (unknown GPU, or the dry run)."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
+def mfu(flops_per_token_per_param, params, tokens, seconds):
+    peak = peak_flops()
+    return None if peak is None else flops_per_token_per_param * params * tokens / seconds / peak
+
+
 def read_safetensors(path):
     """{name: torch tensor} of a safetensors file, without the safetensors package (not on the device machine)."""
     import torch
@@ -165,13 +185,17 @@ class Context:
                 raise RuntimeError("init-tiny failed: " + out.stderr[-2000:])
         return self.model
 
-    def generate(self, requests, tag, *extra, device=None, dtype="f32"):
-        """stic generate on JSON-lines requests: (rows, stats)."""
+    def full_size(self):
+        """The flags of the full-size model: the 7B geometry, the dry run's tiny one (the same code path)."""
+        return ["--random-weights", "tiny" if self.dry else FULL_SIZE]
+
+    def generate(self, requests, tag, *extra, device=None, dtype="f32", model=None, timeout=None):
+        """stic generate on JSON-lines requests (`model`: its flags, default the tiny folder): (rows, stats)."""
         lines = self.work / f"{tag}.jsonl"
         lines.write_text("".join(json.dumps(r) + "\n" for r in requests))
         stats = self.work / f"{tag}-stats.json"
-        out = run([self.stic, "generate", "--model", self.tiny_model(), "--requests", lines, "--json",
-                   "--device", device or self.device, "--dtype", dtype, "--stats-out", stats, *extra])
+        out = run([self.stic, "generate", *(model or ["--model", self.tiny_model()]), "--requests", lines, "--json",
+                   "--device", device or self.device, "--dtype", dtype, "--stats-out", stats, *extra], timeout)
         if out.returncode != 0:
             raise RuntimeError(f"generate {tag} failed: " + out.stderr[-2000:])
         return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")], json.loads(stats.read_text())
@@ -478,7 +502,39 @@ def step_generate(ctx):
                    question=mean["question"])
     return dict(model="tiny (stic init-tiny)", lm_parameters=lm_parameters(ctx.tiny_model()),
                 dtype="f32" if ctx.dry else "bf16", requests=len(requests), runs=runs, prompt_lengths=lengths,
-                full_size_7b=dict(status="skipped", reason=SKIP_7B))
+                full_size_7b=generate_full_size(ctx, requests, dict(runs=runs)))
+
+
+def full_size_params(ctx):
+    return lm_parameters(ctx.tiny_model()) if ctx.dry else FULL_SIZE_LM_PARAMS
+
+
+def generate_full_size(ctx, requests, measured_so_far):
+    """The 7B geometry (--random-weights, bf16; the dry run: tiny, f32) at 8 / 32 / 64 slots, graphs on, on the
+    first 64 requests of the mix at most 32 new tokens each, each run under its own limit: generated tokens/s,
+    peak memory, MFU (2 x parameters x generated and prompt tokens / time / the GPU's peak)."""
+    requests = [dict(r, max_new_tokens=min(r["max_new_tokens"], 32)) for r in requests[:64]]
+    params, dtype = full_size_params(ctx), "f32" if ctx.dry else "bf16"
+    result = dict(model=" ".join(ctx.full_size()), lm_parameters=params, dtype=dtype, runs={})
+    for slots in (8, 32, 64):
+        tag = f"full-size-slots{slots}"
+        try:
+            _, s = ctx.generate(requests, tag, "--batch-size", str(slots), "--ignore-eos", "--warmup", dtype=dtype,
+                                model=ctx.full_size(), timeout=FULL_SIZE_GENERATE_S * (DRY_RUN_SLACK if ctx.dry else 1))
+        except subprocess.TimeoutExpired:
+            result["runs"][tag] = dict(slots=slots, status="timeout", limit_s=FULL_SIZE_GENERATE_S)
+            continue
+        except RuntimeError as e:
+            result["runs"][tag] = dict(slots=slots, status="failed", error=str(e)[-1000:])
+            continue
+        tokens = s["generated_tokens"] + s["prompt_tokens"]
+        result["runs"][tag] = dict(slots=slots, status="ok", seconds=s["seconds"],
+                                   generated_tok_s=s["generated_tokens"] / s["seconds"],
+                                   prompt_tokens=s["prompt_tokens"], generated_tokens=s["generated_tokens"],
+                                   peak_gib=s["gpu_memory_gib"] if ctx.device == "cuda" else s["peak_rss_gib"],
+                                   mfu=mfu(2, params, tokens, s["seconds"]))
+        ctx.partial(dict(measured_so_far, full_size_7b=result))
+    return result
 
 
 def step_train(ctx):
@@ -511,8 +567,35 @@ def step_train(ctx):
                             tokens_per_step=summary["train_tokens"] / summary["steps"],
                             tokens_per_s_last_step=last, peak_rss_gib=rss, peak_gpu_gib=gpu)
         ctx.partial(result)
-    result["full_size_7b"] = dict(status="skipped", reason=SKIP_7B)
+    result["full_size_7b"] = full_size_train = dict(model=" ".join(ctx.full_size()), dtype=dtype,
+                                                    lm_parameters=full_size_params(ctx))
+    for kind, data, stage in [("dpo", pairs, "stage1"), ("sft", sft, "stage2")]:
+        full_size_train[kind] = train_full_size(ctx, kind, data, stage, dtype)
+        ctx.partial(result)
     return result
+
+
+def train_full_size(ctx, kind, data, stage, dtype):
+    """2 optimizer steps of the full-size geometry at the paper profile's shapes (configs/paper/STAGE.yaml: LoRA
+    r 128, its batch size and max_length, gradient checkpointing; one micro-batch a step) under its own limit:
+    step time, tokens/s, peak memory, MFU (6 x parameters x tokens / time / the GPU's peak; LoRA's backward skips
+    the frozen weights' gradients, so this counts what a full fine-tune would do)."""
+    out = ctx.work / f"train-{kind}-full-size"
+    limit = FULL_SIZE_TRAIN_S * (DRY_RUN_SLACK if ctx.dry else 1)
+    cmd = ["timeout", limit, ctx.stic, f"train-{kind}", *ctx.full_size(), "--config",
+           ROOT / "configs" / "paper" / f"{stage}.yaml", "--data", data, "--image-dir", IMAGES, "--output", out,
+           "--max-steps", 2, "--grad-accum", 1, "--save-steps", "100000", "--report-to", "none",
+           "--device", ctx.device, "--dtype", dtype]
+    try:
+        wall, rss, gpu = measured(cmd, ctx.work / f"train-{kind}-full-size.log")
+    except RuntimeError as e:
+        return dict(status="failed or timeout", limit_s=limit, error=str(e)[-1000:])
+    summary = json.loads((out / "train_summary.json").read_text())
+    step_s = summary["seconds"] / summary["steps"]
+    tokens_per_step = summary["train_tokens"] / summary["steps"]
+    return dict(status="ok", wall_s=wall, step_s_mean=step_s, tokens_per_step=tokens_per_step,
+                tokens_per_s_last_step=summary["final"]["tokens_per_s"], peak_rss_gib=rss, peak_gpu_gib=gpu,
+                mfu=mfu(6, full_size_params(ctx), tokens_per_step, step_s))
 
 
 def step_estimate(ctx, results):

@@ -23,7 +23,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     run_describe(&DescribeOptions {
-        model: args.model.spec(),
+        model: args.model.spec(args.job.sampling.seed),
         data: args.data,
         image_dir: args.image_dir,
         output: args.output,

@@ -123,7 +123,7 @@ impl SelectionArgs {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let run = EvalRun {
-        model: args.model.spec(),
+        model: args.model.spec(0),
         benchmark: args.benchmark,
         data: args.data,
         output: args.output,

@@ -64,7 +64,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = GenerateOptions {
-        model: args.model.spec(),
+        model: args.model.spec(args.seed),
         images: args.images,
         prompts: args.prompts,
         texts: args.texts,

@@ -1,15 +1,20 @@
 //! Flags shared by every command that loads a model.
 use std::path::PathBuf;
 
-use stic::generate::session::ModelSpec;
+use stic::generate::session::{ModelSource, ModelSpec};
 use stic::image::Processing;
+use stic::model::geometry::Geometry;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model folder: config.json, the tokenizer and *.safetensors (llava-hf or original LLaVA layout), or a hub
     /// id (`llava-hf/llava-v1.6-mistral-7b-hf`, `owner/name@revision`) found in the local Hugging Face cache.
-    #[arg(long, value_parser = hub_path)]
-    pub model: PathBuf,
+    #[arg(long, value_parser = hub_path, required_unless_present = "random_weights")]
+    pub model: Option<PathBuf>,
+    /// Instead of --model: this geometry with random weights made on the device from --seed (0 where the command
+    /// has none), nothing read or written; the shipped Mistral tokenizer (throughput checks).
+    #[arg(long, value_name = "GEOMETRY", hide = true, conflicts_with = "model")]
+    pub random_weights: Option<Geometry>,
     /// PEFT LoRA adapter folder (from stic, Python PEFT, or STIC's released adapters), or its hub id in the
     /// local Hugging Face cache.
     #[arg(long, value_parser = hub_path)]
@@ -40,9 +45,10 @@ pub struct ProcessingArg {
 }
 
 impl ModelArgs {
-    pub fn spec(&self) -> ModelSpec {
+    /// The model these flags name; `seed` draws the weights of --random-weights.
+    pub fn spec(&self, seed: u64) -> ModelSpec {
         ModelSpec {
-            model: self.model.clone(),
+            model: ModelSource::from_flags(self.model.clone(), self.random_weights, seed),
             adapter: self.adapter.clone(),
             processing: self.processing.processing,
             dtype: self.dtype.clone(),

@@ -48,7 +48,7 @@ pub enum ResizeFilter {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     run_prefs(&PrefsOptions {
-        model: args.model.spec(),
+        model: args.model.spec(args.job.sampling.seed),
         image_dir: args.image_dir,
         images: args.images,
         output: args.output,

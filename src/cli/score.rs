@@ -31,7 +31,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let line = score(&ScoreOptions {
-        model: args.model.spec(),
+        model: args.model.spec(0),
         image: args.image,
         prompt: args.prompt,
         text: args.text,

@@ -9,8 +9,12 @@ use stic::train::tracking::ReportTo;
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// Base model folder, or its hub id in the local Hugging Face cache.
-    #[arg(long, value_parser = super::model_args::hub_path)]
-    model: PathBuf,
+    #[arg(long, value_parser = super::model_args::hub_path, required_unless_present = "random_weights")]
+    model: Option<PathBuf>,
+    /// Instead of --model: this geometry with random weights made on the device from the seed, nothing read or
+    /// written; the shipped Mistral tokenizer (throughput checks).
+    #[arg(long, value_name = "GEOMETRY", hide = true, conflicts_with = "model")]
+    random_weights: Option<stic::model::geometry::Geometry>,
     #[command(flatten)]
     processing: super::model_args::ProcessingArg,
     /// Training data: preference pairs JSONL (`stic prefs`) for train-dpo, LLaVA-format conversations for
@@ -157,6 +161,7 @@ impl TrainArgs {
     fn run(&self, dpo: Overrides) -> TrainRun {
         TrainRun {
             model: self.model.clone(),
+            random_weights: self.random_weights,
             processing: self.processing.processing,
             data: self.data.clone(),
             image_dir: self.image_dir.clone(),

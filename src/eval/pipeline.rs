@@ -139,7 +139,7 @@ pub fn evaluate(run: &EvalRun) -> Result<Evaluated> {
         stic: BUILD,
         benchmark: benchmark_run(bench, &run.data, &run.selection),
         predictions_sha256: String::new(),
-        model: Some(Weights::of(&run.model.model, "config.json")?),
+        model: Some(Weights::of(run.model.model.folder("eval")?, "config.json")?),
         adapter: run.model.adapter.as_deref().map(|dir| Weights::of(dir, "adapter_config.json")).transpose()?,
         template: Some(template.name()),
         profile: run.profile.clone(),
@@ -157,7 +157,7 @@ pub fn evaluate(run: &EvalRun) -> Result<Evaluated> {
         judge: None,
     };
     let setup = DescriptionSetup {
-        model: folder_fingerprint(&run.model.model)?,
+        model: folder_fingerprint(run.model.model.folder("eval")?)?,
         adapter: run.model.adapter.as_deref().map(folder_fingerprint).transpose()?,
         prompt: description_prompt.clone(),
         template: template.name(),

@@ -6,6 +6,7 @@ use crate::adapter::Adapter;
 use crate::error::{Error, Result};
 use crate::generate::{expand_image_tokens, PreparedPrompt};
 use crate::image::{self, Preprocessed, Processing};
+use crate::model::geometry::Geometry;
 use crate::model::{LlavaConfig, LlavaNext};
 use crate::text::tokenizer::IMAGE_TOKEN;
 use crate::text::TextTokenizer;
@@ -50,11 +51,51 @@ pub fn parse_dtype(name: &str, device: Device) -> Result<Kind> {
     }
 }
 
-/// Where a command's model comes from and how it runs: the model folder, an optional PEFT adapter on top, whose
+/// Where a model's weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A model folder.
+    Folder(PathBuf),
+    /// A geometry with random weights made in memory from a seed, with the shipped Mistral tokenizer
+    /// (`--random-weights`: throughput checks without the checkpoint).
+    Random { geometry: Geometry, seed: u64 },
+}
+
+impl ModelSource {
+    /// `--model` or `--random-weights` (the command's parser requires one of them) and the seed of the latter.
+    pub fn from_flags(model: Option<PathBuf>, random_weights: Option<Geometry>, seed: u64) -> Self {
+        match (model, random_weights) {
+            (Some(dir), _) => ModelSource::Folder(dir),
+            (None, Some(geometry)) => ModelSource::Random { geometry, seed },
+            (None, None) => unreachable!("--model or --random-weights is required"),
+        }
+    }
+
+    /// The model folder; `what` (a command's step) needs one.
+    pub fn folder(&self, what: &str) -> Result<&Path> {
+        match self {
+            ModelSource::Folder(dir) => Ok(dir),
+            ModelSource::Random { .. } => {
+                Err(Error::Input(format!("{what} needs a model folder: give --model instead of --random-weights")))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelSource::Folder(dir) => write!(f, "{}", dir.display()),
+            ModelSource::Random { geometry, seed } => write!(f, "random-weights:{}:seed{seed}", geometry.name()),
+        }
+    }
+}
+
+/// Where a command's model comes from and how it runs: the model, an optional PEFT adapter on top, whose
 /// processing to follow, and the dtype and device names (`auto` resolved when loading).
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
-    pub model: PathBuf,
+    pub model: ModelSource,
     pub adapter: Option<PathBuf>,
     pub processing: Option<Processing>,
     pub dtype: String,
@@ -72,13 +113,21 @@ impl ModelSpec {
 
     pub fn load_on(&self, device: Device) -> Result<Session> {
         let kind = parse_dtype(&self.dtype, device)?;
-        Session::load(&self.model, self.adapter.as_deref(), self.processing, kind, device)
+        match &self.model {
+            ModelSource::Folder(dir) => Session::load(dir, self.adapter.as_deref(), self.processing, kind, device),
+            ModelSource::Random { geometry, seed } => {
+                Session::random(*geometry, *seed, self.processing, kind, device)?.with_adapter(self.adapter.as_deref())
+            }
+        }
     }
 
     /// Refuses an `output` (of `flag`) that would overwrite one of `inputs` or write into the model or adapter
     /// folder.
     pub fn check_output(&self, flag: &str, output: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
-        let mut all = vec![("--model", self.model.as_path())];
+        let mut all = Vec::new();
+        if let ModelSource::Folder(dir) = &self.model {
+            all.push(("--model", dir.as_path()));
+        }
         all.extend(self.adapter.as_deref().map(|adapter| ("--adapter", adapter)));
         all.extend_from_slice(inputs);
         crate::fsutil::check_output(flag, output, &all)
@@ -97,7 +146,10 @@ impl ModelSpec {
             .and_then(|device| parse_dtype(&self.dtype, device))
             .map_or_else(|_| self.dtype.clone(), |kind| format!("{kind:?}"));
         let mut settings = serde_json::json!({
-            "model": resolved(&self.model),
+            "model": match &self.model {
+                ModelSource::Folder(dir) => resolved(dir).display().to_string(),
+                random => random.to_string(),
+            },
             "adapter": self.adapter.as_deref().map(resolved),
             "dtype": dtype,
         });
@@ -126,9 +178,32 @@ impl Session {
         let cfg = LlavaConfig::from_dir(model_dir, processing)?;
         let mut tokenizer = TextTokenizer::from_dir(model_dir, cfg.image.processing)?;
         tokenizer.limit_to_model_vocab(cfg.text.vocab_size);
-        let mut model = LlavaNext::load(model_dir, cfg, kind, device)?;
-        let adapter = adapter_dir.map(|dir| Adapter::load(&mut model, dir, false)).transpose()?;
-        Ok(Session { model, tokenizer, adapter })
+        let model = LlavaNext::load(model_dir, cfg, kind, device)?;
+        Session { model, tokenizer, adapter: None }.with_adapter(adapter_dir)
+    }
+
+    fn with_adapter(mut self, adapter_dir: Option<&Path>) -> Result<Self> {
+        self.adapter = adapter_dir.map(|dir| Adapter::load(&mut self.model, dir, false)).transpose()?;
+        Ok(self)
+    }
+
+    /// A model of `geometry` with random weights drawn from `seed` on `device` (what `init-tiny --seed` writes,
+    /// for the tiny geometry), and the shipped tokenizer.
+    pub fn random(
+        geometry: Geometry,
+        seed: u64,
+        processing: Option<Processing>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let mut cfg = geometry.config();
+        if let Some(processing) = processing {
+            cfg.image.processing = processing;
+        }
+        let mut tokenizer = TextTokenizer::shipped_mistral(cfg.image.processing)?;
+        tokenizer.limit_to_model_vocab(cfg.text.vocab_size);
+        let model = LlavaNext::random(cfg, seed as i64, kind, device)?;
+        Ok(Session { model, tokenizer, adapter: None })
     }
 
     pub fn load_image(&self, path: &Path) -> Result<Preprocessed> {

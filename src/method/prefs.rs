@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::corrupt::Corruption;
 use crate::error::{Error, Result};
 use crate::generate::engine::EngineOptions;
-use crate::generate::session::ModelSpec;
+use crate::generate::session::{ModelSource, ModelSpec};
 use crate::generate::SamplingConfig;
 use crate::image::Filter;
 use crate::jobs::job::{GenerationTask, JobSummary, Request, ShardedJob};
@@ -85,7 +85,11 @@ impl SticJobOptions {
         };
         let template = match self.template {
             Some(template) => template,
-            None => default_template(&model.model)?,
+            None => match &model.model {
+                ModelSource::Folder(dir) => default_template(dir)?,
+                // both geometries are LLaVA-v1.6-Mistral's
+                ModelSource::Random { .. } => Template::MistralInstruct,
+            },
         };
         Ok(ShardedJob {
             model,
@@ -205,7 +209,7 @@ pub fn run_prefs(opts: &PrefsOptions) -> Result<JobSummary> {
         prompts,
         image_dir: &opts.image_dir,
         seed: opts.job.seed,
-        model_name: opts.model.model.display().to_string(),
+        model_name: opts.model.model.to_string(),
         max_pixels: session.model.cfg.image.max_pixels,
         apply_corruption: opts.apply_corruption,
         resize_filter: opts.resize_filter,

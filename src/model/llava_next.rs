@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 use super::clip::{ClipVisionTower, LAYER_LINEARS, VISION_MODEL};
 use super::config::{check_tower_agrees, FeatureSelect, LlavaConfig, VisionConfig, VisionTower};
 use super::decoder::DecoderModel;
+use super::geometry::random_tensors;
 use super::projector::Projector;
 use super::weights::{Checkpoint, Vb, WeightSource};
 use crate::error::{Error, Result};
@@ -124,7 +125,18 @@ impl LlavaNext {
     }
 
     pub fn from_checkpoint(cfg: LlavaConfig, ckpt: &Checkpoint, kind: Kind, device: Device) -> Result<Self> {
-        let source = WeightSource::new(ckpt, kind, device);
+        Self::from_source(cfg, WeightSource::new(ckpt, kind, device))
+    }
+
+    /// A model of `cfg` with the weights `init-tiny` would draw from `seed`, made on `device` in `kind` (never
+    /// written anywhere).
+    pub fn random(cfg: LlavaConfig, seed: i64, kind: Kind, device: Device) -> Result<Self> {
+        tch::manual_seed(seed);
+        let tensors = random_tensors(&cfg, kind, device);
+        Self::from_source(cfg, WeightSource::from_tensors(tensors, kind, device))
+    }
+
+    fn from_source(cfg: LlavaConfig, source: WeightSource) -> Result<Self> {
         let vb = source.root();
         let model = tch::no_grad(|| -> Result<Self> {
             Ok(LlavaNext {

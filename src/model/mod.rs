@@ -3,6 +3,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod decoder;
+pub mod geometry;
 pub mod linear;
 pub mod llava_next;
 pub mod lora;

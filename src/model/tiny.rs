@@ -2,12 +2,9 @@
 use std::path::Path;
 use tch::{Device, Kind};
 
-use super::clip::ClipVisionTower;
 use super::config::{DecoderFamily, FeatureSelect, Layout, TextConfig, VisionConfig};
-use super::decoder::DecoderModel;
-use super::linear::LayerNorm;
-use super::projector::Projector;
-use super::weights::{save_safetensors, WeightSource};
+use super::geometry::random_tensors;
+use super::weights::save_safetensors;
 use super::LlavaConfig;
 use crate::error::Result;
 use crate::fsutil::{create_dir, write_atomic, write_dir_atomic};
@@ -95,13 +92,5 @@ fn write_random_weights(dir: &Path, seed: i64) -> Result<()> {
     let cfg = tiny_config();
     write_model_files(dir, &cfg)?;
     tch::manual_seed(seed);
-    let source = WeightSource::random(Kind::Float, Device::Cpu);
-    let vb = source.root();
-    let vision = vb.pp("vision_tower.vision_model");
-    ClipVisionTower::new(&vision, &cfg.vision, cfg.vision.num_hidden_layers);
-    LayerNorm::new(&vision.pp("post_layernorm"), cfg.vision.hidden_size, cfg.vision.layer_norm_eps);
-    Projector::new(&vb.pp("multi_modal_projector"), cfg.vision.hidden_size, cfg.text.hidden_size);
-    let _ = vb.get(&[cfg.text.hidden_size as i64], "image_newline");
-    DecoderModel::new(&vb.pp("language_model"), &cfg.text);
-    save_safetensors(&dir.join("model.safetensors"), &source.into_generated())
+    save_safetensors(&dir.join("model.safetensors"), &random_tensors(&cfg, Kind::Float, Device::Cpu))
 }

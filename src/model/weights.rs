@@ -355,6 +355,8 @@ enum Backing<'a> {
     Checkpoint(&'a Checkpoint),
     /// Fresh random tensors (for `init-tiny`), remembered so they can be saved.
     Random(RefCell<Vec<(String, Tensor)>>),
+    /// Tensors made in memory (`--random-weights`), already of the source's kind and device.
+    Tensors(HashMap<String, Tensor>),
 }
 
 /// Hands out the tensors a model asks for by module path, and remembers every missing or mis-shaped one so that
@@ -378,6 +380,10 @@ impl<'a> WeightSource<'a> {
         Self::with_backing(Backing::Random(RefCell::new(Vec::new())), kind, device)
     }
 
+    pub fn from_tensors(tensors: Vec<(String, Tensor)>, kind: Kind, device: Device) -> Self {
+        Self::with_backing(Backing::Tensors(tensors.into_iter().collect()), kind, device)
+    }
+
     fn with_backing(backing: Backing<'a>, kind: Kind, device: Device) -> Self {
         WeightSource {
             backing,
@@ -396,7 +402,7 @@ impl<'a> WeightSource<'a> {
     pub fn into_generated(self) -> Vec<(String, Tensor)> {
         match self.backing {
             Backing::Random(generated) => generated.into_inner(),
-            Backing::Checkpoint(_) => Vec::new(),
+            Backing::Checkpoint(_) | Backing::Tensors(_) => Vec::new(),
         }
     }
 
@@ -440,6 +446,7 @@ impl<'a> WeightSource<'a> {
         match &self.backing {
             Backing::Checkpoint(c) => c.contains(name),
             Backing::Random(generated) => generated.borrow().iter().any(|(n, _)| n == name),
+            Backing::Tensors(tensors) => tensors.contains_key(name),
         }
     }
 
@@ -451,6 +458,12 @@ impl<'a> WeightSource<'a> {
                 let t = random_init(name, shape, self.kind, self.device);
                 generated.borrow_mut().push((name.to_string(), t.shallow_clone()));
                 return t;
+            }
+            Backing::Tensors(tensors) => {
+                return match tensors.get(name) {
+                    Some(t) if t.size() == shape => t.shallow_clone(),
+                    _ => panic!("{name} {shape:?} is not among the tensors made for this model's geometry"),
+                };
             }
         };
         let placeholder = || Tensor::zeros([0], (self.kind, Device::Cpu));

@@ -64,19 +64,7 @@ impl TextTokenizer {
             }
             let inner = tokenizers::Tokenizer::from_file(&json)
                 .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
-            let id = |token: &str| inner.token_to_id(token).map(i64::from);
-            let missing =
-                |token: &str| Error::Tokenizer(format!("{}: token {token} is not in the vocabulary", json.display()));
-            Ok(TextTokenizer {
-                bos_id: id("<s>").ok_or_else(|| missing("<s>"))?,
-                eos_id: id("</s>").ok_or_else(|| missing("</s>"))?,
-                pad_id: id("<pad>").or_else(|| id("<unk>")).ok_or_else(|| missing("<unk>"))?,
-                image_id: IMAGE_TOKEN_INDEX,
-                backend: Backend::Fast { image_id: inner.token_to_id(IMAGE_TOKEN), inner },
-                processing,
-                source: json,
-                model_vocab: None,
-            })
+            Self::fast(inner, json, processing)
         } else {
             let slow = SlowTokenizer::from_dir(dir)?;
             let pad = slow.pad_id.unwrap_or(slow.sentencepiece().unk_id());
@@ -91,6 +79,36 @@ impl TextTokenizer {
                 model_vocab: None,
             })
         }
+    }
+
+    /// The Mistral-7B tokenizer.json that stic ships (`init-tiny` writes it), for a model made in memory.
+    pub fn shipped_mistral(processing: Processing) -> Result<Self> {
+        if processing == Processing::Llava {
+            return Err(Error::Input(
+                "--random-weights comes with the shipped tokenizer.json only, which LLaVA's code path does not \
+                 read: pass --processing transformers"
+                    .into(),
+            ));
+        }
+        let (name, bytes) = crate::model::tiny::TOKENIZER_FILES[0];
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(format!("{name}: {e}")))?;
+        Self::fast(inner, PathBuf::from(name), processing)
+    }
+
+    fn fast(inner: tokenizers::Tokenizer, source: PathBuf, processing: Processing) -> Result<Self> {
+        let id = |token: &str| inner.token_to_id(token).map(i64::from);
+        let missing =
+            |token: &str| Error::Tokenizer(format!("{}: token {token} is not in the vocabulary", source.display()));
+        Ok(TextTokenizer {
+            bos_id: id("<s>").ok_or_else(|| missing("<s>"))?,
+            eos_id: id("</s>").ok_or_else(|| missing("</s>"))?,
+            pad_id: id("<pad>").or_else(|| id("<unk>")).ok_or_else(|| missing("<unk>"))?,
+            image_id: IMAGE_TOKEN_INDEX,
+            backend: Backend::Fast { image_id: inner.token_to_id(IMAGE_TOKEN), inner },
+            processing,
+            source,
+            model_vocab: None,
+        })
     }
 
     /// Refuse ids that the model has no embedding for (a tokenizer of another model).

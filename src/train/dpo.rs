@@ -186,13 +186,15 @@ impl Objective for DpoObjective {
     ) -> Result<StepOutput> {
         let (pass, recompute) = self.forward(model, examples, true, seed)?;
         let loss = pass.losses.mean(Kind::Float);
-        let loss_value = loss.double_value(&[]);
-        if !loss_value.is_finite() {
-            return Err(Error::Training(format!("the loss is non-finite ({loss_value})")));
-        }
         backward(model, &(&loss * loss_scale), recompute);
-        let mean = |t: &Tensor| t.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-        Ok(StepOutput { metrics: pass.per_pair_metrics().iter().map(mean).collect(), tokens: pass.tokens })
+        // the metrics' means (the loss first) in one read from the device, after backward is queued
+        let means: Vec<Tensor> =
+            pass.per_pair_metrics().iter().map(|t| t.to_kind(Kind::Float).mean(Kind::Float)).collect();
+        let metrics = Vec::<f64>::try_from(Tensor::stack(&means, 0).to_kind(Kind::Double))?;
+        if !metrics[0].is_finite() {
+            return Err(Error::Training(format!("the loss is non-finite ({})", metrics[0])));
+        }
+        Ok(StepOutput { metrics, tokens: pass.tokens })
     }
 
     fn eval_metric_names(&self) -> &'static [&'static str] {

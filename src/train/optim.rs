@@ -86,6 +86,12 @@ impl AdamW {
     }
 }
 
+/// Whether every element of every tensor is finite, read from the device once.
+pub fn all_finite<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> bool {
+    let flags: Vec<Tensor> = tensors.map(|t| t.isfinite().all()).collect();
+    flags.is_empty() || bool::try_from(Tensor::stack(&flags, 0).all()).unwrap_or(false)
+}
+
 /// Scales all gradients so that their global L2 norm is at most `max_norm`; returns the norm before clipping.
 pub fn clip_grad_norm<'a>(params: impl Iterator<Item = &'a Tensor>, max_norm: f64) -> f64 {
     let grads: Vec<Tensor> = params.map(|p| p.grad()).filter(|g| g.defined()).collect();
@@ -122,6 +128,17 @@ pub fn cosine_with_warmup(step: usize, warmup_steps: usize, total_steps: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_finite_finds_one_non_finite_element_among_the_tensors() {
+        let finite = [Tensor::from_slice(&[1.0f32, 2.0]), Tensor::from_slice(&[3.0f32])];
+        assert!(all_finite(finite.iter()));
+        assert!(all_finite(std::iter::empty()));
+        for bad in [f32::NAN, f32::INFINITY] {
+            let tensors = [Tensor::from_slice(&[1.0f32, 2.0]), Tensor::from_slice(&[3.0f32, bad])];
+            assert!(!all_finite(tensors.iter()));
+        }
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {

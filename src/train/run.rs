@@ -132,6 +132,7 @@ fn train<O: Objective>(
     });
     let samples_path = samples.as_ref().map(|s| s.path().to_path_buf());
     let has_eval = !examples.eval.is_empty();
+    let base_model = run.model_spec(&cfg).model.to_string();
     let mut trainer = Trainer {
         model: &session.model,
         adapter,
@@ -139,7 +140,7 @@ fn train<O: Objective>(
         examples: examples.train,
         cfg,
         output: run.output.clone(),
-        base_model: run.model.display().to_string(),
+        base_model,
         stop_after: run.stop_after_steps,
         group: group.as_ref(),
         eval_examples: examples.eval,

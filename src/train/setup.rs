@@ -12,16 +12,19 @@ use super::trainer::check_enough_examples;
 use crate::adapter::Adapter;
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
-use crate::generate::session::{ModelSpec, Session};
+use crate::generate::session::{ModelSource, ModelSpec, Session};
 use crate::image::Processing;
+use crate::model::geometry::Geometry;
 use crate::model::LlavaNext;
 
 /// A training run: its inputs and outputs, and the settings that replace those of the YAML config. The fields
 /// are the flags of `train-dpo` and `train-sft`, whose messages name them.
 #[derive(Debug, Clone)]
 pub struct TrainRun {
-    /// The base model folder.
-    pub model: PathBuf,
+    /// The base model folder, or (when None) `random_weights`.
+    pub model: Option<PathBuf>,
+    /// A geometry with random weights drawn from the config's seed instead of a model folder.
+    pub random_weights: Option<Geometry>,
     pub processing: Option<Processing>,
     /// Preference pairs JSONL for DPO, LLaVA-format conversations for SFT.
     pub data: PathBuf,
@@ -114,9 +117,9 @@ impl TrainRun {
         Ok(cfg)
     }
 
-    fn model_spec(&self, cfg: &TrainConfig) -> ModelSpec {
+    pub(super) fn model_spec(&self, cfg: &TrainConfig) -> ModelSpec {
         ModelSpec {
-            model: self.model.clone(),
+            model: ModelSource::from_flags(self.model.clone(), self.random_weights, cfg.seed),
             adapter: None,
             processing: self.processing,
             dtype: cfg.dtype.clone(),

@@ -38,11 +38,12 @@ impl Objective for SftObjective {
     ) -> Result<StepOutput> {
         let (pass, recompute) = self.forward(model, examples, true, seed)?;
         let loss = &pass.nll / pass.scored.max(1) as f64;
+        backward(model, &(&loss * loss_scale), recompute);
+        // read after backward is queued, so that the device is not drained between the passes
         let value = loss.double_value(&[]);
         if !value.is_finite() {
             return Err(Error::Training(format!("the loss is non-finite ({value})")));
         }
-        backward(model, &(&loss * loss_scale), recompute);
         Ok(StepOutput { metrics: vec![value, pass.scored as f64], tokens: pass.tokens })
     }
 

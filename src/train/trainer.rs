@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::TrainConfig;
 use super::objective::Objective;
-use super::optim::{clip_grad_norm, cosine_with_warmup, AdamW, AdamWConfig, ParamGroup};
+use super::optim::{all_finite, clip_grad_norm, cosine_with_warmup, AdamW, AdamWConfig, ParamGroup};
 use super::samples::SampleWriter;
 use super::tracking::{Tracker, TrainRow, TrainerState};
 use crate::adapter::Adapter;
@@ -140,7 +140,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
             let factor = cosine_with_warmup(step, warmup, total);
             optimizer.step(factor);
             optimizer.zero_grad();
-            if !optimizer.parameters().all(|p| bool::try_from(p.isfinite().all()).unwrap_or(false)) {
+            if !all_finite(optimizer.parameters()) {
                 return Err(Error::Training(format!(
                     "the update of step {} made the weights non-finite (gradient norm {grad_norm:.3e}); nothing of it was \
                      saved, {}: lower the learning rate",

@@ -278,6 +278,22 @@ def test_a_hub_id_loads_from_the_hf_cache(tiny, tmp_path):
     assert proc.returncode == 0 and proc.stdout == expected, proc.stderr
 
 
+def test_random_weights_tiny_is_the_init_tiny_model_of_the_seed(tmp_path):
+    """`--random-weights tiny --seed S` builds in memory the weights `init-tiny --seed S` writes: the same greedy
+    tokens, in f32 and bf16; another seed gives another model."""
+    model = tmp_path / "model"
+    run_stic("init-tiny", "--output", model, "--seed", "3", timeout=120)
+    args = ["--image", IMAGES / "chelsea.png", "--prompt", "What is this?", "--max-new-tokens", "8", "--device",
+            "cpu", "--json"]
+    tokens = lambda *flags: json.loads(run_stic("generate", *flags, *args).stdout)["tokens"]
+    for dtype in ["f32", "bf16"]:
+        expected = tokens("--model", model, "--seed", "3", "--dtype", dtype)
+        assert tokens("--random-weights", "tiny", "--seed", "3", "--dtype", dtype) == expected
+    assert tokens("--random-weights", "tiny", "--seed", "4") != tokens("--model", model)
+    proc = run_stic("generate", "--random-weights", "tiny", "--model", model, *args, check=False)
+    assert proc.returncode == 2 and "cannot be used with" in proc.stderr
+
+
 def test_a_hub_id_not_in_the_cache_says_how_to_download_it(tmp_path):
     cache = tmp_path / "hub"
     cache.mkdir()
