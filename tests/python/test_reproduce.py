@@ -584,19 +584,29 @@ def test_quirk_sweep_shares_steps_and_resumes_after_a_kill(world, tmp_path):
     marker = sweep / "stage2-config-loss_weighting-stage2-config-device_batch" / ".steps" / "infuse.json"
     deadline = time.time() + TIMEOUT
     while not marker.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_log = first.stderr.read()
-    assert marker.exists(), killed_log
-    done_first = killed_log.count(" done in ")
+    assert marker.exists() and first.returncode == -signal.SIGKILL, killed_log
+    folders = [tmp_path / "run"] + [p for p in sweep.iterdir() if p.is_dir() and p.name != "configs"]
+    done_before = {str(f): {m.stem for m in (f / ".steps").glob("*.json")} for f in folders}
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert summary["runs"] == 4
-    # every step once: the base report runs again, the rest of the 22 to run once over both invocations
-    assert summary["steps_run"] == 22 - done_first + 1, (done_first, summary)
     assert summary["steps_run"] + summary["steps_shared"] + summary["steps_skipped"] == 36
+    ran_again = 0
+    for run in summary["sweep"]:
+        done = done_before.get(run["output"], set())
+        ran = {s["name"] for s in run["steps"] if s["ran"]}
+        assert {s["name"] for s in run["steps"] if not s["ran"]} - set(run["shared"]) == done, run
+        assert not ran & done, run
+        ran_again += len(ran - {"report"})
+    # every step but the reports ran once over the two invocations: 18 of the 22 to run
+    shared_first = killed_log.count(" shared with run ")
+    assert ran_again + sum(map(len, done_before.values())) - shared_first == 18, (killed_log, summary)
+    assert summary["steps_skipped"] >= 14, summary  # the base run's eight steps, the six the second shared
     by_run = {r["run"]: r for r in summary["sweep"]}
     assert by_run["generation.top_k"]["shared"] == ["stage2-subset", "eval-original-scienceqa"]
     assert len(by_run["eval.scienceqa_questions"]["shared"]) == 6
