@@ -259,9 +259,16 @@ pub struct EvalSettings {
     /// An OpenAI-compatible endpoint for the judged benchmarks; without one their answers are written for the
     /// official graders and the report shows no number.
     pub judge_url: Option<String>,
+    /// LLaVA-Bench: independent judge runs, their mean reported and their spread in its summary (Fig. 4: 3).
+    #[serde(default = "one")]
+    pub judge_runs: usize,
     pub batch_size: usize,
     /// Benchmark name -> its folder under `paths.eval_root`.
     pub benchmarks: BTreeMap<String, String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -396,9 +403,11 @@ impl Profile {
             }
             _ => {}
         }
-        for (what, value) in
-            [("generation.batch_size", cfg.generation.batch_size), ("eval.batch_size", cfg.eval.batch_size)]
-        {
+        for (what, value) in [
+            ("generation.batch_size", cfg.generation.batch_size),
+            ("eval.batch_size", cfg.eval.batch_size),
+            ("eval.judge_runs", cfg.eval.judge_runs),
+        ] {
             if value == 0 {
                 return Err(bad(format!("{what} must be at least 1")));
             }

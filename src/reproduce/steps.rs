@@ -500,6 +500,9 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
             }
             if bench.name() == "llava-bench" {
                 cmd = cmd.arg("--judge-model", &e.llava_bench_judge);
+                if e.judge_url.is_some() && e.judge_runs > 1 {
+                    cmd = cmd.arg("--judge-runs", e.judge_runs);
+                }
             }
             let mut problems = model_problems.clone();
             if !data.is_dir() {

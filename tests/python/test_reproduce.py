@@ -287,6 +287,22 @@ def test_plan_passes_the_official_textvqa_limit_and_mmbench_options(world, tmp_p
 
 # ------------------------------------------------------------------------------------------ both profiles, end to end
 
+@pytest.mark.parametrize("profile,runs", [("official", None), ("paper", "3")])
+def test_plan_asks_the_profile_judge_runs_for_llava_bench(world, tmp_path, profile, runs):
+    """eval.judge_runs: the paper profile reviews LLaVA-Bench in 3 judge runs (Fig. 4), the official one once."""
+    config = yaml.safe_load((ROOT / "configs" / profile / "reproduce.yaml").read_text())
+    config["eval"]["judge_url"] = "http://127.0.0.1:9/v1"
+    path = tmp_path / "judged.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = reproduce("--config", path, "--plan", "--benchmarks", "llava-bench,mm-vet", env=env_for(world, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    commands = [line.split("command: stic ")[1].split(" ") for line in proc.stdout.splitlines() if "command: stic eval" in line]
+    for args in commands:
+        value = args[args.index("--judge-runs") + 1] if "--judge-runs" in args else None
+        assert value == (runs if args[args.index("--benchmark") + 1] == "llava-bench" else None), args
+    assert any(args[args.index("--benchmark") + 1] == "llava-bench" for args in commands)
+
+
 def records(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
