@@ -251,6 +251,10 @@ pub struct EvalSettings {
     #[serde(default)]
     pub mmbench_options: MmBenchOptions,
     pub dar: DarMode,
+    /// DaR's description prompt (the paper's Table 9 compares prompts); absent: the official
+    /// `model_vqa_mmbench_dar.py` one.
+    #[serde(default)]
+    pub dar_prompt: Option<String>,
     /// Also evaluate the stage-1 adapter alone (no DaR): the row "stage 1 only" of the progression.
     #[serde(default)]
     pub stage1_row: bool,
@@ -411,6 +415,11 @@ impl Profile {
             if value == 0 {
                 return Err(bad(format!("{what} must be at least 1")));
             }
+        }
+        if cfg.eval.dar_prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
+            return Err(bad("eval.dar_prompt is empty: give the description prompt's text, or remove the key for \
+                            the official prompt"
+                .into()));
         }
         for name in cfg.eval.max_new_tokens_by_benchmark.keys() {
             benchmarks::find(name).map_err(|e| bad(format!("eval.max_new_tokens_by_benchmark: {e}")))?;

@@ -491,6 +491,9 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
             }
             if row.dar() {
                 cmd = cmd.flag("--dar-image-blind", e.dar == DarMode::ImageBlindMmbench);
+                if let Some(prompt) = &e.dar_prompt {
+                    cmd = cmd.arg("--dar-prompt", prompt);
+                }
             }
             if bench.name() == "scienceqa" {
                 cmd = cmd.flag("--with-text-only", e.scienceqa_questions == ScienceQaQuestions::All);

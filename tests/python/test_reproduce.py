@@ -303,6 +303,23 @@ def test_plan_asks_the_profile_judge_runs_for_llava_bench(world, tmp_path, profi
     assert any(args[args.index("--benchmark") + 1] == "llava-bench" for args in commands)
 
 
+def test_plan_passes_the_profile_dar_prompt_to_the_dar_rows(world, tmp_path):
+    """eval.dar_prompt (the paper's Table 9): the DaR rows describe with it, the others do not pass it."""
+    config = yaml.safe_load((ROOT / "configs" / "paper" / "reproduce.yaml").read_text())
+    config["eval"]["dar_prompt"] = "Describe the image."
+    path = tmp_path / "dar_prompt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = reproduce("--config", path, "--plan", "--benchmarks", "scienceqa", env=env_for(world, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if "command: stic eval" in line]
+    assert len(commands) == 4
+    for line in commands:
+        assert ("--dar-prompt Describe the image." in line) == (" --dar " in line), line
+    config["eval"]["dar_prompt"] = "  "
+    path.write_text(yaml.safe_dump(config))
+    assert_clean_failure(reproduce("--config", path, "--plan", env=env_for(world, tmp_path)), "eval.dar_prompt is empty")
+
+
 def records(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
