@@ -187,6 +187,18 @@ pub struct Stage1 {
     /// One pair per entry of the image list, a name listed twice included (`stic prefs --keep-duplicates`).
     #[serde(default)]
     pub keep_duplicates: bool,
+    /// How stage 1 trains on the pairs: DPO (the method), or SFT on the preferred descriptions (the paper's
+    /// Table 3, with the official `convert_pref_to_sft.py`'s conversion).
+    #[serde(default)]
+    pub method: Stage1Method,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage1Method {
+    #[default]
+    Dpo,
+    Sft,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

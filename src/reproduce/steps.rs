@@ -2,7 +2,7 @@
 //! switches), what it reads and writes, and what it needs that is not there.
 use std::path::{Path, PathBuf};
 
-use super::config::{Checkpoint, DarMode, EvalSettings, Profile, ScienceQaQuestions, Subset};
+use super::config::{Checkpoint, DarMode, EvalSettings, Profile, ScienceQaQuestions, Stage1Method, Subset};
 use crate::eval::benchmarks::Benchmark;
 use crate::model::config::{Layout, LlavaConfig, VisionTower};
 
@@ -349,18 +349,44 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
     );
 
     let stage1 = out.join("stage1/adapter");
-    let cmd = Cmd::new("train-dpo", has_flag)
+    let (trainer, step, data, what) = match cfg.stage1.method {
+        Stage1Method::Dpo => {
+            ("train-dpo", "train-dpo", prefs.clone(), "stage 1: LoRA with DPO and the chosen-likelihood term")
+        }
+        Stage1Method::Sft => {
+            let sft = out.join("stage1/sft.json");
+            let cmd = Cmd::new("prefs-to-sft", has_flag).path("--prefs", &prefs).path("--output", &sft);
+            push(
+                "prefs-to-sft".into(),
+                "prefs-to-sft",
+                "stage 1 as SFT: the preferred description of each pair as a conversation (convert_pref_to_sft.py)"
+                    .into(),
+                vec![prefs.clone()],
+                vec![sft.clone()],
+                Action::Command { args: cmd.args, resume_from: None, ranks: Ranks::One },
+                Vec::new(),
+                cmd.unsupported,
+            );
+            (
+                "train-sft",
+                "train-stage1-sft",
+                sft,
+                "stage 1: LoRA SFT on the preferred descriptions (the paper's Table 3)",
+            )
+        }
+    };
+    let cmd = Cmd::new(trainer, has_flag)
         .path("--model", &paths.model)
-        .path("--data", &prefs)
+        .path("--data", &data)
         .path("--image-dir", &paths.coco_train2014)
         .path("--output", &stage1)
         .path("--config", &cfg.stage1.config)
         .arg("--processing", processing);
     push(
-        "train-dpo".into(),
-        "train-dpo",
-        "stage 1: LoRA with DPO and the chosen-likelihood term".into(),
-        vec![paths.model.clone(), prefs.clone(), cfg.stage1.config.clone()],
+        step.into(),
+        trainer,
+        what.into(),
+        vec![paths.model.clone(), data, cfg.stage1.config.clone()],
         vec![stage1.clone()],
         Action::Command {
             args: cmd.args,

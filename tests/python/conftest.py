@@ -36,3 +36,10 @@ def hf_models(tmp_path_factory):
         model = tiny_models.build_model(variant, seed=len(out))
         out[variant] = (model, tiny_models.save_hf(model, root / variant))
     return out
+
+
+def official_pref_to_sft(pairs):
+    """What the official `scripts/convert_pref_to_sft.py` (yihedeng9/STIC 993734e) writes for a list of pairs."""
+    return [{"image": p["image"], "id": p["image"].replace("COCO_train2014_", "").replace(".jpg", ""),
+             "conversations": [{"from": "human", "value": p["chosen"][0]["content"]},
+                               {"from": "gpt", "value": p["chosen"][1]["content"]}]} for p in pairs]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import IMAGES, ROOT, STIC, run_stic
+from conftest import IMAGES, ROOT, STIC, official_pref_to_sft, run_stic
 
 DATA_DIR = Path(__file__).parent / "data"
 SAMPLE = DATA_DIR / "llava_sample.json"
@@ -370,13 +370,6 @@ def test_sft_loss_goes_down(tiny, tmp_path):
     # they can move, so a clear drop here is a few tenths of a nat.
     assert losses[-1] < losses[0] - 0.25, losses
     assert max(losses[-5:]) < min(losses[:3]), losses
-
-
-def official_pref_to_sft(pairs):
-    """What the official `scripts/convert_pref_to_sft.py` (yihedeng9/STIC 993734e) writes for a list of pairs."""
-    return [{"image": p["image"], "id": p["image"].replace("COCO_train2014_", "").replace(".jpg", ""),
-             "conversations": [{"from": "human", "value": p["chosen"][0]["content"]},
-                               {"from": "gpt", "value": p["chosen"][1]["content"]}]} for p in pairs]
 
 
 def test_prefs_to_sft_writes_the_official_conversion_and_trains(tiny, prefs_baseline, tmp_path):

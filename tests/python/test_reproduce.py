@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tiny_models
-from conftest import IMAGES, ROOT, STIC, run_stic
+from conftest import IMAGES, ROOT, STIC, official_pref_to_sft, run_stic
 from eval_data import MMBENCH_HEADER
 
 TIMEOUT = 900
@@ -666,3 +666,30 @@ def test_quirk_sweep_refuses_an_unknown_switch_or_profile(world, tmp_path):
                                    "--plan", env=env), "no switch 'generation.top_p'", "generation.top_k")
     assert_clean_failure(reproduce("--profile", "official", "--sweep", "nonesuch", "--plan", env=env),
                          "unknown profile 'nonesuch'")
+
+
+def test_stage1_as_sft_runs_to_the_end(world, tmp_path):
+    """stage1.method: sft (the paper's Table 3): the pairs converted as the official convert_pref_to_sft.py does,
+    stage 1 trained by train-sft on them, the rest of the pipeline from that adapter."""
+    config = yaml.safe_load(short_official(tmp_path).read_text())
+    config["stage1"]["method"] = "sft"
+    path = tmp_path / "stage1_sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    original = tmp_path / "original"
+    tiny_models.build_llava_original(original)
+    env = env_for(world, tmp_path, STIC_MODEL=original)
+    plan = reproduce("--config", path, "--plan", "--benchmarks", "scienceqa", env=env)
+    assert plan.returncode == 0, plan.stderr
+    steps = [line.split(". ", 1)[1].split(" [")[0] for line in plan.stdout.splitlines() if " [to run]" in line]
+    assert steps[:3] == ["prefs", "prefs-to-sft", "train-stage1-sft"] and "train-dpo" not in steps, steps
+    proc = reproduce("--config", path, "--benchmarks", "scienceqa", env=env)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    pairs = records(run / "stage1" / "prefs.jsonl")
+    assert json.loads((run / "stage1" / "sft.json").read_text()) == official_pref_to_sft(pairs)
+    command = json.loads((run / ".steps" / "train-stage1-sft.json").read_text())["command"]
+    assert command[0] == "train-sft" and command[command.index("--config") + 1] == "configs/official/stage1.yaml"
+    assert (run / "stage1" / "adapter" / "adapter_model.safetensors").is_file()
+    assert isinstance(json.loads((tmp_path / "report" / "reproduce.json").read_text())
+                      ["benchmarks"]["scienceqa"]["measured"]["stic"], float)
+
