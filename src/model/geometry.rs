@@ -41,34 +41,32 @@ impl Geometry {
 /// llava-hf/llava-v1.6-mistral-7b-hf's config.json: Mistral-7B-Instruct-v0.2 (its vocabulary padded to 32064 by
 /// llava-hf), CLIP ViT-L/14-336, the mlp2x_gelu projector, anyres pinpoints and image_newline.
 fn llava_v16_mistral_7b_config() -> LlavaConfig {
+    let text = TextConfig {
+        family: DecoderFamily::Mistral,
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_hidden_layers: 32,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: None,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e6,
+        sliding_window: None,
+        vocab_size: 32064,
+        max_position_embeddings: 32768,
+        hidden_act: "silu".into(),
+        tie_word_embeddings: false,
+    };
+    llava_next_mistral(text, VisionConfig::clip_vit_l_336())
+}
+
+/// A llava-hf LLaVA-NeXT-Mistral checkpoint's config of the given decoder and tower (what every geometry shares:
+/// anyres, image token 32000, the penultimate layer's patch features, the gelu projector).
+pub(super) fn llava_next_mistral(text: TextConfig, vision: VisionConfig) -> LlavaConfig {
     LlavaConfig {
         layout: Layout::LlavaHf,
-        text: TextConfig {
-            family: DecoderFamily::Mistral,
-            hidden_size: 4096,
-            intermediate_size: 14336,
-            num_hidden_layers: 32,
-            num_attention_heads: 32,
-            num_key_value_heads: 8,
-            head_dim: None,
-            rms_norm_eps: 1e-5,
-            rope_theta: 1e6,
-            sliding_window: None,
-            vocab_size: 32064,
-            max_position_embeddings: 32768,
-            hidden_act: "silu".into(),
-            tie_word_embeddings: false,
-        },
-        vision: VisionConfig {
-            hidden_size: 1024,
-            intermediate_size: 4096,
-            num_hidden_layers: 24,
-            num_attention_heads: 16,
-            image_size: 336,
-            patch_size: 14,
-            layer_norm_eps: 1e-5,
-            hidden_act: "quick_gelu".into(),
-        },
+        text,
+        vision,
         image: ImageConfig::default(),
         image_token_id: 32000,
         vision_feature_layer: -2,

@@ -2,13 +2,12 @@
 use std::path::Path;
 use tch::{Device, Kind};
 
-use super::config::{DecoderFamily, FeatureSelect, Layout, TextConfig, VisionConfig};
-use super::geometry::random_tensors;
+use super::config::{DecoderFamily, TextConfig, VisionConfig};
+use super::geometry::{llava_next_mistral, random_tensors};
 use super::weights::save_safetensors;
 use super::LlavaConfig;
 use crate::error::Result;
 use crate::fsutil::{create_dir, write_atomic, write_dir_atomic};
-use crate::image::ImageConfig;
 
 pub const TOKENIZER_FILES: [(&str, &[u8]); 3] = [
     ("tokenizer.json", include_bytes!("../../third_party/mistral-7b-tokenizer/tokenizer.json")),
@@ -19,43 +18,33 @@ pub const TOKENIZER_FILES: [(&str, &[u8]); 3] = [
 /// LLaVA-v1.6-Mistral's geometry (336-pixel tiles of 14-pixel patches, anyres pinpoints, GQA 4:2, RoPE theta 1e6)
 /// at toy width and depth.
 pub fn tiny_config() -> LlavaConfig {
-    LlavaConfig {
-        layout: Layout::LlavaHf,
-        text: TextConfig {
-            family: DecoderFamily::Mistral,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: Some(16),
-            rms_norm_eps: 1e-5,
-            rope_theta: 1e6,
-            sliding_window: None,
-            vocab_size: 32002,
-            max_position_embeddings: 8192,
-            hidden_act: "silu".into(),
-            tie_word_embeddings: false,
-        },
-        vision: VisionConfig {
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
-            image_size: 336,
-            patch_size: 14,
-            layer_norm_eps: 1e-5,
-            hidden_act: "quick_gelu".into(),
-        },
-        image: ImageConfig::default(),
-        image_token_id: 32000,
-        vision_feature_layer: -2,
-        feature_select: FeatureSelect::Patch,
-        projector_hidden_act: "gelu".into(),
-        vision_config_known: true,
-        vision_tower: None,
-        llava_max_length: None,
-    }
+    let text = TextConfig {
+        family: DecoderFamily::Mistral,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: Some(16),
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e6,
+        sliding_window: None,
+        vocab_size: 32002,
+        max_position_embeddings: 8192,
+        hidden_act: "silu".into(),
+        tie_word_embeddings: false,
+    };
+    let vision = VisionConfig {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        image_size: 336,
+        patch_size: 14,
+        layer_norm_eps: 1e-5,
+        hidden_act: "quick_gelu".into(),
+    };
+    llava_next_mistral(text, vision)
 }
 
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

@@ -141,6 +141,13 @@ pub struct VisionConfig {
     pub hidden_act: String,
 }
 
+impl VisionConfig {
+    /// CLIP ViT-L/14 at 336 pixels, LLaVA-1.5's and LLaVA-1.6's tower.
+    pub fn clip_vit_l_336() -> Self {
+        defaults::clip_vit_l_336()
+    }
+}
+
 impl TextConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
