@@ -428,11 +428,8 @@ fn write_chart(
     measured_rows: &[Row],
     rows: &[BenchmarkRows],
 ) -> Result<()> {
-    let (width, height) = (1400u32, 640u32);
-    let mut pixels = vec![0u8; (width * height * 3) as usize];
-    let failed = |e: &dyn std::fmt::Display| ReproduceError::Chart { path: path.to_owned(), reason: e.to_string() };
     // Each series: its legend, colour, and value per benchmark.
-    let mut series: Vec<(String, RGBColor, Vec<Option<f64>>)> = measured_rows
+    let mut series: Vec<Series> = measured_rows
         .iter()
         .map(|&row| (row.label().to_string(), colour(row), rows.iter().map(|r| r.score(row)).collect()))
         .collect();
@@ -440,27 +437,46 @@ fn write_chart(
         let values = rows.iter().map(|r| paper_value(base_model, row, r.bench)).collect();
         (format!("paper {}", row.label()), colour, values)
     }));
+    let groups: Vec<&str> = rows.iter().map(|r| r.bench.name()).collect();
+    let caption = format!("STIC reproduction (profile {profile}): measured against the paper");
+    write_grouped_bars(path, &caption, "score (%)", 0.0..100.0, &groups, &series)
+}
+
+/// One bar chart series: its legend, colour, and value per group (none: no bar).
+pub(super) type Series = (String, RGBColor, Vec<Option<f64>>);
+
+/// A PNG of bars grouped by `groups` (named under the axis), one bar per series in each group, with a legend.
+pub(super) fn write_grouped_bars(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    y_range: std::ops::Range<f64>,
+    groups: &[&str],
+    series: &[Series],
+) -> Result<()> {
+    let (width, height) = (1400u32, 640u32);
+    let mut pixels = vec![0u8; (width * height * 3) as usize];
+    let failed = |e: &dyn std::fmt::Display| ReproduceError::Chart { path: path.to_owned(), reason: e.to_string() };
     {
         let font = crate::plot::font();
         let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| failed(&e))?;
-        let groups = rows.len().max(1) as f64;
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("STIC reproduction (profile {profile}): measured against the paper"), (font, 24))
+            .caption(caption, (font, 24))
             .margin(20)
             .x_label_area_size(40)
             .y_label_area_size(50)
-            .build_cartesian_2d(0f64..groups, 0f64..100f64)
+            .build_cartesian_2d(0f64..groups.len().max(1) as f64, y_range)
             .map_err(|e| failed(&e))?;
         chart
             .configure_mesh()
             .disable_x_mesh()
             .disable_x_axis()
-            .y_desc("score (%)")
+            .y_desc(y_desc)
             .label_style((font, 16))
             .draw()
             .map_err(|e| failed(&e))?;
-        let bar = 0.8 / series.len() as f64;
+        let bar = 0.8 / series.len().max(1) as f64;
         for (s, (name, colour, values)) in series.iter().enumerate() {
             let bars: Vec<Rectangle<(f64, f64)>> = values
                 .iter()
@@ -478,13 +494,14 @@ fn write_chart(
                 .label(name.as_str())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
         }
-        for (g, r) in rows.iter().enumerate() {
-            let (x, y) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
+        let below_axis = chart.y_range().start;
+        for (g, name) in groups.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(g as f64 + 0.5, below_axis));
             let style = TextStyle::from((font, 18).into_font()).pos(plotters::style::text_anchor::Pos::new(
                 plotters::style::text_anchor::HPos::Center,
                 plotters::style::text_anchor::VPos::Top,
             ));
-            root.draw(&Text::new(r.bench.name().to_string(), (x, y + 8), style)).map_err(|e| failed(&e))?;
+            root.draw(&Text::new(name.to_string(), (x, y + 8), style)).map_err(|e| failed(&e))?;
         }
         crate::plot::draw_legend(&mut chart, 15).map_err(|e| failed(&e))?;
         root.present().map_err(|e| failed(&e))?;

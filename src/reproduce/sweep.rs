@@ -86,6 +86,11 @@ fn differing_leaves(a: &Yaml, b: &Yaml, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
+/// A stage config's key (`stage1.config.max_length`) as its stage and its key in the stage's file.
+fn stage_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once(".config.").filter(|(stage, _)| STAGE_CONFIGS.contains(stage))
+}
+
 /// A YAML value on one line.
 pub fn yaml_text(value: &Yaml) -> String {
     match value {
@@ -99,7 +104,7 @@ impl Switches {
     pub fn between(base_path: &Path, other_path: &Path) -> Result<Self, ReproduceError> {
         let base = read_profile_yaml(base_path, &mut Vec::new())?;
         let other = read_profile_yaml(other_path, &mut Vec::new())?;
-        let mut stages = BTreeMap::new();
+        let (mut stages, mut their_stages) = (BTreeMap::new(), BTreeMap::new());
         let mut keys = Vec::new();
         for stage in STAGE_CONFIGS {
             let file = |profile: &Yaml, path: &Path| -> Result<Yaml, ReproduceError> {
@@ -113,6 +118,7 @@ impl Switches {
             differing_leaves(&mine, &theirs, &format!("{stage}.config."), &mut differing);
             keys.extend(differing);
             stages.insert(stage, mine);
+            their_stages.insert(stage, theirs);
         }
         let mut differing = Vec::new();
         differing_leaves(&base, &other, "", &mut differing);
@@ -123,21 +129,11 @@ impl Switches {
             }),
         );
         let value_of = |key: &str| -> (Yaml, Yaml) {
-            match key.split_once(".config.").filter(|(stage, _)| STAGE_CONFIGS.contains(stage)) {
-                Some((stage, rest)) => {
-                    let theirs: Yaml = get(&other, &format!("{stage}.config"))
-                        .and_then(Yaml::as_str)
-                        .and_then(|p| read_yaml(Path::new(p)).ok())
-                        .unwrap_or(Yaml::Null);
-                    (
-                        get(&stages[stage], rest).cloned().unwrap_or(Yaml::Null),
-                        get(&theirs, rest).cloned().unwrap_or(Yaml::Null),
-                    )
-                }
-                None => {
-                    (get(&base, key).cloned().unwrap_or(Yaml::Null), get(&other, key).cloned().unwrap_or(Yaml::Null))
-                }
-            }
+            let (mine, theirs, key) = match stage_key(key) {
+                Some((stage, rest)) => (&stages[stage], &their_stages[stage], rest),
+                None => (&base, &other, key),
+            };
+            (get(mine, key).cloned().unwrap_or(Yaml::Null), get(theirs, key).cloned().unwrap_or(Yaml::Null))
         };
         let mut switches: Vec<Switch> = Vec::new();
         let mut not_swept = Vec::new();
@@ -209,7 +205,7 @@ pub fn variants(
         let mut yaml = switches.base.clone();
         let mut stages = switches.stages.clone();
         for (key, value) in &switch.to {
-            match key.split_once(".config.").filter(|(stage, _)| STAGE_CONFIGS.contains(stage)) {
+            match stage_key(key) {
                 Some((stage, rest)) => set(stages.get_mut(stage).expect("a stage config"), rest, value.clone()),
                 None => set(&mut yaml, key, value.clone()),
             }
@@ -501,52 +497,18 @@ fn write_sweep_chart(
     benches: &[&str],
     series: &[(String, Vec<Option<f64>>)],
 ) -> Result<()> {
-    let (width, height) = (1400u32, 640u32);
-    let mut pixels = vec![0u8; (width * height * 3) as usize];
-    let failed = |e: &dyn std::fmt::Display| ReproduceError::Chart { path: path.to_owned(), reason: e.to_string() };
     let largest = series.iter().flat_map(|(_, v)| v.iter().flatten()).fold(1.0f64, |m, v| m.max(v.abs()));
-    {
-        let font = crate::plot::font();
-        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| failed(&e))?;
-        let groups = benches.len().max(1) as f64;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(format!("Quirk sweep of profile {profile}: each switch's change of the final row"), (font, 24))
-            .margin(20)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..groups, -largest * 1.15..largest * 1.15)
-            .map_err(|e| failed(&e))?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(benches.len().max(1))
-            .x_label_formatter(&|x| benches.get(x.floor() as usize).map_or_else(String::new, |b| b.to_string()))
-            .y_desc("points against the base run")
-            .label_style((font, 16))
-            .draw()
-            .map_err(|e| failed(&e))?;
-        let bar = 0.8 / series.len().max(1) as f64;
-        for (s, (name, deltas)) in series.iter().enumerate() {
-            let colour = Palette99::pick(s).to_rgba();
-            let bars: Vec<Rectangle<(f64, f64)>> = deltas
-                .iter()
-                .enumerate()
-                .filter_map(|(g, delta)| {
-                    let x0 = g as f64 + 0.1 + s as f64 * bar;
-                    Some(Rectangle::new([(x0, 0.0), (x0 + bar * 0.9, (*delta)?)], colour.filled()))
-                })
-                .collect();
-            chart
-                .draw_series(bars)
-                .map_err(|e| failed(&e))?
-                .label(name.as_str())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
-        }
-        crate::plot::draw_legend(&mut chart, 15).map_err(|e| failed(&e))?;
-        root.present().map_err(|e| failed(&e))?;
-    }
-    crate::plot::save_png(path, width, height, pixels)
+    let series: Vec<report::Series> = series
+        .iter()
+        .enumerate()
+        .map(|(s, (name, deltas))| {
+            let RGBAColor(r, g, b, _) = Palette99::pick(s).to_rgba();
+            (name.clone(), RGBColor(r, g, b), deltas.clone())
+        })
+        .collect();
+    let caption = format!("Quirk sweep of profile {profile}: each switch's change of the final row");
+    let range = -largest * 1.15..largest * 1.15;
+    report::write_grouped_bars(path, &caption, "points against the base run", range, benches, &series)
 }
 
 #[cfg(test)]
