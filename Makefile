@@ -63,8 +63,9 @@ test: build
 test-rust: setup
 	cargo test --release --locked
 
+# Passing tests' temporary folders are removed as they finish: kept, the model and logits files add up to ~24 GB.
 test-python: build
-	$(PY) -m pytest -q -n 2 tests/python
+	$(PY) -m pytest -q -n 2 -o tmp_path_retention_policy=failed tests/python
 
 demo: build
 	scripts/demo.sh
