@@ -13,7 +13,7 @@ export CARGO_TERM_COLOR ?= never
 # The commit `stic eval` records in summary.json (`-dirty` with uncommitted changes; empty outside git).
 export STIC_GIT_COMMIT ?= $(shell c=$$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null || c=$$c-dirty; }; echo $$c)
 
-.PHONY: setup build-tools build lint test test-rust test-python demo reproduce bench-generate bench-train bench-ddp check-cuda gpu-check clean
+.PHONY: setup build-tools build lint test test-rust test-python demo reproduce bench-generate bench-train bench-ddp bench-memory check-cuda gpu-check clean
 
 setup: build-tools $(SETUP_STAMP) $(TF5_STAMP)
 
@@ -83,6 +83,11 @@ bench-train: build
 
 bench-ddp: build
 	$(PY) benches/bench_ddp.py $(BENCH_ARGS)
+
+# Peak host memory of loading a 7B checkpoint in bf16 and scoring one image prompt (writes ~30 GB of random
+# checkpoints under target/bench-memory once; needs ~20 GB of RAM).
+bench-memory: build
+	$(PY) benches/bench_memory.py $(BENCH_ARGS)
 
 check-cuda: build
 	benches/cuda_checks.sh

@@ -53,12 +53,22 @@ def projector_shapes(llm_hidden):
             "model.mm_projector.2.weight": (llm_hidden, llm_hidden), "model.mm_projector.2.bias": (llm_hidden,)}
 
 
+POOL = 1 << 22
+
+
 def random_tensor(name, shape, dtype, generator):
+    """normal(0, 0.02) values, or ones for a norm's scale. Drawing 7B values takes the CPU many minutes: a pool of
+    4M draws is tiled instead (the values do not matter to memory, and they stay finite)."""
     import torch
     t = torch.empty(shape, dtype=dtype)
     if "norm" in name and name.endswith("weight"):
         return t.fill_(1.0)
-    return t.normal_(0.0, 0.02, generator=generator)
+    pool = (torch.randn(POOL, generator=generator) * 0.02).to(dtype)
+    flat = t.view(-1)
+    for start in range(0, flat.numel(), POOL):
+        chunk = flat[start:start + POOL]
+        chunk.copy_(pool[:chunk.numel()])
+    return t
 
 
 def shard(names, count):
