@@ -1,7 +1,9 @@
 //! `stic merge`: folds a LoRA adapter (and a trained projector) into the base weights and writes an ordinary
 //! llava-hf checkpoint that transformers loads without PEFT. From an original LLaVA checkpoint it converts as
-//! transformers' `convert_llava_next_weights_to_hf.py` does: llava-hf tensor names, `<image>` and `<pad>` added
-//! to the tokenizer, the embeddings grown to a multiple of 64 rows.
+//! transformers' `convert_llava_next_weights_to_hf.py` (anyres: LLaVA-NeXT) or `convert_llava_weights_to_hf.py`
+//! (pad mode: LLaVA-1.5) does: llava-hf tensor names, the CLIP tower's tensors (from its own folder when the
+//! checkpoint has none), `<image>` and `<pad>` added to the tokenizer, the embeddings grown to a multiple of 64
+//! rows, and the processor files of the llava-hf model.
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -9,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::adapter::{Adapter, AdapterFile};
 use crate::error::{Error, Result};
 use crate::fsutil::{write_atomic, write_dir_atomic};
-use crate::image::{AspectMode, PatchMerge};
+use crate::image::{AspectMode, ImageConfig, PatchMerge};
 use crate::model::config::Layout;
 use crate::model::llava_next::complete_vision_config;
 use crate::model::tiny::{write_config_files, write_json, write_model_files};
@@ -22,6 +24,7 @@ const SHARD_BYTES: usize = 5 << 30;
 
 const EMBED: &str = "language_model.model.embed_tokens.weight";
 const LM_HEAD: &str = "language_model.lm_head.weight";
+const IMAGE_NEWLINE: &str = "image_newline";
 
 pub fn merge_adapter(model_dir: &Path, adapter_dir: &Path, output: &Path) -> Result<()> {
     if output.exists() && std::fs::read_dir(output).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -34,19 +37,17 @@ pub fn merge_adapter(model_dir: &Path, adapter_dir: &Path, output: &Path) -> Res
     let mut ckpt = Checkpoint::open_dir(model_dir)?;
     complete_vision_config(&mut cfg, &mut ckpt, &model_dir.join("config.json"))?;
     let original = cfg.layout == Layout::OriginalLlava;
-    if original && (cfg.image.aspect_mode == AspectMode::Pad || cfg.image.patch_merge == PatchMerge::Flat) {
-        return Err(Error::Input(format!(
-            "{}: a llava-hf checkpoint has anyres tiles with the spatial_unpad merge only; this model's config asks for \
-             pad mode or the flat merge, which the merged checkpoint could not express",
-            model_dir.join("config.json").display()
-        )));
-    }
+    let hf_image =
+        if original { llava_hf_image(&cfg.image, &model_dir.join("config.json"))? } else { cfg.image.clone() };
     let stored = ckpt.kind_of(EMBED).unwrap_or(Kind::Float);
     // Building the model with the adapter checks every tensor and every LoRA pair against the architecture.
     {
         let mut model = LlavaNext::from_checkpoint(cfg.clone(), &ckpt, stored, Device::Cpu)?;
         Adapter::load(&mut model, adapter_dir, false)?;
     }
+    // LLaVA-1.5 in llava-hf has no image_newline (LLaVA builds one for spatial_unpad, and pad mode never reads it).
+    let dropped: &[&str] =
+        if original && hf_image.aspect_mode == AspectMode::CenterCrop { &[IMAGE_NEWLINE] } else { &[] };
     let tokenizer = if original { Some(extended_tokenizer(model_dir, &cfg)?) } else { None };
     let adapter = AdapterFile::read(adapter_dir, Device::Cpu)?;
     let mut merged: HashMap<String, Tensor> = HashMap::new();
@@ -69,6 +70,7 @@ pub fn merge_adapter(model_dir: &Path, adapter_dir: &Path, output: &Path) -> Res
                 grow_vocabulary(&ckpt, &mut merged, old_vocab, new_vocab, stored)?;
                 cfg.text.vocab_size = new_vocab as usize;
                 cfg.image_token_id = *image_id;
+                cfg.image = hf_image;
                 write_config_files(staging, &cfg)?;
                 let mut config = cfg.to_hf_json();
                 config["pad_token_id"] = tok.vocab_id("<pad>").expect("added").into();
@@ -83,13 +85,39 @@ pub fn merge_adapter(model_dir: &Path, adapter_dir: &Path, output: &Path) -> Res
             }
             None => write_model_files(staging, &cfg)?,
         }
-        write_weights(staging, &ckpt, merged, stored)
+        write_weights(staging, &ckpt, merged, dropped, stored)
     })
 }
 
-/// Writes the base tensors of `ckpt`, with those of `merged` in their place, in shards as transformers does.
-fn write_weights(output: &Path, ckpt: &Checkpoint, mut merged: HashMap<String, Tensor>, stored: Kind) -> Result<()> {
-    let mut names: Vec<String> = ckpt.names().cloned().collect();
+/// The image settings of the llava-hf model an original checkpoint becomes. Pad mode runs one tile of 576
+/// features whatever `mm_patch_merge_type` says (LLaVA's code merges only the tiles of anyres): that is LLaVA-1.5,
+/// whose `CLIPImageProcessor` centre-crops rather than pads, as `convert_llava_weights_to_hf.py` writes it (the
+/// same pixels for square images). Anyres with spatial_unpad is LLaVA-NeXT.
+fn llava_hf_image(image: &ImageConfig, config_path: &Path) -> Result<ImageConfig> {
+    match (image.aspect_mode, image.patch_merge) {
+        (AspectMode::Pad, _) => {
+            Ok(ImageConfig { aspect_mode: AspectMode::CenterCrop, patch_merge: PatchMerge::Flat, ..image.clone() })
+        }
+        (AspectMode::Anyres, PatchMerge::Flat) => Err(Error::Input(format!(
+            "{}: anyres with the flat merge (every tile's features in a row, no unpadding, no image_newline) has no \
+             llava-hf equivalent: LLaVA-NeXT always unpads with image_newline, LLaVA-1.5 has one tile; merge a \
+             checkpoint with image_aspect_ratio pad or mm_patch_merge_type spatial_unpad",
+            config_path.display()
+        ))),
+        _ => Ok(image.clone()),
+    }
+}
+
+/// Writes the base tensors of `ckpt` but `dropped`, with those of `merged` in their place, in shards as
+/// transformers does.
+fn write_weights(
+    output: &Path,
+    ckpt: &Checkpoint,
+    mut merged: HashMap<String, Tensor>,
+    dropped: &[&str],
+    stored: Kind,
+) -> Result<()> {
+    let mut names: Vec<String> = ckpt.names().filter(|name| !dropped.contains(&name.as_str())).cloned().collect();
     names.sort();
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
@@ -170,4 +198,29 @@ fn grow_vocabulary(
         merged.insert(name.to_string(), Tensor::cat(&[weight, rows], 0).to_kind(stored));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::llava_hf_image;
+    use crate::error::Error;
+    use crate::image::{AspectMode, ImageConfig, PatchMerge};
+    use std::path::Path;
+
+    fn image(aspect_mode: AspectMode, patch_merge: PatchMerge) -> ImageConfig {
+        ImageConfig { aspect_mode, patch_merge, ..ImageConfig::default() }
+    }
+
+    #[test]
+    fn pad_mode_becomes_llava_one_five_and_anyres_stays_llava_next() {
+        let config = Path::new("config.json");
+        for merge in [PatchMerge::Flat, PatchMerge::SpatialUnpad] {
+            let hf = llava_hf_image(&image(AspectMode::Pad, merge), config).expect("pad mode converts");
+            assert_eq!(hf, image(AspectMode::CenterCrop, PatchMerge::Flat));
+        }
+        let next = image(AspectMode::Anyres, PatchMerge::SpatialUnpad);
+        assert_eq!(llava_hf_image(&next, config).expect("anyres converts"), next);
+        let refused = llava_hf_image(&image(AspectMode::Anyres, PatchMerge::Flat), config);
+        assert!(matches!(refused, Err(Error::Input(why)) if why.contains("anyres with the flat merge")));
+    }
 }

@@ -5,17 +5,23 @@ llava_llama), against LLaVA's own code (llava-torch 1.2.2.post1) on tiny models 
   `CLIPVisionTower` loads it;
 - LLaVA-v1.6-Vicuna-like: anyres with spatial_unpad, the tower inside, mm_vision_tower a hub id found in the local
   Hugging Face cache.
-Token ids, pixel values, feature counts, logits and greedy tokens (batched and alone); and bad input."""
+Token ids, pixel values, feature counts, logits and greedy tokens (batched and alone); `stic merge` of the v1.5
+layout to llava-hf's LLaVA-1.5 run by transformers; and bad input."""
 import json
 import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 import tiny_models
-from conftest import IMAGES, run_stic_json
-from test_llava_original import (COMMON, as_png, assert_clean_failure, assert_matches_llava, corpus, generate,
-                                 reference_greedy, reference_logits, stic_score, tokenize)
+from conftest import IMAGES, run_stic, run_stic_json
+from test_dpo import write_pairs
+from test_llava_original import (COMMON, IMAGE_TOKEN_INDEX, as_png, assert_clean_failure, assert_matches_llava,
+                                 corpus, generate, llava_peft_adapter, reference_logits, reference_greedy, stic_score,
+                                 tokenize)
 
 PROMPT = "A chat between a curious human and an artificial intelligence assistant. USER: <image>\nDescribe the " \
          "image in detail. ASSISTANT:"
@@ -170,3 +176,97 @@ def test_model_type_llava_is_the_llama_decoder(v15, tmp_path):
     folder = copy_with_config(v15, tmp_path, model_type="llava")
     ids, pixels, logits = reference_logits(v15, IMAGES / "chelsea.png", PROMPT)
     assert_matches_llava(stic_score(folder, IMAGES / "chelsea.png", tmp_path, text=PROMPT), ids, pixels, logits)
+
+
+def hf_ids(ids):
+    """Original ids with llava-hf's `<image>`."""
+    return torch.where(ids == IMAGE_TOKEN_INDEX, 32000, ids)
+
+
+def assert_merged_logits_match(model, stic):
+    """transformers' logits of the merged `model` on the ids and pixels of `stic score`, against its logits (the
+    original's 32000 columns); returns transformers' logits."""
+    with torch.no_grad():
+        logits = model(input_ids=hf_ids(stic["input_ids"])[None],
+                       pixel_values=stic["pixel_values"].reshape(1, 3, 336, 336)).logits[0]
+    assert logits.shape[1] == 32064
+    diff = (logits[:, :32000] - stic["logits"]).abs().max().item()
+    assert diff <= 1e-4, f"max |logits diff| = {diff}"
+    return logits
+
+
+@pytest.fixture(scope="module")
+def v15_merged(v15):
+    """(PEFT's adapter on LLaVA's class, the model with it, the merged folder)."""
+    adapter, merged = v15.root / "adapter", v15.root / "merged"
+    with_lora = llava_peft_adapter(v15, adapter)
+    run_stic("merge", "--model", v15.folder, "--adapter", adapter, "--output", merged)
+    return adapter, with_lora, merged
+
+
+def test_merge_of_v15_is_llava_hfs_llava_1_5(v15, v15_merged, tmp_path):
+    """`stic merge` converts as transformers' convert_llava_weights_to_hf.py: `LlavaForConditionalGeneration` with
+    the tower from its folder, vocabulary 32064 (`<image>` 32000, `<pad>` 32001), CLIPImageProcessor. transformers
+    gives stic's logits of the original with the adapter (PEFT's, LoRA in the CLIP tower too) on LLaVA's pad-mode
+    pixels; on a square image llava-hf's processor gives those pixels, and stic on the merged folder agrees."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    adapter, with_lora, merged = v15_merged
+    assert json.loads((merged / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    model = LlavaForConditionalGeneration.from_pretrained(merged).eval()
+    assert (model.config.text_config.vocab_size, model.config.image_token_index, model.config.pad_token_id) == \
+        (32064, 32000, 32001)
+
+    photo = as_png(PHOTO, tmp_path)  # not square: LLaVA pads it
+    ids, pixels, ref = reference_logits(with_lora, photo, PROMPT)
+    original = stic_score(v15.folder, photo, tmp_path, "--adapter", adapter, text=PROMPT)
+    assert_matches_llava(original, ids, pixels, ref, logit_tol=1e-4)
+    assert_merged_logits_match(model, original)
+
+    square = IMAGES / "camera.png"
+    original = stic_score(v15.folder, square, tmp_path, "--adapter", adapter, text=PROMPT)
+    inputs = AutoProcessor.from_pretrained(merged)(images=Image.open(square), text=PROMPT, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == hf_ids(original["input_ids"]).tolist()
+    assert torch.equal(inputs["pixel_values"].reshape(original["pixel_values"].shape), original["pixel_values"])
+    logits = assert_merged_logits_match(model, dict(original, pixel_values=inputs["pixel_values"]))
+    from_merged = stic_score(merged, square, tmp_path, text=PROMPT)
+    assert from_merged["input_ids"].tolist() == inputs["input_ids"][0].tolist()
+    assert (from_merged["logits"] - logits).abs().max().item() <= 1e-4
+
+    embed = model.get_input_embeddings().weight
+    assert torch.allclose(embed[32000:], embed[:32000].mean(0, keepdim=True).expand(64, -1), atol=1e-6)
+    keys = load_file(merged / "model.safetensors").keys()
+    assert "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight" in keys
+
+
+def test_merged_v15_tokenizer_gives_the_slow_tokenizers_ids(v15, v15_merged):
+    from llava.mm_utils import tokenizer_image_token
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(v15_merged[2])
+    assert (tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<pad>")) == (32000, 32001)
+    assert tokenizer.pad_token == "<pad>"
+    for text in [t for t in corpus() + [PROMPT] if "<pad>" not in t]:  # llava-hf's added special token
+        want = [32000 if i == IMAGE_TOKEN_INDEX else i for i in tokenizer_image_token(text, v15.tokenizer)]
+        assert tokenizer(text).input_ids == want, text
+
+
+def test_merge_refuses_anyres_with_the_flat_merge(v16, tmp_path):
+    """LLaVA-NeXT in llava-hf always unpads and adds image_newline: no llava-hf model runs these features."""
+    folder = copy_with_config(v16, tmp_path, mm_patch_merge_type="flat")
+    proc = run_stic("merge", "--model", folder, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged",
+                    check=False)
+    assert_clean_failure(proc, folder / "config.json", "anyres with the flat merge", "no llava-hf equivalent")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_of_v15_with_a_stic_trained_adapter_and_projector(v15, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    trained, merged = tmp_path / "trained", tmp_path / "merged"
+    run_stic("train-dpo", "--model", v15.folder, "--data", write_pairs(tmp_path / "pairs.jsonl", n=2), "--image-dir",
+             IMAGES, "--output", trained, "--max-steps", "2", "--lr", "1e-2", "--projector-lr", "1e-3", "--lora-r",
+             "4", "--lora-alpha", "8", "--grad-accum", "1", "--max-length", "4096", *COMMON)
+    run_stic("merge", "--model", v15.folder, "--adapter", trained, "--output", merged)
+    photo = as_png(PHOTO, tmp_path)
+    plain = stic_score(v15.folder, photo, tmp_path, text=PROMPT)["logits"]
+    with_adapter = stic_score(v15.folder, photo, tmp_path, "--adapter", trained, text=PROMPT)
+    assert (with_adapter["logits"] - plain).abs().max() > 1e-3, "the adapter changed nothing"
+    assert_merged_logits_match(LlavaForConditionalGeneration.from_pretrained(merged).eval(), with_adapter)
