@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use stic::eval::image_distribution::{image_distribution, ImageDistributionOptions, ImageSet, PLOT_FILE};
+use stic::eval::image_distribution::{image_distribution, BenchmarkSet, ImageDistributionOptions, ImageSet, PLOT_FILE};
 use stic::eval::tsne;
 
 #[derive(clap::Args)]
@@ -11,8 +11,13 @@ pub struct Args {
     /// An image set, NAME=PATH: an image folder, or an image list (a JSON list of names, or one name a line)
     /// whose images are in --image-dir (default: the list's folder). Repeat for each set (the stage-1 images and
     /// each benchmark's).
-    #[arg(long = "set", required = true)]
+    #[arg(long = "set", required_unless_present = "benchmark_sets")]
     sets: Vec<ImageSet>,
+    /// A benchmark's image set, NAME=DATA_DIR: the distinct images of the items of benchmark NAME as
+    /// `stic eval --benchmark NAME --data DATA_DIR` loads them (files, or the images MMBench's TSV and the
+    /// parquet releases embed). Repeat for each benchmark; drawn after the --set sets.
+    #[arg(long = "benchmark-set")]
+    benchmark_sets: Vec<BenchmarkSet>,
     /// The folder of the images named by the --set lists.
     #[arg(long)]
     image_dir: Option<PathBuf>,
@@ -55,6 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = ImageDistributionOptions {
         model: args.model,
         sets: args.sets,
+        benchmark_sets: args.benchmark_sets,
         image_dir: args.image_dir,
         per_set: args.per_set,
         seed: args.seed,

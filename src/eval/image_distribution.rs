@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
+use super::benchmarks::{self, ImageSource, LoadOptions};
 use super::tsne;
 use crate::error::{Error, Result};
 use crate::fsutil::{check_output, read_json, read_text, write_dir_atomic};
 use crate::generate::session::{parse_device, parse_dtype};
-use crate::image::{load_image, preprocess, AspectMode};
+use crate::image::{preprocess, AspectMode};
 use crate::method::prefs::image_list;
 use crate::method::sample::seeded_sample;
 use crate::model::clip::ClipVisionModel;
@@ -54,10 +55,35 @@ impl std::str::FromStr for ImageSet {
     }
 }
 
+/// A `--benchmark-set NAME=DATA_DIR`: the distinct images of a benchmark's items, as `stic eval --data DATA_DIR`
+/// loads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchmarkSet {
+    pub benchmark: String,
+    pub data: PathBuf,
+}
+
+impl std::str::FromStr for BenchmarkSet {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text.split_once('=') {
+            Some((name, data)) if !name.trim().is_empty() && !data.is_empty() => {
+                Ok(BenchmarkSet { benchmark: name.trim().to_string(), data: PathBuf::from(data) })
+            }
+            _ => Err(format!(
+                "'{text}' is not NAME=DATA_DIR (a benchmark's name, '=', then the folder `stic eval --data` \
+                 takes), e.g. mmbench=playground/data/eval/mmbench"
+            )),
+        }
+    }
+}
+
 pub struct ImageDistributionOptions {
     /// Any model folder stic loads: only its vision tower runs.
     pub model: PathBuf,
     pub sets: Vec<ImageSet>,
+    pub benchmark_sets: Vec<BenchmarkSet>,
     /// Where the names of the image lists are (default: each list's own folder).
     pub image_dir: Option<PathBuf>,
     pub per_set: usize,
@@ -71,11 +97,19 @@ pub struct ImageDistributionOptions {
     pub output: PathBuf,
 }
 
+/// One image of a set: what `embedding.csv` calls it (its name in the set's folder, its path in a benchmark's
+/// data, or the id of the benchmark item that embeds it) and where its bytes are.
+struct SetImage {
+    label: String,
+    source: ImageSource,
+}
+
 /// The images of one set as drawn.
 struct DrawnSet {
     name: String,
-    folder: PathBuf,
-    names: Vec<String>,
+    /// The `--set` path or the benchmark's data folder.
+    path: PathBuf,
+    images: Vec<SetImage>,
     /// How many images the set had before the draw.
     pool: usize,
 }
@@ -109,12 +143,15 @@ fn listed_names(list: &Path) -> Result<Vec<String>> {
     Ok(read_text(list)?.lines().map(str::trim).filter(|line| !line.is_empty()).map(String::from).collect())
 }
 
-/// The folder and image names of a set: every image of a folder, or the names of a list (each checked to be in
-/// the folder).
-fn set_pool(set: &ImageSet, image_dir: Option<&Path>) -> Result<(PathBuf, Vec<String>)> {
+/// The images of a set: every image of a folder, or those a list names (each checked to be in the folder).
+fn set_pool(set: &ImageSet, image_dir: Option<&Path>) -> Result<Vec<SetImage>> {
+    let in_folder = |folder: &Path, names: Vec<String>| {
+        let image = |label: String| SetImage { source: ImageSource::Path(folder.join(&label)), label };
+        names.into_iter().map(image).collect()
+    };
     let refuse = |why: String| Err(Error::Input(format!("--set {}: {why}", set.name)));
     if set.path.is_dir() {
-        return image_list(&set.path, None).map(|names| (set.path.clone(), names)).or_else(|e| refuse(e.to_string()));
+        return image_list(&set.path, None).map(|names| in_folder(&set.path, names)).or_else(|e| refuse(e.to_string()));
     }
     if !set.path.is_file() {
         return refuse(format!("{} is neither an image folder nor an image list", set.path.display()));
@@ -146,25 +183,57 @@ fn set_pool(set: &ImageSet, image_dir: Option<&Path>) -> Result<(PathBuf, Vec<St
             folder.join(first).display()
         ));
     }
-    Ok((folder, names))
+    Ok(in_folder(&folder, names))
+}
+
+/// The distinct images of a benchmark's items (the same file or the same bytes once), in item order.
+fn benchmark_pool(set: &BenchmarkSet) -> Result<Vec<SetImage>> {
+    let refuse = |why: String| Error::Input(format!("--benchmark-set {}: {why}", set.benchmark));
+    let benchmark = benchmarks::find(&set.benchmark).map_err(|e| refuse(e.to_string()))?;
+    let items = benchmark.load(&set.data, &LoadOptions::default()).map_err(|e| refuse(e.to_string()))?;
+    let item_count = items.len();
+    let mut seen = std::collections::HashSet::new();
+    let first: Vec<bool> =
+        items.iter().map(|item| item.image != ImageSource::None && seen.insert(&item.image)).collect();
+    let images: Vec<SetImage> = (items.into_iter().zip(first))
+        .filter(|(_, first)| *first)
+        .map(|(item, _)| {
+            let label = match &item.image {
+                ImageSource::Path(path) => path.display().to_string(),
+                _ => item.id,
+            };
+            SetImage { label, source: item.image }
+        })
+        .collect();
+    if images.is_empty() {
+        return Err(refuse(format!("no item of {} has an image ({item_count} items)", set.data.display())));
+    }
+    Ok(images)
 }
 
 fn draw_sets(opts: &ImageDistributionOptions) -> Result<Vec<DrawnSet>> {
-    let mut drawn: Vec<DrawnSet> = Vec::new();
-    for set in &opts.sets {
-        if drawn.iter().any(|other| other.name == set.name) {
-            return Err(Error::Input(format!("--set {} is given twice: give each set its own name", set.name)));
+    let named = opts.sets.iter().map(|set| ("--set", &set.name, &set.path));
+    let benchmark_named = opts.benchmark_sets.iter().map(|set| ("--benchmark-set", &set.benchmark, &set.data));
+    let sets: Vec<(&str, &String, &PathBuf)> = named.chain(benchmark_named).collect();
+    for (k, (flag, name, _)) in sets.iter().enumerate() {
+        if sets[..k].iter().any(|(_, other, _)| other == name) {
+            return Err(Error::Input(format!("{flag} {name} is given twice: give each set its own name")));
         }
-        let (folder, pool) = set_pool(set, opts.image_dir.as_deref())?;
-        let pool_size = pool.len();
-        drawn.push(DrawnSet {
-            name: set.name.clone(),
-            folder,
-            names: seeded_sample(pool, opts.per_set, opts.seed),
-            pool: pool_size,
-        });
     }
-    Ok(drawn)
+    let pools = (opts.sets.iter().map(|set| set_pool(set, opts.image_dir.as_deref())))
+        .chain(opts.benchmark_sets.iter().map(benchmark_pool));
+    sets.iter()
+        .zip(pools)
+        .map(|((_, name, path), pool)| {
+            let pool = pool?;
+            Ok(DrawnSet {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                pool: pool.len(),
+                images: seeded_sample(pool, opts.per_set, opts.seed),
+            })
+        })
+        .collect()
 }
 
 /// The pooled CLIP features `[n, d]` (f32, CPU) of every drawn image, set after set, through the CLIP image
@@ -173,15 +242,16 @@ fn clip_features(opts: &ImageDistributionOptions, sets: &[DrawnSet]) -> Result<T
     let device = parse_device(&opts.device)?;
     let (model, mut image_config) = ClipVisionModel::load(&opts.model, parse_dtype(&opts.dtype, device)?, device)?;
     image_config.aspect_mode = AspectMode::CenterCrop;
-    let paths: Vec<PathBuf> = sets.iter().flat_map(|set| set.names.iter().map(|name| set.folder.join(name))).collect();
-    let mut progress = Progress::new(paths.len() as u64, 0, "image", "images", true);
+    let images: Vec<&SetImage> = sets.iter().flat_map(|set| &set.images).collect();
+    let mut progress = Progress::new(images.len() as u64, 0, "image", "images", true);
     let mut batches = Vec::new();
-    for batch in paths.chunks(opts.batch_size) {
+    for batch in images.chunks(opts.batch_size) {
         let pixels = batch
             .iter()
-            .map(|path| {
-                let image = load_image(path, image_config.max_pixels)?;
-                Ok(preprocess(&image, &image_config).pixel_tensor())
+            .map(|image| {
+                let decoded = image.source.decode(&image.label, image_config.max_pixels)?;
+                let decoded = decoded.expect("a set holds no item without an image");
+                Ok(preprocess(&decoded, &image_config).pixel_tensor())
             })
             .collect::<Result<Vec<Tensor>>>()?;
         let pooled = tch::no_grad(|| model.pooler_output(&Tensor::cat(&pixels, 0).to_device(device)));
@@ -243,12 +313,12 @@ fn draw_plot(path: &Path, sets: &[DrawnSet], points: &[[f64; 2]]) -> Result<()> 
         let mut start = 0;
         for (index, set) in sets.iter().enumerate() {
             let colour = PALETTE[index % PALETTE.len()];
-            let members = &points[start..start + set.names.len()];
-            start += set.names.len();
+            let members = &points[start..start + set.images.len()];
+            start += set.images.len();
             chart
                 .draw_series(members.iter().map(|p| Circle::new((p[0], p[1]), 3, colour.mix(0.7).filled())))
                 .map_err(|e| failed(&e))?
-                .label(format!("{} ({})", set.name, set.names.len()))
+                .label(format!("{} ({})", set.name, set.images.len()))
                 .legend(move |(x, y)| Circle::new((x + 8, y), 4, colour.filled()));
         }
         crate::plot::draw_legend(&mut chart, 14).map_err(|e| failed(&e))?;
@@ -258,8 +328,8 @@ fn draw_plot(path: &Path, sets: &[DrawnSet], points: &[[f64; 2]]) -> Result<()> 
 }
 
 fn rows<'a>(sets: &'a [DrawnSet], points: &'a [[f64; 2]]) -> impl Iterator<Item = Vec<String>> + 'a {
-    let images = sets.iter().flat_map(|set| set.names.iter().map(move |name| (&set.name, name)));
-    images.zip(points).map(|((set, image), p)| vec![set.clone(), image.clone(), p[0].to_string(), p[1].to_string()])
+    let images = sets.iter().flat_map(|set| set.images.iter().map(move |image| (&set.name, &image.label)));
+    images.zip(points).map(|((set, label), p)| vec![set.clone(), label.clone(), p[0].to_string(), p[1].to_string()])
 }
 
 fn coordinates(points: &Tensor) -> Vec<[f64; 2]> {
@@ -272,10 +342,11 @@ fn coordinates(points: &Tensor) -> Vec<[f64; 2]> {
 pub fn image_distribution(opts: &ImageDistributionOptions) -> Result<ImageDistributionSummary> {
     let mut inputs: Vec<(&str, &Path)> = vec![("--model", opts.model.as_path())];
     inputs.extend(opts.sets.iter().map(|set| ("--set", set.path.as_path())));
+    inputs.extend(opts.benchmark_sets.iter().map(|set| ("--benchmark-set", set.data.as_path())));
     inputs.extend(opts.image_dir.as_deref().map(|dir| ("--image-dir", dir)));
     check_output("--output", &opts.output, &inputs)?;
     let sets = draw_sets(opts)?;
-    let total: usize = sets.iter().map(|set| set.names.len()).sum();
+    let total: usize = sets.iter().map(|set| set.images.len()).sum();
     if opts.perplexity >= total as f64 {
         return Err(Error::Input(format!(
             "--perplexity {} must be less than the number of images ({total}, as scikit-learn's TSNE requires): \
@@ -293,12 +364,11 @@ pub fn image_distribution(opts: &ImageDistributionOptions) -> Result<ImageDistri
     let summary = ImageDistributionSummary {
         sets: sets
             .iter()
-            .zip(&opts.sets)
-            .map(|(drawn, set)| SetSummary {
-                name: drawn.name.clone(),
+            .map(|set| SetSummary {
+                name: set.name.clone(),
                 path: set.path.clone(),
-                images: drawn.names.len(),
-                pool: drawn.pool,
+                images: set.images.len(),
+                pool: set.pool,
             })
             .collect(),
         perplexity: opts.perplexity,
@@ -331,6 +401,15 @@ mod tests {
         assert_eq!(set, ImageSet { name: "stage1".into(), path: PathBuf::from("lists/coco 6k.json") });
         for bad in ["stage1", "=images", "stage1="] {
             assert!(bad.parse::<ImageSet>().unwrap_err().contains("NAME=PATH"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_benchmark_set_is_a_name_and_a_data_folder() {
+        let set: BenchmarkSet = "mmbench=eval/mm bench".parse().unwrap();
+        assert_eq!(set, BenchmarkSet { benchmark: "mmbench".into(), data: PathBuf::from("eval/mm bench") });
+        for bad in ["mmbench", "=eval", "mmbench="] {
+            assert!(bad.parse::<BenchmarkSet>().unwrap_err().contains("NAME=DATA_DIR"), "{bad}");
         }
     }
 

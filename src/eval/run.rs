@@ -4,20 +4,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::benchmarks::Benchmark;
-use super::item::{EvalItem, ImageSource};
+use super::item::EvalItem;
 use super::python;
 use crate::jobs::job::{GenerationTask, Request};
 use crate::method::infuse::with_description;
 
 /// Load an item's image (`None` for text-only items).
 pub fn item_image(item: &EvalItem, max_pixels: u64) -> Result<Option<::image::RgbImage>, String> {
-    match &item.image {
-        ImageSource::Path(path) => crate::image::load_image(path, max_pixels).map(Some).map_err(|e| e.to_string()),
-        ImageSource::Bytes(bytes) => crate::image::load_image_bytes(bytes, &format!("item {}", item.id), max_pixels)
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        ImageSource::None => Ok(None),
-    }
+    item.image.decode(&item.id, max_pixels).map_err(|e| e.to_string())
 }
 
 /// The answer pass, with the DaR descriptions when given.

@@ -281,10 +281,20 @@ pub struct EvalSettings {
     pub batch_size: usize,
     /// Benchmark name -> its folder under `paths.eval_root`.
     pub benchmarks: BTreeMap<String, String>,
+    /// Also draw the paper's Fig. 7 (`stic image-distribution`): the stage-1 images against each benchmark's.
+    #[serde(default)]
+    pub image_distribution: bool,
+    /// Fig. 7's t-SNE perplexity (scikit-learn's default); it must be below the number of images drawn.
+    #[serde(default = "thirty")]
+    pub image_distribution_perplexity: f64,
 }
 
 fn one() -> usize {
     1
+}
+
+fn thirty() -> f64 {
+    30.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -427,6 +437,10 @@ impl Profile {
             if value == 0 {
                 return Err(bad(format!("{what} must be at least 1")));
             }
+        }
+        let perplexity = cfg.eval.image_distribution_perplexity;
+        if !(perplexity.is_finite() && perplexity > 0.0) {
+            return Err(bad(format!("eval.image_distribution_perplexity must be a positive number, not {perplexity}")));
         }
         if cfg.eval.dar_prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
             return Err(bad("eval.dar_prompt is empty: give the description prompt's text, or remove the key for \

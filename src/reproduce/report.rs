@@ -3,16 +3,17 @@
 //! STIC, the paper's numbers beside them, as Markdown, JSON and a PNG bar chart; MMBench's accuracy by category
 //! beside it where its summaries have them.
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
 use super::config::{BaseModel, Profile};
-use super::steps::{eval_dir, Plan, Row};
+use super::steps::{eval_dir, image_distribution_dir, Plan, Row};
 use super::ReproduceError;
 use crate::error::Result;
 use crate::eval::benchmarks::{AccuracyBy, Benchmark, BENCHMARKS, CATEGORY_ACCURACY, L2_CATEGORY_ACCURACY};
+use crate::eval::image_distribution::PLOT_FILE;
 use crate::fsutil::{create_parent, write_atomic};
 
 /// The paper's numbers of one base model, in the order of [`BENCHMARKS`]: original, STIC + DaR.
@@ -292,6 +293,7 @@ fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
         }
     }
     out.extend(category_table(rows));
+    out.extend(image_distribution_section(profile));
     let source = match paper.rows {
         Some(_) => format!("The paper's numbers are its {}.", paper.table),
         None => format!(
@@ -316,6 +318,50 @@ fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
         ),
     ]);
     out.join("\n") + "\n"
+}
+
+/// `to` relative to the folder `from` (both made absolute), for the report's links.
+fn relative_to(from: &Path, to: &Path) -> PathBuf {
+    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let (from, to) = (absolute(from), absolute(to));
+    let common = from.components().zip(to.components()).take_while(|(a, b)| a == b).count();
+    let mut relative: PathBuf = std::iter::repeat_n("..", from.components().count() - common).collect();
+    relative.extend(to.components().skip(common));
+    relative
+}
+
+/// Fig. 7 where its step ran: the plot's path relative to the report's folder, and its `summary.json`.
+fn image_distribution(profile: &Profile) -> Option<(String, Value)> {
+    let dir = image_distribution_dir(&profile.cfg.paths.output);
+    let summary: Value = crate::fsutil::read_json(&dir.join("summary.json")).ok()?;
+    let report_dir = profile.cfg.paths.report.parent().unwrap_or(Path::new(""));
+    Some((relative_to(report_dir, &dir.join(PLOT_FILE)).display().to_string(), summary))
+}
+
+/// The Fig. 7 section: the plot, then each set's count and the t-SNE's fit.
+fn image_distribution_section(profile: &Profile) -> Vec<String> {
+    let Some((plot, summary)) = image_distribution(profile) else { return Vec::new() };
+    let sets: Vec<String> = summary["sets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|set| format!("{} {} of {} images", set["name"].as_str().unwrap_or("?"), set["images"], set["pool"]))
+        .collect();
+    let kl = summary["kl_divergence"].as_f64().map_or("–".into(), |kl| format!("{kl:.4}"));
+    vec![
+        String::new(),
+        "## Fig. 7: image distribution".into(),
+        String::new(),
+        format!("![t-SNE of the CLIP image features](<{plot}>)"),
+        String::new(),
+        format!(
+            "t-SNE of the CLIP features (`stic image-distribution`): {}; perplexity {}, KL divergence {kl} after {} \
+             steps.",
+            sets.join(", "),
+            summary["perplexity"],
+            summary["iterations"]
+        ),
+    ]
 }
 
 /// "MMBench by category": one line per L2 category, then one per category, one column per row with them.
@@ -394,7 +440,7 @@ fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
             (r.bench.name().to_string(), v)
         })
         .collect();
-    json!({
+    let mut report = json!({
         "profile": profile.cfg.profile,
         "config": profile.path,
         "model": profile.cfg.paths.model,
@@ -402,7 +448,17 @@ fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
         "base_model": profile.cfg.model.base.title(),
         "paper_table": paper_table(profile.cfg.model.base).table,
         "benchmarks": benchmarks,
-    })
+    });
+    if let Some((plot, summary)) = image_distribution(profile) {
+        report["image_distribution"] = json!({
+            "plot": plot,
+            "sets": summary["sets"],
+            "perplexity": summary["perplexity"],
+            "kl_divergence": summary["kl_divergence"],
+            "iterations": summary["iterations"],
+        });
+    }
+    report
 }
 
 /// The bar colour of each measured row.
@@ -697,6 +753,38 @@ mod tests {
         assert_eq!(categories.as_object().unwrap().keys().collect::<Vec<_>>(), ["original", "stic_dar"]);
         assert_eq!(categories["stic_dar"]["category_accuracy"]["ocr"]["correct"], 2);
         assert_eq!(json["benchmarks"]["scienceqa"].get("categories"), None);
+    }
+
+    #[test]
+    fn fig_7_is_in_the_report_when_its_step_wrote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = paper_profile_with(dir.path(), false, &DONE);
+        let (lines, json) = report_of(&profile);
+        assert!(!lines.iter().any(|l| l.contains("Fig. 7")) && json.get("image_distribution").is_none());
+        let figure = image_distribution_dir(dir.path());
+        std::fs::create_dir_all(&figure).unwrap();
+        let sets = json!([{"name": "stage1", "path": "s.json", "images": 3, "pool": 5},
+                          {"name": "scienceqa", "path": "sqa", "images": 2, "pool": 2}]);
+        let summary = json!({"sets": sets, "perplexity": 2.0, "kl_divergence": 0.123456, "iterations": 300});
+        std::fs::write(figure.join("summary.json"), summary.to_string()).unwrap();
+        let (lines, json) = report_of(&profile);
+        let at = lines.iter().position(|l| l == "## Fig. 7: image distribution").unwrap();
+        let relative = relative_to(profile.cfg.paths.report.parent().unwrap(), &figure.join(PLOT_FILE));
+        assert_eq!(lines[at + 2], format!("![t-SNE of the CLIP image features](<{}>)", relative.display()));
+        assert_eq!(
+            lines[at + 4],
+            "t-SNE of the CLIP features (`stic image-distribution`): stage1 3 of 5 images, scienceqa 2 of 2 images; \
+             perplexity 2.0, KL divergence 0.1235 after 300 steps."
+        );
+        assert_eq!(json["image_distribution"]["sets"], sets);
+        assert_eq!(json["image_distribution"]["kl_divergence"], json!(0.123456));
+    }
+
+    #[test]
+    fn relative_paths_climb_to_the_common_folder() {
+        let path = relative_to(Path::new("/a/report"), Path::new("/a/run/analysis/plot.png"));
+        assert_eq!(path, PathBuf::from("../run/analysis/plot.png"));
+        assert_eq!(relative_to(Path::new("/a"), Path::new("/a/b.png")), PathBuf::from("b.png"));
     }
 
     #[test]

@@ -283,6 +283,18 @@ fn stage1_image_problems(profile: &Profile) -> Vec<String> {
     problems
 }
 
+/// The eval data of `bench` if its folder is missing.
+fn eval_data_problem(bench: &dyn Benchmark, data: &Path, profile: &Profile) -> Option<String> {
+    (!data.is_dir()).then(|| {
+        format!(
+            "  eval data for {}: {} is missing; get it from {}",
+            bench.name(),
+            data.display(),
+            fetch_hint("eval_root", profile)
+        )
+    })
+}
+
 /// The steps of `profile`, checked against the file system and against the flags of this build.
 pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
     let cfg = &profile.cfg;
@@ -534,14 +546,7 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
                 }
             }
             let mut problems = model_problems.clone();
-            if !data.is_dir() {
-                problems.push(format!(
-                    "  eval data for {}: {} is missing; get it from {}",
-                    bench.name(),
-                    data.display(),
-                    fetch_hint("eval_root", profile)
-                ));
-            }
+            problems.extend(eval_data_problem(*bench, data, profile));
             let mut reads = vec![paths.model.clone(), data.clone()];
             reads.extend(adapter.cloned());
             eval_count += 1;
@@ -557,6 +562,34 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
             );
         }
     }
+    let mut report_reads = vec![out.join("eval")];
+    if cfg.eval.image_distribution {
+        let dir = image_distribution_dir(out);
+        let mut cmd = Cmd::new("image-distribution", has_flag)
+            .path("--model", &paths.model)
+            .arg("--set", format!("stage1={}", paths.stage1_images.display()))
+            .path("--image-dir", &paths.coco_train2014);
+        let mut reads = vec![paths.model.clone(), paths.stage1_images.clone(), paths.coco_train2014.clone()];
+        let mut problems = model_problems.clone();
+        problems.extend(stage1_image_problems(profile));
+        for (bench, data) in &profile.benchmarks {
+            cmd = cmd.arg("--benchmark-set", format!("{}={}", bench.name(), data.display()));
+            reads.push(data.clone());
+            problems.extend(eval_data_problem(*bench, data, profile));
+        }
+        let cmd = cmd.arg("--perplexity", cfg.eval.image_distribution_perplexity).path("--output", &dir);
+        push(
+            "image-distribution".into(),
+            "image-distribution",
+            "Fig. 7: t-SNE of the CLIP features of the stage-1 images and of each benchmark's".into(),
+            reads,
+            vec![dir.clone()],
+            Action::Command { args: cmd.args, resume_from: None, ranks: Ranks::One },
+            problems,
+            cmd.unsupported,
+        );
+        report_reads.push(dir);
+    }
     push(
         "report".into(),
         "report",
@@ -564,13 +597,18 @@ pub fn plan(profile: &Profile, has_flag: FlagSupport) -> Plan {
             "the measured rows beside the paper's, and the chart (from the {} evaluations' summary.json)",
             eval_count
         ),
-        vec![out.join("eval")],
+        report_reads,
         ["md", "json", "png"].iter().map(|ext| paths.report.with_extension(ext)).collect(),
         Action::Report,
         Vec::new(),
         Vec::new(),
     );
     Plan { steps, stage1_adapter: stage1, stage2_adapter: stage2 }
+}
+
+/// The output folder of Fig. 7 (`stic image-distribution`).
+pub fn image_distribution_dir(output: &Path) -> PathBuf {
+    output.join("analysis").join("image_distribution")
 }
 
 /// The output folder of one evaluation.
@@ -611,6 +649,36 @@ mod tests {
         assert_eq!(others, unchanged, "the other steps keep their command lines (and so their markers)");
         assert!(position(&on, "eval-original_dar-") < position(&on, "eval-stage1-"));
         assert_eq!(position(&on, "eval-stage1-") + 7, position(&on, "eval-stic-"));
+    }
+
+    #[test]
+    fn image_distribution_is_off_by_default_and_when_on_runs_after_the_evaluations_with_every_benchmark() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut profile = paper_profile(dir.path(), false);
+        let off = plan(&profile, &|_, _| true);
+        assert!(off.steps.iter().all(|s| s.name != "image-distribution"), "serde default: off");
+        profile.cfg.eval.image_distribution = true;
+        profile.benchmarks[0].1 = dir.path().join("missing");
+        let on = plan(&profile, &|_, _| true);
+        let names: Vec<&str> = on.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names[names.len() - 2..], ["image-distribution", "report"]);
+        let step = &on.steps[names.len() - 2];
+        let Action::Command { args, ranks, .. } = &step.action else { panic!("{:?}", step.action) };
+        assert_eq!(*ranks, Ranks::One);
+        let values =
+            |flag: &str| -> Vec<&str> { args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect() };
+        let paths = &profile.cfg.paths;
+        assert_eq!(values("--set"), [format!("stage1={}", paths.stage1_images.display())]);
+        assert_eq!(values("--image-dir"), [paths.coco_train2014.display().to_string()]);
+        let benchmark_sets: Vec<String> =
+            profile.benchmarks.iter().map(|(b, data)| format!("{}={}", b.name(), data.display())).collect();
+        assert_eq!(values("--benchmark-set"), benchmark_sets);
+        assert_eq!(values("--perplexity"), ["30"]);
+        assert_eq!(step.writes, vec![dir.path().join("analysis/image_distribution")]);
+        assert!(step.reads.contains(&paths.stage1_images) && step.reads.contains(&profile.benchmarks[0].1));
+        let missing = format!("eval data for scienceqa: {} is missing", dir.path().join("missing").display());
+        assert!(step.problems.iter().any(|p| p.contains(&missing)), "{:?}", step.problems);
+        assert!(on.steps.last().unwrap().reads.contains(&step.writes[0]), "the report reads it");
     }
 
     #[test]

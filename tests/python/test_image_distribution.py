@@ -1,10 +1,14 @@
 """`stic image-distribution` (the paper's Fig. 7) against its references on a tiny model and COCO-sized JPEGs: the
 pooled features equal transformers' `CLIPVisionModel` `pooler_output` through the CLIP image processor, the
 embedding equals scikit-learn's exact `TSNE` from the same initial embedding, the plot decodes, and bad input
-exits 2."""
+exits 2. A benchmark's set is the distinct images of its items as its loader gives them (files, or MMBench's
+embedded images)."""
+import base64
 import csv
+import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from sklearn.manifold import TSNE, _t_sne, trustworthiness
 from sklearn.metrics import pairwise_distances
 from transformers import CLIPImageProcessor
 
+import eval_data
 import tiny_models
 from conftest import IMAGES, run_stic
 from test_errors import assert_clean_failure
@@ -131,3 +136,70 @@ def test_bad_input_exits_2(setup, tmp_path):
                                   check=False), "given twice")
     assert not (tmp_path / "out").exists()
     shutil.rmtree(empty)
+
+
+# ------------------------------------------------------------------------------------------ benchmark sets
+
+def tsv_images(tsv):
+    """The distinct images of an MMBench TSV, decoded from its base64 cells (a short cell refers to another row's
+    image), with the index of the first row holding each."""
+    header, *lines = Path(tsv).read_text().splitlines()
+    rows = [dict(zip(header.split("\t"), line.split("\t"))) for line in lines]
+    images = {}
+    for row in rows:
+        if len(row["image"]) > 64:
+            images.setdefault(base64.b64decode(row["image"]), row["index"])
+    return images
+
+
+def test_benchmark_sets_are_the_distinct_images_their_loaders_give(setup, tmp_path):
+    """ScienceQA's images are files (the text-only question has none), MMBench's are embedded in its TSV (its own
+    circular copy of a row refers to that row's image): each set holds each image once, a file by its path and an
+    embedded image by its item's id, and an embedded image's features are CLIP's on the decoded image."""
+    scienceqa = eval_data.build("scienceqa", tmp_path / "scienceqa")
+    mmbench = eval_data.build("mmbench", tmp_path / "mmbench")
+    out = tmp_path / "out"
+    run_stic("image-distribution", "--model", setup["folder"], "--set", f"stage1={setup['stage1']}",
+             "--benchmark-set", f"scienceqa={scienceqa.path}", "--benchmark-set", f"mmbench={mmbench.path}",
+             "--per-set", "6", "--perplexity", "3", "--device", "cpu", "--output", out)
+    rows, _ = read_points(out / "embedding.csv")
+    by_set = lambda name: [r["image"] for r in rows if r["set"] == name]  # noqa: E731
+    records = json.loads((scienceqa.path / "llava_test_CQM-A.json").read_text())
+    expected_files = {(scienceqa.path / "images" / "test" / r["image"]).resolve() for r in records if "image" in r}
+    assert len(by_set("scienceqa")) == len(expected_files) == 3
+    assert {Path(p).resolve() for p in by_set("scienceqa")} == expected_files
+    embedded = tsv_images(mmbench.path / "mmbench_dev_20230712.tsv")
+    assert len(embedded) == 2 and sorted(by_set("mmbench")) == sorted(embedded.values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["name"], s["images"], s["pool"]) for s in summary["sets"]] == [
+        ("stage1", 6, 40), ("scienceqa", 3, 3), ("mmbench", 2, 2)]
+    assert summary["sets"][2]["path"] == str(mmbench.path)
+
+    photo, index = next(iter(embedded.items()))
+    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    pixels = processor([Image.open(io.BytesIO(photo)).convert("RGB")], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = setup["model"].vision_tower(pixels).pooler_output.numpy()
+    row = next(k for k, r in enumerate(rows) if r["set"] == "mmbench" and r["image"] == index)
+    np.testing.assert_allclose(np.load(out / "features.npy")[row:row + 1], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_bad_benchmark_sets_exit_2(setup, tmp_path):
+    base = ["image-distribution", "--model", setup["folder"], "--device", "cpu", "--output", tmp_path / "out"]
+    scienceqa = eval_data.build("scienceqa", tmp_path / "scienceqa")
+    assert_clean_failure(run_stic(*base, "--benchmark-set", f"nonesuch={scienceqa.path}", check=False),
+                         "--benchmark-set nonesuch", "unknown benchmark", "scienceqa, textvqa")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_failure(run_stic(*base, "--benchmark-set", f"mmbench={empty}", check=False),
+                         "--benchmark-set mmbench", f"missing {empty / 'mmbench_dev_20230712.tsv'}")
+    text_only = tmp_path / "text_only"
+    (text_only / "images" / "test").mkdir(parents=True)
+    records = json.loads((scienceqa.path / "llava_test_CQM-A.json").read_text())
+    (text_only / "llava_test_CQM-A.json").write_text(json.dumps([r for r in records if "image" not in r]))
+    assert_clean_failure(run_stic(*base, "--benchmark-set", f"scienceqa={text_only}", check=False),
+                         "--benchmark-set scienceqa", f"no item of {text_only} has an image")
+    assert_clean_failure(run_stic(*base, "--set", f"scienceqa={setup['stage1']}",
+                                  "--benchmark-set", f"scienceqa={scienceqa.path}", check=False), "given twice")
+    assert_clean_failure(run_stic(*base, "--benchmark-set", "scienceqa", check=False), "NAME=DATA_DIR")
+    assert not (tmp_path / "out").exists()

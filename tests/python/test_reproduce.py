@@ -693,3 +693,39 @@ def test_stage1_as_sft_runs_to_the_end(world, tmp_path):
     assert isinstance(json.loads((tmp_path / "report" / "reproduce.json").read_text())
                       ["benchmarks"]["scienceqa"]["measured"]["stic"], float)
 
+
+
+def test_image_distribution_step_draws_fig_7_into_the_report(world, tmp_path):
+    """eval.image_distribution: after the evaluations, `stic image-distribution` on the stage-1 images and each
+    benchmark's data; the report embeds its plot and gives its counts. The run evaluates MMBench alone (speed)."""
+    config = yaml.safe_load(short_official(tmp_path).read_text())
+    config["eval"].update(image_distribution=True, image_distribution_perplexity=1,  # two images in all
+                          max_new_tokens=2, description_max_new_tokens=4)
+    config["generation"]["max_new_tokens"] = 4
+    path = tmp_path / "image_distribution.yaml"
+    path.write_text(yaml.safe_dump(config))
+    original = tmp_path / "original"
+    tiny_models.build_llava_original(original)
+    env = env_for(world, tmp_path, STIC_MODEL=original)
+    plan = reproduce("--config", path, "--plan", "--benchmarks", "scienceqa,mmbench", env=env)
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    steps = [line.split(". ", 1)[1].split(" [")[0] for line in lines if " [to run]" in line]
+    assert steps[-2:] == ["image-distribution", "report"], steps
+    command = lines[next(k for k, line in enumerate(lines) if ". image-distribution [to run]" in line) + 1].split()
+    assert [command[k + 1] for k, arg in enumerate(command) if arg == "--benchmark-set"] == [
+        f"scienceqa={world / 'eval' / 'scienceqa'}", f"mmbench={world / 'eval' / 'mmbench'}"]
+    assert command[command.index("--set") + 1] == f"stage1={world / 'stage1.json'}"
+
+    proc = reproduce("--config", path, "--benchmarks", "mmbench", env=env)
+    assert proc.returncode == 0, proc.stderr
+    figure = tmp_path / "run" / "analysis" / "image_distribution"
+    summary = json.loads((figure / "summary.json").read_text())
+    assert [(s["name"], s["images"]) for s in summary["sets"]] == [("stage1", 1), ("mmbench", 1)]
+    assert Image.open(figure / "image_distribution.png").format == "PNG"
+    markdown = (tmp_path / "report" / "reproduce.md").read_text()
+    assert "## Fig. 7: image distribution" in markdown
+    assert "](<../run/analysis/image_distribution/image_distribution.png>)" in markdown, markdown
+    assert "stage1 1 of 1 images, mmbench 1 of 1 images; perplexity 1.0" in markdown, markdown
+    report = json.loads((tmp_path / "report" / "reproduce.json").read_text())["image_distribution"]
+    assert report["sets"] == summary["sets"] and report["kl_divergence"] == pytest.approx(summary["kl_divergence"])
