@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benches"))
 from reproduce_workload import (LM_PARAMS_7B, STAGE1_PAIRS, STAGE2_CONVERSATIONS, STAGE2_MAX_LENGTH,  # noqa: E402
-                                estimate_reproduce)
+                                estimate_reproduce, experiment_hours)
 
 IMAGES = ROOT / "data" / "images"
 PROMPTS = json.loads((ROOT / "third_party" / "stic" / "prompts.json").read_text())
@@ -510,13 +510,13 @@ def full_size_params(ctx):
 
 
 def generate_full_size(ctx, requests, measured_so_far):
-    """The 7B geometry (--random-weights, bf16; the dry run: tiny, f32) at 8 / 32 / 64 slots, graphs on, on the
-    first 64 requests of the mix at most 32 new tokens each, each run under its own limit: generated tokens/s,
-    peak memory, MFU (2 x parameters x generated and prompt tokens / time / the GPU's peak)."""
+    """The 7B geometry (--random-weights, bf16; the dry run: tiny, f32) at 8 / 32 / 64 slots and auto (its
+    cache_slots: the rows the GPU's memory holds), graphs on, on the first 64 requests of the mix at most 32 new
+    tokens each, each run under its own limit: generated tokens/s, peak memory, MFU (2 x parameters x generated and prompt tokens / time / the GPU's peak)."""
     requests = [dict(r, max_new_tokens=min(r["max_new_tokens"], 32)) for r in requests[:64]]
     params, dtype = full_size_params(ctx), "f32" if ctx.dry else "bf16"
     result = dict(model=" ".join(ctx.full_size()), lm_parameters=params, dtype=dtype, runs={})
-    for slots in (8, 32, 64):
+    for slots in (8, 32, 64, "auto"):
         tag = f"full-size-slots{slots}"
         try:
             _, s = ctx.generate(requests, tag, "--batch-size", str(slots), "--ignore-eos", "--warmup", dtype=dtype,
@@ -529,6 +529,7 @@ def generate_full_size(ctx, requests, measured_so_far):
             continue
         tokens = s["generated_tokens"] + s["prompt_tokens"]
         result["runs"][tag] = dict(slots=slots, status="ok", seconds=s["seconds"],
+                                   cache_slots=(s.get("engine") or {}).get("cache_slots"),
                                    generated_tok_s=s["generated_tokens"] / s["seconds"],
                                    prompt_tokens=s["prompt_tokens"], generated_tokens=s["generated_tokens"],
                                    peak_gib=s["gpu_memory_gib"] if ctx.device == "cuda" else s["peak_rss_gib"],
@@ -614,6 +615,7 @@ def step_estimate(ctx, results):
     stage2_h = scale * STAGE2_CONVERSATIONS * STAGE2_MAX_LENGTH / t["sft"]["tokens_per_s_last_step"] / 3600
     return dict(hours=generation["hours"] + stage1_h + stage2_h, generation_hours=generation["hours"],
                 stage1_training_hours=stage1_h, stage2_training_hours_at_most=stage2_h, scale_to_7b=scale,
+                experiments=experiment_hours(generation["part_hours"], stage1_h, stage2_h),
                 generation=generation, from_run=f"slots {best['slots']}, graphs {best['cuda_graphs']}",
                 basis="EXTRAPOLATION, not a measurement: rates of the model measured here ("
                       f"{g['lm_parameters'] / 1e6:.1f}M language-model parameters) multiplied by {scale:.0f} to "

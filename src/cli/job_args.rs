@@ -1,14 +1,16 @@
 //! Flag blocks of the generation commands: the engine's (`generate`, `prefs`, `describe`, `eval`) and those of the
 //! STIC generation jobs (`prefs`, `describe`).
-use stic::generate::engine::EngineOptions;
+use stic::generate::engine::{BatchSize, EngineOptions};
 use stic::method::prefs::SticJobOptions;
 
 /// How the generation engine batches and sizes its cache (`generate`, `prefs`, `describe`, `eval`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Rows generated together: the engine's slots (a row that stops gives its slot to the next prompt).
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    /// Rows generated together: the engine's slots (a row that stops gives its slot to the next prompt). auto:
+    /// as many as the key/value cache budget holds at the rows' length (their image features counted), at most
+    /// 256 (vLLM's default); on the CPU without --max-batch-tokens, 8.
+    #[arg(long, default_value = "auto")]
+    pub batch_size: BatchSize,
     /// Key/value cache positions for all rows together. Default: what --gpu-memory-fraction leaves on a GPU,
     /// as many as the rows need on the CPU. A prompt and its answer that need more stop the run (exit 2).
     #[arg(long)]

@@ -28,11 +28,89 @@ use crate::image::anyres::num_image_features;
 use crate::model::decoder::AttnMask;
 use crate::model::LlavaNext;
 
+/// How many rows decode together (`--batch-size`, a profile's `batch_size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "BatchSizeValue", into = "BatchSizeValue")]
+pub enum BatchSize {
+    /// This many, or fewer when the cache budget cannot hold them at the rows' length.
+    Rows(usize),
+    /// As many as the cache budget holds at the rows' length, as vLLM sizes its batch: each row's key/value
+    /// positions plus the image features of a row queued behind it and of a cached image, at most
+    /// [`AUTO_MAX_ROWS`]. Without a budget (the CPU without `--max-batch-tokens`): [`UNBUDGETED_AUTO_ROWS`].
+    Auto,
+}
+
+/// vLLM's default `max_num_seqs`.
+pub const AUTO_MAX_ROWS: usize = 256;
+/// `auto` where the memory is not measured: the former fixed default.
+pub const UNBUDGETED_AUTO_ROWS: usize = 8;
+
+impl BatchSize {
+    /// The fixed number of rows, or `auto_rows` for `auto`.
+    pub fn rows_or(self, auto_rows: usize) -> usize {
+        match self {
+            BatchSize::Rows(rows) => rows,
+            BatchSize::Auto => auto_rows,
+        }
+    }
+}
+
+impl std::str::FromStr for BatchSize {
+    type Err = String;
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text.trim() {
+            "auto" => Ok(BatchSize::Auto),
+            number => match number.parse::<usize>() {
+                Ok(0) | Err(_) => {
+                    Err(format!("`{text}` is not a batch size: give a number of rows (at least 1) or auto"))
+                }
+                Ok(rows) => Ok(BatchSize::Rows(rows)),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchSize::Rows(rows) => write!(f, "{rows}"),
+            BatchSize::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+/// A batch size as YAML and JSON write it: a number, or the word `auto`.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum BatchSizeValue {
+    Rows(usize),
+    Word(String),
+}
+
+impl TryFrom<BatchSizeValue> for BatchSize {
+    type Error = String;
+    fn try_from(value: BatchSizeValue) -> std::result::Result<Self, String> {
+        match value {
+            BatchSizeValue::Rows(rows) => rows.to_string().parse(),
+            BatchSizeValue::Word(word) => word.parse(),
+        }
+    }
+}
+
+impl From<BatchSize> for BatchSizeValue {
+    fn from(size: BatchSize) -> Self {
+        match size {
+            BatchSize::Rows(rows) => BatchSizeValue::Rows(rows),
+            BatchSize::Auto => BatchSizeValue::Word("auto".into()),
+        }
+    }
+}
+
 /// How the engine batches and how much memory its cache takes.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EngineOptions {
     /// Rows that decode together.
-    pub slots: usize,
+    pub slots: BatchSize,
     /// Key/value positions the cache holds for all slots together. Default: what `gpu_memory_fraction` leaves
     /// on a GPU; on the CPU as many as the rows need.
     pub max_batch_tokens: Option<usize>,
@@ -49,7 +127,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            slots: 8,
+            slots: BatchSize::Auto,
             max_batch_tokens: None,
             gpu_memory_fraction: 0.9,
             prefill_chunk: 4096,
@@ -167,6 +245,10 @@ pub struct Engine<'m, T> {
     context: usize,
     max_image_tokens: usize,
     budget: Option<usize>,
+    /// The most rows at once: a fixed batch size, or `auto`'s bound.
+    max_rows: usize,
+    /// Cache positions that one row's share of queued and cached image features takes (`auto` only).
+    feature_positions: usize,
     waiting: VecDeque<(T, Request)>,
     /// Rows that stop before their first token (`max_new_tokens` 0).
     ready: Vec<(T, Generated)>,
@@ -197,7 +279,7 @@ fn graph_bucket(rows: usize, keys: usize, slots: usize, positions: usize) -> (i6
 impl<'m, T> Engine<'m, T> {
     pub fn new(model: &'m LlavaNext, sampling: SamplingConfig, eos_id: i64, opts: EngineOptions) -> Result<Self> {
         sampling.validate()?;
-        if opts.slots == 0 || opts.prefill_chunk == 0 {
+        if opts.slots == BatchSize::Rows(0) || opts.prefill_chunk == 0 {
             return Err(Error::Input("the batch size and the prefill chunk must be at least 1".into()));
         }
         let device = model.device();
@@ -210,6 +292,15 @@ impl<'m, T> Engine<'m, T> {
         let patch = model.cfg.vision.patch_size as u32;
         let max_image_tokens =
             image.grid_pinpoints.iter().map(|&p| num_image_features(p, image, patch)).max().unwrap_or(0);
+        let max_rows = opts.slots.rows_or(if budget.is_some() { AUTO_MAX_ROWS } else { UNBUDGETED_AUTO_ROWS });
+        let feature_positions = match opts.slots {
+            BatchSize::Auto => {
+                let text = &model.language_model.cfg;
+                let feature_bytes = max_image_tokens * text.hidden_size * model.kind().elt_size_in_bytes();
+                (2 * feature_bytes).div_ceil(bytes_per_token(text, model.kind()))
+            }
+            BatchSize::Rows(_) => 0,
+        };
         let (graphs, cuda_graphs_off) = if !device.is_cuda() {
             (None, Some("cpu device".to_string()))
         } else if !opts.cuda_graphs {
@@ -233,6 +324,8 @@ impl<'m, T> Engine<'m, T> {
             max_image_tokens,
             stats: EngineStats { cache_budget: budget, cuda_graphs_off, ..Default::default() },
             budget,
+            max_rows,
+            feature_positions,
             opts,
             waiting: VecDeque::new(),
             ready: Vec::new(),
@@ -246,6 +339,22 @@ impl<'m, T> Engine<'m, T> {
     /// Requests queued and not yet given a slot, or done without one (no new tokens to write).
     pub fn queued(&self) -> usize {
         self.waiting.len() + self.ready.len()
+    }
+
+    /// Rows that run together: the cache's slots once it is sized, else what the first waiting request would
+    /// get (1 while none waits). Callers keep this many requests queued.
+    pub fn rows(&self) -> usize {
+        if let Some(cache) = &self.cache {
+            return cache.slots();
+        }
+        match self.waiting.front() {
+            Some((_, request)) => {
+                let (needed, headroom) = self.positions_of(request);
+                self.slots_for(self.capacity_for(needed, headroom))
+            }
+            None if self.opts.slots == BatchSize::Auto => 1,
+            None => self.max_rows,
+        }
     }
 
     /// Nothing queued, nothing running.
@@ -308,6 +417,25 @@ impl<'m, T> Engine<'m, T> {
         capacity.max(needed)
     }
 
+    /// Slots of a cache with `capacity` positions each: the batch size, fewer when the budget cannot hold them.
+    fn slots_for(&self, capacity: usize) -> usize {
+        let per_slot = capacity + 1 + self.feature_positions;
+        self.budget.map_or(self.max_rows, |b| self.max_rows.min(b / per_slot)).max(1)
+    }
+
+    /// Cache positions `request` needs, and the headroom for the largest image in place of each of its images.
+    fn positions_of(&self, request: &Request) -> (usize, usize) {
+        let (limit, _) = self.limit_of(request);
+        let needed = positions_needed(request.prompt.ids.len(), limit);
+        let headroom = request
+            .prompt
+            .image_features
+            .iter()
+            .map(|f| self.max_image_tokens.saturating_sub(f.size()[0] as usize))
+            .sum();
+        (needed, headroom)
+    }
+
     /// Makes the cache hold `needed` positions per slot. False while that must wait for the running rows to stop
     /// (a limited cache is reallocated empty, so that old and new never take memory together).
     fn ensure_capacity(&mut self, needed: usize, headroom: usize) -> bool {
@@ -315,7 +443,7 @@ impl<'m, T> Engine<'m, T> {
             return true;
         }
         let capacity = self.capacity_for(needed, headroom);
-        let slots = self.budget.map_or(self.opts.slots, |b| self.opts.slots.min(b / (capacity + 1))).max(1);
+        let slots = self.slots_for(capacity);
         let running: Vec<usize> = (0..self.slots.len()).filter(|&s| self.slots[s].row.is_some()).collect();
         let cfg = &self.model.language_model.cfg;
         match self.cache.take() {
@@ -351,15 +479,7 @@ impl<'m, T> Engine<'m, T> {
 
     fn admit(&mut self) {
         while let Some((_, request)) = self.waiting.front() {
-            let (limit, _) = self.limit_of(request);
-            let needed = positions_needed(request.prompt.ids.len(), limit);
-            // Room for the largest image in place of each of this prompt's.
-            let headroom = request
-                .prompt
-                .image_features
-                .iter()
-                .map(|f| self.max_image_tokens.saturating_sub(f.size()[0] as usize))
-                .sum();
+            let (needed, headroom) = self.positions_of(request);
             if !self.ensure_capacity(needed, headroom) {
                 return;
             }
@@ -738,7 +858,7 @@ pub(crate) mod tests {
     fn serial(session: &Session, cases: &[Case], sampling: &SamplingConfig, eos: i64) -> Vec<Vec<i64>> {
         (0..cases.len())
             .map(|i| {
-                let opts = EngineOptions { slots: 1, ..Default::default() };
+                let opts = EngineOptions { slots: BatchSize::Rows(1), ..Default::default() };
                 let mut engine: Engine<()> = Engine::new(&session.model, sampling.clone(), eos, opts).unwrap();
                 engine.submit((), request(session, &cases[i], 1000 + i as u64)).map_err(|_| "refused").unwrap();
                 let mut out = None;
@@ -785,9 +905,10 @@ pub(crate) mod tests {
             let distinct: std::collections::BTreeSet<&Vec<i64>> = expected.iter().collect();
             assert!(distinct.len() >= 6, "the tiny model should not write the same for every prompt: {expected:?}");
             for opts in [
-                EngineOptions { slots: 3, prefill_chunk: 16, ..Default::default() },
-                EngineOptions { slots: 8, prefill_chunk: 7, ..Default::default() },
-                EngineOptions { slots: 2, max_batch_tokens: Some(900), ..Default::default() },
+                EngineOptions { slots: BatchSize::Rows(3), prefill_chunk: 16, ..Default::default() },
+                EngineOptions { slots: BatchSize::Rows(8), prefill_chunk: 7, ..Default::default() },
+                EngineOptions { slots: BatchSize::Rows(2), max_batch_tokens: Some(900), ..Default::default() },
+                EngineOptions { slots: BatchSize::Auto, max_batch_tokens: Some(4000), ..Default::default() },
             ] {
                 let (got, stats) = run(&session, &cases, sampling, eos, opts.clone());
                 assert_eq!(got, expected, "{opts:?}");
@@ -840,5 +961,51 @@ pub(crate) mod tests {
         }
         assert_eq!((out[0].1.tokens.len(), out[0].1.stop), (3, StopReason::Context));
         assert_eq!(engine.stats.cuda_graphs_off.as_deref(), Some("cpu device"), "the summary says why no graphs");
+    }
+
+    #[test]
+    fn auto_batch_size_fills_the_cache_budget() {
+        let (_dir, session) = tiny_session();
+        let case = Case { ids: vec![5; 20], image: Some(1), max_new_tokens: 8 };
+        let engine_with = |slots, max_batch_tokens| {
+            let opts = EngineOptions { slots, max_batch_tokens, ..Default::default() };
+            Engine::<usize>::new(&session.model, SamplingConfig::default(), -1, opts).unwrap()
+        };
+        let sized = |mut engine: Engine<usize>| {
+            assert_eq!(engine.rows(), if engine.opts.slots == BatchSize::Auto { 1 } else { engine.max_rows });
+            engine.submit(0, request(&session, &case, 0)).map_err(|_| "refused").unwrap();
+            let planned = engine.rows();
+            while !engine.is_idle() {
+                engine.step().unwrap();
+            }
+            assert_eq!(engine.stats.cache_slots, planned, "rows() announces the slots the cache gets");
+            (planned, engine.stats.cache_capacity, engine.feature_positions)
+        };
+        // no budget (the CPU without --max-batch-tokens): 8
+        assert_eq!(sized(engine_with(BatchSize::Auto, None)).0, UNBUDGETED_AUTO_ROWS);
+        // a budget: as many rows as it holds, each with its image features' share
+        let budget = 200_000;
+        let (rows, capacity, feature_positions) = sized(engine_with(BatchSize::Auto, Some(budget)));
+        assert!(feature_positions > 0);
+        assert_eq!(rows, budget / (capacity + 1 + feature_positions));
+        assert!(rows > UNBUDGETED_AUTO_ROWS, "{rows} rows in {budget} positions of {capacity}");
+        assert_eq!(sized(engine_with(BatchSize::Auto, Some(10_000_000))).0, AUTO_MAX_ROWS);
+        // a fixed size stays as it was: the budget only lowers it
+        assert_eq!(sized(engine_with(BatchSize::Rows(3), Some(budget))).0, 3);
+        assert_eq!(sized(engine_with(BatchSize::Rows(64), Some(budget))).0, (budget / (capacity + 1)).min(64));
+    }
+
+    #[test]
+    fn batch_sizes_parse_from_flags_and_profiles() {
+        assert_eq!("auto".parse::<BatchSize>(), Ok(BatchSize::Auto));
+        assert_eq!("12".parse::<BatchSize>(), Ok(BatchSize::Rows(12)));
+        for bad in ["0", "-1", "eight", ""] {
+            let err = bad.parse::<BatchSize>().unwrap_err();
+            assert!(err.contains("number of rows (at least 1) or auto"), "{err}");
+        }
+        let yaml: Vec<BatchSize> = serde_yaml::from_str("[auto, 8]").unwrap();
+        assert_eq!(yaml, [BatchSize::Auto, BatchSize::Rows(8)]);
+        assert!(serde_yaml::from_str::<BatchSize>("0").is_err());
+        assert_eq!(serde_json::to_string(&yaml).unwrap(), r#"["auto",8]"#);
     }
 }

@@ -36,6 +36,14 @@ impl FeatureCache {
         FeatureCache { entries: VecDeque::new(), capacity: capacity.max(1), encoded: 0, reused: 0 }
     }
 
+    /// Keeps at most `capacity` images from now on (the least recently used go first).
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+        while self.entries.len() > self.capacity {
+            self.entries.pop_front();
+        }
+    }
+
     /// The features of the image `key`, computed by `encode` unless they are cached.
     pub fn get_or_encode(&mut self, key: ImageKey, encode: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
         if let Some(i) = self.entries.iter().position(|(k, _)| *k == key) {

@@ -5,7 +5,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::engine::{Engine, EngineOptions, EngineStats, Refusal, Request};
+use super::engine::{Engine, EngineOptions, EngineStats, Refusal, Request, UNBUDGETED_AUTO_ROWS};
 use super::images::{FeatureCache, ImageKey};
 use super::session::{ModelSpec, Session};
 use super::{static_batch, Generated, PreparedPrompt, SamplingConfig};
@@ -27,7 +27,7 @@ pub struct GenerateOptions {
     /// `max_new_tokens` is that of every prompt but the requests that give their own.
     pub sampling: SamplingConfig,
     pub engine: EngineOptions,
-    /// Static batches of `engine.slots` prompts instead of the engine.
+    /// Static batches of `engine.slots` prompts (8 for `auto`) instead of the engine.
     pub static_batching: bool,
     /// Keep generating after EOS.
     pub ignore_eos: bool,
@@ -148,12 +148,13 @@ impl Run<'_> {
     ) -> Result<()> {
         let opts = &self.opts.engine;
         let mut engine: Engine<usize> = Engine::new(&self.session.model, self.cfg.clone(), self.eos, opts.clone())?;
-        let mut features = FeatureCache::new(2 * opts.slots + 2);
+        let mut features = FeatureCache::new(2 * engine.rows() + 2);
         let mut specs = specs.peekable();
         let (mut submitted, mut next) = (0, 0);
         let mut done: BTreeMap<usize, Generated> = BTreeMap::new();
         loop {
-            while engine.queued() < opts.slots {
+            while engine.queued() < engine.rows() {
+                features.set_capacity(2 * engine.rows() + 2);
                 let Some(spec) = specs.next().transpose()? else { break };
                 let started = Instant::now();
                 let (prompt, images) = prepare(self.session, &spec, &mut features)?;
@@ -184,14 +185,14 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Runs the specs in static batches of `engine.slots` prompts.
+    /// Runs the specs in static batches of `engine.slots` prompts (8 for `auto`).
     fn static_batches(
         &self,
         specs: impl Iterator<Item = Result<Spec>>,
         emit: &mut dyn FnMut(Generated) -> Result<()>,
         stats: &mut RunStats,
     ) -> Result<()> {
-        let batch = self.opts.engine.slots.max(1);
+        let batch = self.opts.engine.slots.rows_or(UNBUDGETED_AUTO_ROWS);
         let mut specs = specs.peekable();
         while specs.peek().is_some() {
             let chunk: Vec<Spec> = specs.by_ref().take(batch).collect::<Result<_>>()?;

@@ -228,16 +228,16 @@ pub fn run_job<T: GenerationTask>(
     let tokenizer = &session.tokenizer;
     let mut engine: Engine<(usize, usize)> =
         Engine::new(&session.model, opts.sampling.clone(), tokenizer.eos_id, opts.engine.clone())?;
-    let lookahead = opts.engine.slots.max(1);
-    // Items done but waiting for an earlier one to be written, at most: a bound on memory when one row runs long.
-    let reorder_window = 64 * lookahead;
-    let mut features = FeatureCache::new(2 * lookahead + 2);
+    let mut features = FeatureCache::new(2 * engine.rows() + 2);
     // pending[i] is todo[first + i]; tags are (index in todo, request of the item)
     let mut pending: VecDeque<Pending<T::Plan>> = VecDeque::new();
     let mut first = 0;
     let mut planned = 0;
     loop {
-        while engine.queued() < lookahead && pending.len() < reorder_window && planned < todo.len() {
+        // Items done but waiting for an earlier one to be written are at most 64 batches: a bound on memory when
+        // one row runs long.
+        while engine.queued() < engine.rows() && pending.len() < 64 * engine.rows() && planned < todo.len() {
+            features.set_capacity(2 * engine.rows() + 2);
             let position = todo[planned];
             pending.push_back(plan_item(
                 session,
@@ -401,7 +401,7 @@ mod tests {
             limit: None,
             settings: serde_json::json!({"max_new_tokens": max_new_tokens}),
             sampling: SamplingConfig { max_new_tokens, ..Default::default() },
-            engine: EngineOptions { slots: 4, ..Default::default() },
+            engine: EngineOptions { slots: crate::generate::engine::BatchSize::Rows(4), ..Default::default() },
             template: Template::MistralInstruct,
             unit: "items",
             progress: false,

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::ReproduceError;
 use crate::eval::benchmarks::{self, Benchmark, MmBenchOptions, BENCHMARKS};
+use crate::generate::engine::BatchSize;
 use crate::image::Filter;
 use crate::text::Template;
 use crate::train::config::TrainConfig;
@@ -172,7 +173,7 @@ pub struct GenerationSettings {
     /// 0: no top-k cut.
     pub top_k: usize,
     pub max_new_tokens: usize,
-    pub batch_size: usize,
+    pub batch_size: BatchSize,
     pub seed: u64,
 }
 
@@ -278,7 +279,7 @@ pub struct EvalSettings {
     /// LLaVA-Bench: independent judge runs, their mean reported and their spread in its summary (Fig. 4: 3).
     #[serde(default = "one")]
     pub judge_runs: usize,
-    pub batch_size: usize,
+    pub batch_size: BatchSize,
     /// Benchmark name -> its folder under `paths.eval_root`.
     pub benchmarks: BTreeMap<String, String>,
     /// Also draw the paper's Fig. 7 (`stic image-distribution`): the stage-1 images against each benchmark's.
@@ -429,14 +430,8 @@ impl Profile {
             }
             _ => {}
         }
-        for (what, value) in [
-            ("generation.batch_size", cfg.generation.batch_size),
-            ("eval.batch_size", cfg.eval.batch_size),
-            ("eval.judge_runs", cfg.eval.judge_runs),
-        ] {
-            if value == 0 {
-                return Err(bad(format!("{what} must be at least 1")));
-            }
+        if cfg.eval.judge_runs == 0 {
+            return Err(bad("eval.judge_runs must be at least 1".into()));
         }
         let perplexity = cfg.eval.image_distribution_perplexity;
         if !(perplexity.is_finite() && perplexity > 0.0) {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
-use crate::generate::engine::{Engine, EngineOptions, Refusal, Request};
+use crate::generate::engine::{BatchSize, Engine, EngineOptions, Refusal, Request};
 use crate::generate::images::ImageKey;
 use crate::generate::session::Session;
 use crate::generate::SamplingConfig;
@@ -147,7 +147,7 @@ impl<'a> SampleWriter<'a> {
         // A cache for exactly these rows: on a GPU the training run holds the rest of the memory.
         let budget = requests.iter().map(|r| r.prompt.ids.len() + self.max_new_tokens + 1).sum();
         let opts = EngineOptions {
-            slots: requests.len().min(8),
+            slots: BatchSize::Rows(requests.len().min(8)),
             max_batch_tokens: Some(budget),
             cuda_graphs: false,
             ..Default::default()
