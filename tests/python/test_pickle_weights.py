@@ -120,7 +120,10 @@ def test_pickle_shards_give_the_logits_of_safetensors(tmp_path, weights):
     from_bin, from_safetensors = score(bin_folder, tmp_path), score(safetensors_folder, tmp_path)
     assert from_bin.keys() == from_safetensors.keys()
     for key in from_bin:
-        assert torch.equal(from_bin[key], from_safetensors[key]), key
+        # The same weights give the same logits, to the last bit in every local run; one CI run (2026-12-06, f32)
+        # differed below the printed digits between the two processes, so the bound is a rounding, not equality:
+        # a wrong or misread tensor moves the logits by orders of magnitude more.
+        torch.testing.assert_close(from_bin[key], from_safetensors[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
 class RunsACommand:

@@ -172,7 +172,9 @@ def test_prefs_shards_merged_equal_the_unsharded_run(tiny, prefs_baseline, tmp_p
 def _start_prefs(model, output, log):
     args = [str(STIC), "prefs", "--model", str(model), "--image-dir", str(IMAGES), "--output", str(output), *GEN,
             "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "1"]
-    return subprocess.Popen(args, stdout=log, stderr=log)
+    # SIGINT as a terminal sends it, even when the suite runs where it is ignored (a background job of a shell
+    # without job control inherits SIG_IGN, and `prefs` would then never see the ctrl_c case's signal).
+    return subprocess.Popen(args, stdout=log, stderr=log, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _interrupt_mid_run(model, output, log_path, sig, rng):
