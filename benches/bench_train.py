@@ -65,7 +65,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 sys.path.insert(0, str(ROOT / "benches"))
-from reproduce_workload import STAGE1_PAIRS, STAGE2_CONVERSATIONS, STAGE2_MAX_LENGTH  # noqa: E402
+from reproduce_workload import STAGE2_MAX_LENGTH, stage1_training_hours, stage2_training_hours  # noqa: E402
 
 STIC = Path(os.environ.get("STIC_BIN", ROOT / "target" / "release" / "stic"))
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -606,7 +606,6 @@ def main():
                   next((v for k, v in PEAK_BF16.items() if device == "cuda" and k in dev_name), None))
     load = os.getloadavg()[1]
     import trl
-    first = next(iter(runs[0][1].values()))
     result = dict(device=dev_name, parameters=params, mfu_parameters=n_flops, dtype=dtype, lora_r=args.lora_r,
                   lora_alpha=2 * args.lora_r, lora_dropout=0.05, trl_version=trl.__version__,
                   trainable_parameters=next((m["trainable"] for m in runs[0][1].values() if "trainable" in m), None),
@@ -675,11 +674,11 @@ def main():
               f"tokens packed per micro-batch), {mem_label} {(sft[mem] or float('nan')):.2f}")
     if "stic" in headline:
         # make reproduce on one such device: stage 1 = one pair per micro-batch, stage 2 = rows of at most 2,048
-        stage1_h = STAGE1_PAIRS * headline["stic"]["step_s_median"] / 3600
+        stage1_h = stage1_training_hours(headline["stic"]["step_s_median"])
         result["estimate_stage1_hours"] = stage1_h
         line = f"estimated make reproduce training time on this device: stage 1 {stage1_h:.2f} h"
         if sft:
-            stage2_h = STAGE2_CONVERSATIONS * STAGE2_MAX_LENGTH / sft["tokens_per_s_median"] / 3600
+            stage2_h = stage2_training_hours(sft["tokens_per_s_median"])
             result["estimate_stage2_hours_at_most"] = stage2_h
             line += f", stage 2 at most {stage2_h:.2f} h (every conversation {STAGE2_MAX_LENGTH} tokens)"
         print(line)

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_workload import (LM_PARAMS_7B, STAGE1_PAIRS, STAGE2_CONVERSATIONS, STAGE2_MAX_LENGTH,  # noqa: E402
-                                estimate_reproduce, experiment_hours, plan_hours)
+from reproduce_workload import (LM_PARAMS_7B, estimate_reproduce, experiment_hours, plan_hours,  # noqa: E402
+                                stage1_training_hours, stage2_training_hours)
 
 H200_2026_11 = dict(prefill_tok_s=8 * 1481 / 0.363, generated_tok_s=133.7, dpo_pair_s=1.28,
                     sft_tok_s=2 * 2309 / 1.28 * 8 / 6)
@@ -27,9 +27,8 @@ CHECK_PROMPT_LENGTHS = dict(image=1464, preferred=3099, description=1484, questi
 
 def parts_from_rates(rates, prompt_lengths):
     generation = estimate_reproduce(rates, prompt_lengths, LM_PARAMS_7B)
-    stage1_h = STAGE1_PAIRS * rates["dpo_pair_s"] / 3600
-    stage2_h = STAGE2_CONVERSATIONS * STAGE2_MAX_LENGTH / rates["sft_tok_s"] / 3600
-    return generation["part_hours"], stage1_h, stage2_h
+    return (generation["part_hours"], stage1_training_hours(rates["dpo_pair_s"]),
+            stage2_training_hours(rates["sft_tok_s"]))
 
 
 def main():

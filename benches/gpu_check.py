@@ -35,8 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benches"))
-from reproduce_workload import (LM_PARAMS_7B, STAGE1_PAIRS, STAGE2_CONVERSATIONS, STAGE2_MAX_LENGTH,  # noqa: E402
-                                estimate_reproduce, experiment_hours)
+from reproduce_workload import (LM_PARAMS_7B, estimate_reproduce, experiment_hours,  # noqa: E402
+                                stage1_training_hours, stage2_training_hours)
 
 IMAGES = ROOT / "data" / "images"
 PROMPTS = json.loads((ROOT / "third_party" / "stic" / "prompts.json").read_text())
@@ -611,8 +611,8 @@ def step_estimate(ctx, results):
     best = max(g["runs"].values(), key=lambda r: r["generated_tok_s"])
     generation = estimate_reproduce(best, g["prompt_lengths"], g["lm_parameters"])
     scale = LM_PARAMS_7B / g["lm_parameters"]
-    stage1_h = scale * STAGE1_PAIRS * t["dpo"]["step_s_mean"] / 3600
-    stage2_h = scale * STAGE2_CONVERSATIONS * STAGE2_MAX_LENGTH / t["sft"]["tokens_per_s_last_step"] / 3600
+    stage1_h = scale * stage1_training_hours(t["dpo"]["step_s_mean"])
+    stage2_h = scale * stage2_training_hours(t["sft"]["tokens_per_s_last_step"])
     return dict(hours=generation["hours"] + stage1_h + stage2_h, generation_hours=generation["hours"],
                 stage1_training_hours=stage1_h, stage2_training_hours_at_most=stage2_h, scale_to_7b=scale,
                 experiments=experiment_hours(generation["part_hours"], stage1_h, stage2_h),

@@ -25,6 +25,16 @@ LM_PARAMS_7B = 7.11e9
 SFT_STAGE1_OVER_DPO = 6 / 2 / 8
 
 
+def stage1_training_hours(dpo_pair_s):
+    """`make reproduce`'s stage 1 at one DPO pair per step."""
+    return STAGE1_PAIRS * dpo_pair_s / 3600
+
+
+def stage2_training_hours(sft_tok_s):
+    """`make reproduce`'s stage 2 at most: every conversation STAGE2_MAX_LENGTH tokens."""
+    return STAGE2_CONVERSATIONS * STAGE2_MAX_LENGTH / sft_tok_s / 3600
+
+
 def generation_parts(prompt_lengths):
     """Prompt and new tokens of each generation part of `make reproduce`: the stage-1 pairs, the stage-2
     descriptions, and per benchmark one evaluation configuration's answers (`answers:NAME`) and one DaR

@@ -2,7 +2,6 @@ use std::path::PathBuf;
 
 use super::job_args::EngineArgs;
 use super::model_args::ModelArgs;
-use stic::generate::engine::UNBUDGETED_AUTO_ROWS;
 use stic::generate::requests::{run as generate, GenerateOptions};
 use stic::generate::{Generated, SamplingConfig};
 
@@ -93,7 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
-    let rows = stats.engine.as_ref().map_or(args.engine.batch_size.rows_or(UNBUDGETED_AUTO_ROWS), |e| e.cache_slots);
+    let rows = stats.engine.as_ref().map_or(args.engine.batch_size.static_rows(), |e| e.cache_slots);
     let batch_size = rows.min(outputs.len());
     for (text, out) in &outputs {
         let line = serde_json::json!({

@@ -39,15 +39,19 @@ pub struct ImageSet {
     pub path: PathBuf,
 }
 
+/// `NAME=PATH` with both parts present (the name trimmed), as `--set` and `--benchmark-set` take it.
+fn name_and_path(text: &str) -> Option<(String, PathBuf)> {
+    let (name, path) = text.split_once('=')?;
+    (!name.trim().is_empty() && !path.is_empty()).then(|| (name.trim().to_string(), PathBuf::from(path)))
+}
+
 impl std::str::FromStr for ImageSet {
     type Err = String;
 
     fn from_str(text: &str) -> std::result::Result<Self, String> {
-        match text.split_once('=') {
-            Some((name, path)) if !name.trim().is_empty() && !path.is_empty() => {
-                Ok(ImageSet { name: name.trim().to_string(), path: PathBuf::from(path) })
-            }
-            _ => Err(format!(
+        match name_and_path(text) {
+            Some((name, path)) => Ok(ImageSet { name, path }),
+            None => Err(format!(
                 "'{text}' is not NAME=PATH (a set's name, '=', then an image folder or an image list), e.g. \
                  stage1=coco_6k.json"
             )),
@@ -67,11 +71,9 @@ impl std::str::FromStr for BenchmarkSet {
     type Err = String;
 
     fn from_str(text: &str) -> std::result::Result<Self, String> {
-        match text.split_once('=') {
-            Some((name, data)) if !name.trim().is_empty() && !data.is_empty() => {
-                Ok(BenchmarkSet { benchmark: name.trim().to_string(), data: PathBuf::from(data) })
-            }
-            _ => Err(format!(
+        match name_and_path(text) {
+            Some((benchmark, data)) => Ok(BenchmarkSet { benchmark, data }),
+            None => Err(format!(
                 "'{text}' is not NAME=DATA_DIR (a benchmark's name, '=', then the folder `stic eval --data` \
                  takes), e.g. mmbench=playground/data/eval/mmbench"
             )),

@@ -53,6 +53,11 @@ impl BatchSize {
             BatchSize::Auto => auto_rows,
         }
     }
+
+    /// Prompts per static batch (`--static-batching`, which sizes nothing from memory): `auto` is 8.
+    pub fn static_rows(self) -> usize {
+        self.rows_or(UNBUDGETED_AUTO_ROWS)
+    }
 }
 
 impl std::str::FromStr for BatchSize {

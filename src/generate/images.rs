@@ -31,14 +31,24 @@ pub struct FeatureCache {
     pub reused: usize,
 }
 
+/// Images kept for an engine of `rows` rows: those of the rows queued and of those just admitted.
+fn capacity_for_rows(rows: usize) -> usize {
+    2 * rows + 2
+}
+
 impl FeatureCache {
     pub fn new(capacity: usize) -> Self {
         FeatureCache { entries: VecDeque::new(), capacity: capacity.max(1), encoded: 0, reused: 0 }
     }
 
-    /// Keeps at most `capacity` images from now on (the least recently used go first).
-    pub fn set_capacity(&mut self, capacity: usize) {
-        self.capacity = capacity.max(1);
+    /// A cache for an engine that runs `rows` rows.
+    pub fn for_rows(rows: usize) -> Self {
+        Self::new(capacity_for_rows(rows))
+    }
+
+    /// Resizes the cache as the engine's rows change (the least recently used images go first).
+    pub fn fit_rows(&mut self, rows: usize) {
+        self.capacity = capacity_for_rows(rows);
         while self.entries.len() > self.capacity {
             self.entries.pop_front();
         }

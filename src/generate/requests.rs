@@ -5,7 +5,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::engine::{Engine, EngineOptions, EngineStats, Refusal, Request, UNBUDGETED_AUTO_ROWS};
+use super::engine::{Engine, EngineOptions, EngineStats, Refusal, Request};
 use super::images::{FeatureCache, ImageKey};
 use super::session::{ModelSpec, Session};
 use super::{static_batch, Generated, PreparedPrompt, SamplingConfig};
@@ -148,13 +148,13 @@ impl Run<'_> {
     ) -> Result<()> {
         let opts = &self.opts.engine;
         let mut engine: Engine<usize> = Engine::new(&self.session.model, self.cfg.clone(), self.eos, opts.clone())?;
-        let mut features = FeatureCache::new(2 * engine.rows() + 2);
+        let mut features = FeatureCache::for_rows(engine.rows());
         let mut specs = specs.peekable();
         let (mut submitted, mut next) = (0, 0);
         let mut done: BTreeMap<usize, Generated> = BTreeMap::new();
         loop {
             while engine.queued() < engine.rows() {
-                features.set_capacity(2 * engine.rows() + 2);
+                features.fit_rows(engine.rows());
                 let Some(spec) = specs.next().transpose()? else { break };
                 let started = Instant::now();
                 let (prompt, images) = prepare(self.session, &spec, &mut features)?;
@@ -192,7 +192,7 @@ impl Run<'_> {
         emit: &mut dyn FnMut(Generated) -> Result<()>,
         stats: &mut RunStats,
     ) -> Result<()> {
-        let batch = self.opts.engine.slots.rows_or(UNBUDGETED_AUTO_ROWS);
+        let batch = self.opts.engine.slots.static_rows();
         let mut specs = specs.peekable();
         while specs.peek().is_some() {
             let chunk: Vec<Spec> = specs.by_ref().take(batch).collect::<Result<_>>()?;

@@ -228,7 +228,7 @@ pub fn run_job<T: GenerationTask>(
     let tokenizer = &session.tokenizer;
     let mut engine: Engine<(usize, usize)> =
         Engine::new(&session.model, opts.sampling.clone(), tokenizer.eos_id, opts.engine.clone())?;
-    let mut features = FeatureCache::new(2 * engine.rows() + 2);
+    let mut features = FeatureCache::for_rows(engine.rows());
     // pending[i] is todo[first + i]; tags are (index in todo, request of the item)
     let mut pending: VecDeque<Pending<T::Plan>> = VecDeque::new();
     let mut first = 0;
@@ -237,7 +237,7 @@ pub fn run_job<T: GenerationTask>(
         // Items done but waiting for an earlier one to be written are at most 64 batches: a bound on memory when
         // one row runs long.
         while engine.queued() < engine.rows() && pending.len() < 64 * engine.rows() && planned < todo.len() {
-            features.set_capacity(2 * engine.rows() + 2);
+            features.fit_rows(engine.rows());
             let position = todo[planned];
             pending.push_back(plan_item(
                 session,

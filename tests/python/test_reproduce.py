@@ -104,6 +104,14 @@ def env_for(world, out, **override):
     return env
 
 
+def original_env(world, tmp_path):
+    """The environment of a run on a tiny original checkpoint as LLaVA's code writes it (vocabulary 32000, the
+    slow tokenizer, no <image> token)."""
+    original = tmp_path / "original"
+    tiny_models.build_llava_original(original)
+    return env_for(world, tmp_path, STIC_MODEL=original)
+
+
 def reproduce(*args, env, timeout=TIMEOUT):
     return subprocess.run([str(STIC), "reproduce", *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=env)
@@ -400,10 +408,7 @@ def test_paper_profile_runs_to_the_end_and_resumes_after_a_kill(world, tmp_path)
 
 
 def test_official_profile_runs_to_the_end(world, tmp_path):
-    # an original checkpoint as LLaVA's code writes it: vocabulary 32000, the slow tokenizer, no <image> token
-    original = tmp_path / "original"
-    tiny_models.build_llava_original(original)
-    env = env_for(world, tmp_path, STIC_MODEL=original)
+    env = original_env(world, tmp_path)
     proc = reproduce("--profile", "official", "--benchmarks", "scienceqa,mmbench", env=env)
     assert proc.returncode == 0, proc.stderr
     prefs = records(tmp_path / "run" / "stage1" / "prefs.jsonl")
@@ -566,12 +571,14 @@ SWEEP = ["--sweep", "paper", "--benchmarks", "scienceqa",
          "--switches", f"generation.top_k,{LOSS_WEIGHTING},eval.scienceqa_questions"]
 
 
-def short_official(tmp_path):
-    """The official profile with short generations (the tiny model's random weights rarely stop on their own)."""
+def short_official(tmp_path, edit=lambda config: None, name="official_short.yaml"):
+    """The official profile with short generations (the tiny model's random weights rarely stop on their own),
+    changed further by `edit`."""
     config = yaml.safe_load((ROOT / "configs" / "official" / "reproduce.yaml").read_text())
     config["generation"]["max_new_tokens"] = 24
     config["eval"].update(max_new_tokens=8, description_max_new_tokens=24, max_new_tokens_by_benchmark={})
-    path = tmp_path / "official_short.yaml"
+    edit(config)
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -593,9 +600,7 @@ def test_quirk_sweep_shares_steps_and_resumes_after_a_kill(world, tmp_path):
     stage-1 generation but shares the base model's evaluation, a stage-2 training switch shares all stage 1 and
     the base evaluation, an evaluation switch shares all training. Killed in the second run and run again, it
     skips what is done and shares the rest."""
-    original = tmp_path / "original"
-    tiny_models.build_llava_original(original)
-    env = env_for(world, tmp_path, STIC_MODEL=original)
+    env = original_env(world, tmp_path)
     sweep_args = ["--config", short_official(tmp_path), *SWEEP]
     plan = reproduce(*sweep_args, "--plan", env=env)
     assert plan.returncode == 0, plan.stderr
@@ -671,13 +676,8 @@ def test_quirk_sweep_refuses_an_unknown_switch_or_profile(world, tmp_path):
 def test_stage1_as_sft_runs_to_the_end(world, tmp_path):
     """stage1.method: sft (the paper's Table 3): the pairs converted as the official convert_pref_to_sft.py does,
     stage 1 trained by train-sft on them, the rest of the pipeline from that adapter."""
-    config = yaml.safe_load(short_official(tmp_path).read_text())
-    config["stage1"]["method"] = "sft"
-    path = tmp_path / "stage1_sft.yaml"
-    path.write_text(yaml.safe_dump(config))
-    original = tmp_path / "original"
-    tiny_models.build_llava_original(original)
-    env = env_for(world, tmp_path, STIC_MODEL=original)
+    path = short_official(tmp_path, lambda config: config["stage1"].update(method="sft"), "stage1_sft.yaml")
+    env = original_env(world, tmp_path)
     plan = reproduce("--config", path, "--plan", "--benchmarks", "scienceqa", env=env)
     assert plan.returncode == 0, plan.stderr
     steps = [line.split(". ", 1)[1].split(" [")[0] for line in plan.stdout.splitlines() if " [to run]" in line]
@@ -698,15 +698,13 @@ def test_stage1_as_sft_runs_to_the_end(world, tmp_path):
 def test_image_distribution_step_draws_fig_7_into_the_report(world, tmp_path):
     """eval.image_distribution: after the evaluations, `stic image-distribution` on the stage-1 images and each
     benchmark's data; the report embeds its plot and gives its counts. The run evaluates MMBench alone (speed)."""
-    config = yaml.safe_load(short_official(tmp_path).read_text())
-    config["eval"].update(image_distribution=True, image_distribution_perplexity=1,  # two images in all
-                          max_new_tokens=2, description_max_new_tokens=4)
-    config["generation"]["max_new_tokens"] = 4
-    path = tmp_path / "image_distribution.yaml"
-    path.write_text(yaml.safe_dump(config))
-    original = tmp_path / "original"
-    tiny_models.build_llava_original(original)
-    env = env_for(world, tmp_path, STIC_MODEL=original)
+    def edit(config):
+        config["eval"].update(image_distribution=True, image_distribution_perplexity=1,  # two images in all
+                              max_new_tokens=2, description_max_new_tokens=4)
+        config["generation"]["max_new_tokens"] = 4
+
+    path = short_official(tmp_path, edit, "image_distribution.yaml")
+    env = original_env(world, tmp_path)
     plan = reproduce("--config", path, "--plan", "--benchmarks", "scienceqa,mmbench", env=env)
     assert plan.returncode == 0, plan.stderr
     lines = plan.stdout.splitlines()
