@@ -245,7 +245,7 @@ struct DecodeGraphs {
 pub struct Engine<'m, T> {
     model: &'m LlavaNext,
     sampling: SamplingConfig,
-    eos_id: i64,
+    stop_ids: Vec<i64>,
     opts: EngineOptions,
     context: usize,
     max_image_tokens: usize,
@@ -282,7 +282,12 @@ fn graph_bucket(rows: usize, keys: usize, slots: usize, positions: usize) -> (i6
 }
 
 impl<'m, T> Engine<'m, T> {
-    pub fn new(model: &'m LlavaNext, sampling: SamplingConfig, eos_id: i64, opts: EngineOptions) -> Result<Self> {
+    pub fn new(
+        model: &'m LlavaNext,
+        sampling: SamplingConfig,
+        stop_ids: Vec<i64>,
+        opts: EngineOptions,
+    ) -> Result<Self> {
         sampling.validate()?;
         if opts.slots == BatchSize::Rows(0) || opts.prefill_chunk == 0 {
             return Err(Error::Input("the batch size and the prefill chunk must be at least 1".into()));
@@ -324,7 +329,7 @@ impl<'m, T> Engine<'m, T> {
         Ok(Engine {
             model,
             sampling,
-            eos_id,
+            stop_ids,
             context: model.cfg.text.max_position_embeddings,
             max_image_tokens,
             stats: EngineStats { cache_budget: budget, cuda_graphs_off, ..Default::default() },
@@ -614,7 +619,7 @@ impl<'m, T> Engine<'m, T> {
         let slot = &mut self.slots[s];
         let row = slot.row.as_mut().expect("a running row");
         row.generated.push(token);
-        let stop = if token == self.eos_id {
+        let stop = if self.stop_ids.contains(&token) {
             StopReason::Eos
         } else if row.generated.len() == row.limit {
             row.limit_stop
@@ -843,7 +848,7 @@ pub(crate) mod tests {
         eos: i64,
         opts: EngineOptions,
     ) -> (Vec<Vec<i64>>, EngineStats) {
-        let mut engine: Engine<usize> = Engine::new(&session.model, sampling.clone(), eos, opts).unwrap();
+        let mut engine: Engine<usize> = Engine::new(&session.model, sampling.clone(), vec![eos], opts).unwrap();
         for (i, case) in cases.iter().enumerate() {
             engine.submit(i, request(session, case, 1000 + i as u64)).map_err(|_| "refused").unwrap();
         }
@@ -864,7 +869,7 @@ pub(crate) mod tests {
         (0..cases.len())
             .map(|i| {
                 let opts = EngineOptions { slots: BatchSize::Rows(1), ..Default::default() };
-                let mut engine: Engine<()> = Engine::new(&session.model, sampling.clone(), eos, opts).unwrap();
+                let mut engine: Engine<()> = Engine::new(&session.model, sampling.clone(), vec![eos], opts).unwrap();
                 engine.submit((), request(session, &cases[i], 1000 + i as u64)).map_err(|_| "refused").unwrap();
                 let mut out = None;
                 while !engine.is_idle() {
@@ -928,7 +933,7 @@ pub(crate) mod tests {
             let seeds: Vec<u64> = (0..cases.len()).map(|i| 1000 + i as u64).collect();
             let limits: Vec<usize> = cases.iter().map(|c| c.max_new_tokens).collect();
             let (outputs, _) =
-                super::super::static_batch::generate(&session.model, &prompts, &seeds, &limits, sampling, eos, 0)
+                super::super::static_batch::generate(&session.model, &prompts, &seeds, &limits, sampling, &[eos], 0)
                     .unwrap();
             assert_eq!(outputs.into_iter().map(|o| o.tokens).collect::<Vec<_>>(), expected, "static batches");
         }
@@ -942,7 +947,7 @@ pub(crate) mod tests {
         let mut engine: Engine<()> = Engine::new(
             &session.model,
             SamplingConfig::default(),
-            -1,
+            Vec::new(),
             EngineOptions { max_batch_tokens: Some(100), ..Default::default() },
         )
         .unwrap();
@@ -956,7 +961,7 @@ pub(crate) mod tests {
         }
         // near the context: the row stops there, and says so
         let mut engine: Engine<()> =
-            Engine::new(&session.model, SamplingConfig::default(), -1, EngineOptions::default()).unwrap();
+            Engine::new(&session.model, SamplingConfig::default(), Vec::new(), EngineOptions::default()).unwrap();
         engine
             .submit((), Request { prompt: prompt(context - 3), images: Vec::new(), row_seed: 0, max_new_tokens: 10 })
             .unwrap();
@@ -974,7 +979,7 @@ pub(crate) mod tests {
         let case = Case { ids: vec![5; 20], image: Some(1), max_new_tokens: 8 };
         let engine_with = |slots, max_batch_tokens| {
             let opts = EngineOptions { slots, max_batch_tokens, ..Default::default() };
-            Engine::<usize>::new(&session.model, SamplingConfig::default(), -1, opts).unwrap()
+            Engine::<usize>::new(&session.model, SamplingConfig::default(), Vec::new(), opts).unwrap()
         };
         let sized = |mut engine: Engine<usize>| {
             assert_eq!(engine.rows(), if engine.opts.slots == BatchSize::Auto { 1 } else { engine.max_rows });

@@ -133,7 +133,7 @@ pub struct RunStats {
 struct Run<'a> {
     session: &'a Session,
     cfg: SamplingConfig,
-    eos: i64,
+    stop_ids: Vec<i64>,
     opts: &'a GenerateOptions,
 }
 
@@ -147,7 +147,8 @@ impl Run<'_> {
         stats: &mut RunStats,
     ) -> Result<()> {
         let opts = &self.opts.engine;
-        let mut engine: Engine<usize> = Engine::new(&self.session.model, self.cfg.clone(), self.eos, opts.clone())?;
+        let mut engine: Engine<usize> =
+            Engine::new(&self.session.model, self.cfg.clone(), self.stop_ids.clone(), opts.clone())?;
         let mut features = FeatureCache::for_rows(engine.rows());
         let mut specs = specs.peekable();
         let (mut submitted, mut next) = (0, 0);
@@ -212,7 +213,7 @@ impl Run<'_> {
                 &seeds,
                 &limits,
                 &self.cfg,
-                self.eos,
+                &self.stop_ids,
                 self.session.tokenizer.pad_id,
             )?;
             stats.prefill_seconds += timing.prefill_seconds;
@@ -247,8 +248,8 @@ pub fn run(opts: &GenerateOptions, emit: &mut dyn FnMut(String, Generated) -> Re
     let mut specs = specs(opts)?.peekable();
     let session = opts.model.load()?;
     opts.sampling.validate()?;
-    let eos = if opts.ignore_eos { -1 } else { session.tokenizer.eos_id };
-    let run = Run { session: &session, cfg: opts.sampling.clone(), eos, opts };
+    let stop_ids = if opts.ignore_eos { Vec::new() } else { session.stop_ids() };
+    let run = Run { session: &session, cfg: opts.sampling.clone(), stop_ids, opts };
     let mut first = Vec::new();
     if let Some(Ok(spec)) = specs.peek() {
         first.push(Spec { image: spec.image.clone(), text: spec.text.clone(), max_new_tokens: spec.max_new_tokens });

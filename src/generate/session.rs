@@ -182,6 +182,15 @@ impl Session {
         Session { model, tokenizer, adapter: None }.with_adapter(adapter_dir)
     }
 
+    /// The ids generation stops at: the model's `eos_token_id` (generation_config.json, else config.json), else
+    /// the tokenizer's EOS.
+    pub fn stop_ids(&self) -> Vec<i64> {
+        match &self.model.cfg.eos_token_ids {
+            ids if ids.is_empty() => vec![self.tokenizer.eos_id],
+            ids => ids.clone(),
+        }
+    }
+
     fn with_adapter(mut self, adapter_dir: Option<&Path>) -> Result<Self> {
         self.adapter = adapter_dir.map(|dir| Adapter::load(&mut self.model, dir, false)).transpose()?;
         Ok(self)

@@ -20,7 +20,7 @@ pub fn generate(
     row_seeds: &[u64],
     max_new_tokens: &[usize],
     cfg: &SamplingConfig,
-    eos_id: i64,
+    stop_ids: &[i64],
     pad_id: i64,
 ) -> Result<(Vec<Generated>, GenerationTiming)> {
     cfg.validate()?;
@@ -64,7 +64,7 @@ pub fn generate(
             for (&row, token) in active.iter().zip(chosen) {
                 outputs[row].tokens.push(token);
                 next[row] = token;
-                if token == eos_id {
+                if stop_ids.contains(&token) {
                     outputs[row].stop = StopReason::Eos;
                     done[row] = true;
                 } else if outputs[row].tokens.len() == limits[row].0 {

@@ -227,7 +227,7 @@ pub fn run_job<T: GenerationTask>(
     };
     let tokenizer = &session.tokenizer;
     let mut engine: Engine<(usize, usize)> =
-        Engine::new(&session.model, opts.sampling.clone(), tokenizer.eos_id, opts.engine.clone())?;
+        Engine::new(&session.model, opts.sampling.clone(), session.stop_ids(), opts.engine.clone())?;
     let mut features = FeatureCache::for_rows(engine.rows());
     // pending[i] is todo[first + i]; tags are (index in todo, request of the item)
     let mut pending: VecDeque<Pending<T::Plan>> = VecDeque::new();

@@ -75,6 +75,7 @@ pub(super) fn llava_next_mistral(text: TextConfig, vision: VisionConfig) -> Llav
         vision_config_known: true,
         vision_tower: None,
         llava_max_length: None,
+        eos_token_ids: Vec::new(),
     }
 }
 

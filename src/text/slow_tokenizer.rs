@@ -55,6 +55,34 @@ fn read_optional_json(path: &Path) -> Result<serde_json::Value> {
     }
 }
 
+/// The contents of a tokenizer's special tokens, as `special_tokens_map.json` (first) or `tokenizer_config.json`
+/// name them, with `LlamaTokenizer`'s defaults.
+pub(super) struct SpecialTokenNames {
+    pub(super) bos: String,
+    pub(super) eos: String,
+    pub(super) unk: String,
+    pub(super) pad: Option<String>,
+}
+
+impl SpecialTokenNames {
+    fn of(config: &serde_json::Value, map: &serde_json::Value) -> Self {
+        let special =
+            |key: &str| map.get(key).and_then(token_content).or_else(|| config.get(key).and_then(token_content));
+        SpecialTokenNames {
+            bos: special("bos_token").unwrap_or_else(|| "<s>".into()),
+            eos: special("eos_token").unwrap_or_else(|| "</s>".into()),
+            unk: special("unk_token").unwrap_or_else(|| "<unk>".into()),
+            pad: special("pad_token"),
+        }
+    }
+
+    /// Those of a model folder (the defaults when it has neither file).
+    pub(super) fn from_dir(dir: &Path) -> Result<Self> {
+        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        Ok(Self::of(&config, &read_optional_json(&dir.join("special_tokens_map.json"))?))
+    }
+}
+
 impl SlowTokenizer {
     /// Reads `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json` and `added_tokens.json` as
     /// `LlamaTokenizer.from_pretrained` does.
@@ -73,16 +101,7 @@ impl SlowTokenizer {
         }
         let bool_or = |key: &str, default: bool| config.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
         let legacy = bool_or("legacy", true);
-        let special = |key: &str, default: Option<&str>| -> Option<String> {
-            map.get(key)
-                .and_then(token_content)
-                .or_else(|| config.get(key).and_then(token_content))
-                .or(default.map(String::from))
-        };
-        let bos = special("bos_token", Some("<s>")).expect("default");
-        let eos = special("eos_token", Some("</s>")).expect("default");
-        let unk = special("unk_token", Some("<unk>")).expect("default");
-        let pad = special("pad_token", None);
+        let SpecialTokenNames { bos, eos, unk, pad } = SpecialTokenNames::of(&config, &map);
         let mut additional: Vec<String> = map
             .get("additional_special_tokens")
             .or_else(|| config.get("additional_special_tokens"))

@@ -3,7 +3,7 @@
 //! an image's place in the ids is [`IMAGE_TOKEN_INDEX`], outside the vocabulary, as in LLaVA's code.
 use std::path::{Path, PathBuf};
 
-use super::slow_tokenizer::SlowTokenizer;
+use super::slow_tokenizer::{SlowTokenizer, SpecialTokenNames};
 use crate::error::{Error, Result};
 use crate::image::Processing;
 
@@ -37,8 +37,8 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     /// The tokenizer of a model folder for `processing`: LLaVA's reads `tokenizer.model` (LLaVA loads the slow
-    /// tokenizer); transformers' reads `tokenizer.json`, or `tokenizer.model` when the folder has no
-    /// `tokenizer.json` (transformers converts it to the same fast tokenizer).
+    /// tokenizer); transformers' reads `tokenizer.json`, or converts `tokenizer.model` as transformers does when
+    /// the folder has no `tokenizer.json` (the slow tokenizer itself where it is not legacy).
     pub fn from_dir(dir: &Path, processing: Processing) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let model = dir.join("tokenizer.model");
@@ -54,6 +54,18 @@ impl TextTokenizer {
             }
             Processing::Transformers => json.is_file() || !model.is_file(),
         };
+        if !use_fast && processing == Processing::Transformers {
+            let slow = SlowTokenizer::from_dir(dir)?;
+            if slow.legacy {
+                // transformers converts tokenizer.model (`LlamaConverter`), which prepends the dummy prefix even
+                // where the sentencepiece model leaves it out (Yi's): stic's converter writes the same tokenizer.json
+                let json = slow.tokenizer_json()?.to_string();
+                let inner = json
+                    .parse::<tokenizers::Tokenizer>()
+                    .map_err(|e| Error::Tokenizer(format!("{} converted: {e}", model.display())))?;
+                return Self::fast(inner, model, processing, SpecialTokenNames::from_dir(dir)?);
+            }
+        }
         if use_fast {
             if !json.is_file() {
                 return Err(Error::Tokenizer(format!(
@@ -64,7 +76,7 @@ impl TextTokenizer {
             }
             let inner = tokenizers::Tokenizer::from_file(&json)
                 .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
-            Self::fast(inner, json, processing)
+            Self::fast(inner, json, processing, SpecialTokenNames::from_dir(dir)?)
         } else {
             let slow = SlowTokenizer::from_dir(dir)?;
             let pad = slow.pad_id.unwrap_or(slow.sentencepiece().unk_id());
@@ -92,17 +104,30 @@ impl TextTokenizer {
         }
         let (name, bytes) = crate::model::tiny::TOKENIZER_FILES[0];
         let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(format!("{name}: {e}")))?;
-        Self::fast(inner, PathBuf::from(name), processing)
+        let names = SpecialTokenNames { bos: "<s>".into(), eos: "</s>".into(), unk: "<unk>".into(), pad: None };
+        Self::fast(inner, PathBuf::from(name), processing, names)
     }
 
-    fn fast(inner: tokenizers::Tokenizer, source: PathBuf, processing: Processing) -> Result<Self> {
+    /// The fast tokenizer, its special tokens named as the folder's tokenizer files name them (Yi's
+    /// `<|startoftext|>` and `<|im_end|>` for LLaVA-v1.6-34B), `<s>` / `</s>` by default.
+    fn fast(
+        inner: tokenizers::Tokenizer,
+        source: PathBuf,
+        processing: Processing,
+        names: SpecialTokenNames,
+    ) -> Result<Self> {
         let id = |token: &str| inner.token_to_id(token).map(i64::from);
-        let missing =
-            |token: &str| Error::Tokenizer(format!("{}: token {token} is not in the vocabulary", source.display()));
+        let missing = |token: &str| {
+            Error::Tokenizer(format!(
+                "{}: token {token} is not in the vocabulary (special_tokens_map.json or tokenizer_config.json name                  it): the tokenizer files belong to different models",
+                source.display()
+            ))
+        };
+        let pad = id("<pad>").or_else(|| names.pad.as_deref().and_then(id)).or_else(|| id(&names.unk));
         Ok(TextTokenizer {
-            bos_id: id("<s>").ok_or_else(|| missing("<s>"))?,
-            eos_id: id("</s>").ok_or_else(|| missing("</s>"))?,
-            pad_id: id("<pad>").or_else(|| id("<unk>")).ok_or_else(|| missing("<unk>"))?,
+            bos_id: id(&names.bos).ok_or_else(|| missing(&names.bos))?,
+            eos_id: id(&names.eos).ok_or_else(|| missing(&names.eos))?,
+            pad_id: pad.ok_or_else(|| missing(&names.unk))?,
             image_id: IMAGE_TOKEN_INDEX,
             backend: Backend::Fast { image_id: inner.token_to_id(IMAGE_TOKEN), inner },
             processing,

@@ -153,7 +153,7 @@ impl<'a> SampleWriter<'a> {
             ..Default::default()
         };
         let sampling = SamplingConfig { max_new_tokens: self.max_new_tokens, ..Default::default() };
-        let mut engine: Engine<usize> = Engine::new(&session.model, sampling, session.tokenizer.eos_id, opts)?;
+        let mut engine: Engine<usize> = Engine::new(&session.model, sampling, session.stop_ids(), opts)?;
         for (i, request) in requests.into_iter().enumerate() {
             engine.submit(i, request).map_err(|refusal| {
                 let (Refusal::TooLong(e) | Refusal::CannotFit(e)) = refusal;

@@ -17,11 +17,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tiny_models
-from conftest import IMAGES, run_stic, run_stic_json
+from conftest import IMAGES, run_stic
 from test_dpo import write_pairs
-from test_llava_original import (COMMON, IMAGE_TOKEN_INDEX, as_png, assert_clean_failure, assert_matches_llava,
-                                 corpus, generate, llava_peft_adapter, reference_logits, reference_greedy, stic_score,
-                                 tokenize)
+from test_llava_original import (COMMON, IMAGE_TOKEN_INDEX, as_png, assert_clean_failure, assert_greedy_follows_llava,
+                                 assert_matches_llava, corpus, generate, llava_peft_adapter, reference_logits,
+                                 stic_score, tokenize)
 
 PROMPT = "A chat between a curious human and an artificial intelligence assistant. USER: <image>\nDescribe the " \
          "image in detail. ASSISTANT:"
@@ -91,14 +91,7 @@ def test_greedy_tokens_batched_and_alone_follow_llava(fixture, request, tmp_path
     rows = [(as_png(PHOTO, tmp_path), PROMPT),
             (IMAGES / "chelsea.png", "USER: <image>\nWhat is in the picture? ASSISTANT:"),
             (IMAGES / "logo.png", "USER: <image>\nColours? ASSISTANT:")]
-    steps = 10
-    ref = [reference_greedy(llava, path, prompt, steps) for path, prompt in rows]
-    batch = [a for path, prompt in rows for a in ("--image", path, "--text", prompt)]
-    got = run_stic_json("generate", "--model", llava.folder, *batch, "--max-new-tokens", steps, "--json", *COMMON)
-    assert [g["tokens"] for g in got] == ref
-    [single] = run_stic_json("generate", "--model", llava.folder, "--image", rows[1][0], "--text", rows[1][1],
-                             "--max-new-tokens", steps, "--json", *COMMON)
-    assert single["tokens"] == ref[1]
+    assert_greedy_follows_llava(llava, rows, steps=10, alone=1)
 
 
 def test_v16_vicuna_matches_llava_with_and_without_the_tower_in_the_cache(v16, tmp_path, monkeypatch):

@@ -159,15 +159,21 @@ def test_greedy_tokens_and_batches_follow_llava(llava, tmp_path):
     rows = [(IMAGES / "chelsea.png", "[INST] <image>\nWhat is in the picture? [/INST]"),
             (as_png("rocket.jpg", tmp_path), "[INST] <image>\nDescribe the image in detail, step by step. [/INST]"),
             (IMAGES / "logo.png", "[INST] <image>\nColours? [/INST]")]
-    steps = 12
+    ref, got = assert_greedy_follows_llava(llava, rows, steps=12, alone=0)
+    assert [g["text"] for g in got] == [llava.tokenizer.decode(r, skip_special_tokens=True) for r in ref]
+
+
+def assert_greedy_follows_llava(llava, rows, steps, alone):
+    """stic's greedy tokens for (image, prompt) `rows` in one batch, and for row `alone` by itself, against LLaVA
+    one prompt at a time; returns (LLaVA's tokens, stic's batch outputs)."""
     ref = [reference_greedy(llava, path, prompt, steps) for path, prompt in rows]
     batch = [a for path, prompt in rows for a in ("--image", path, "--text", prompt)]
     got = run_stic_json("generate", "--model", llava.folder, *batch, "--max-new-tokens", steps, "--json", *COMMON)
     assert [g["tokens"] for g in got] == ref
-    assert [g["text"] for g in got] == [llava.tokenizer.decode(r, skip_special_tokens=True) for r in ref]
-    [single] = run_stic_json("generate", "--model", llava.folder, "--image", rows[0][0], "--text", rows[0][1],
-                             "--max-new-tokens", steps, "--json", *COMMON)
-    assert single["tokens"] == ref[0]
+    [single] = run_stic_json("generate", "--model", llava.folder, "--image", rows[alone][0], "--text",
+                             rows[alone][1], "--max-new-tokens", steps, "--json", *COMMON)
+    assert single["tokens"] == ref[alone]
+    return ref, got
 
 
 def test_jpeg_files_are_close_to_llava(llava, tmp_path):

@@ -230,6 +230,48 @@ def llava_tokenizer():
     return tok
 
 
+# Yi's special pieces (LLaVA-v1.6-34B's tokenizer): ids 1, 2 and 6 to 8; 3 to 5 are placeholders here
+YI_CONTROL = ["<|startoftext|>", "<|endoftext|>", "<|reserved_3|>", "<|reserved_4|>", "<|reserved_5|>",
+              "<|im_start|>", "<|im_end|>", "<|im_sep|>"]
+YI_VOCAB = 64000
+
+
+def yi_sentencepiece(path, add_dummy_prefix=False):
+    """A sentencepiece BPE model laid out as Yi's: 64000 pieces, `<|startoftext|>` 1, `<|endoftext|>` 2,
+    `<|im_start|>` 6 and `<|im_end|>` 7 as control pieces, byte fallback, and (as Yi's) no dummy prefix. Its
+    merges are Mistral's pieces, moved up by the six extra control pieces; unused pieces fill it to 64000."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(mistral_sentencepiece().read_bytes())
+    piece = pb.ModelProto.SentencePiece
+    pieces = [proto.pieces[0]] + [piece(piece=p, score=0.0, type=piece.CONTROL) for p in YI_CONTROL]
+    pieces += list(proto.pieces[3:])
+    pieces += [piece(piece=f"<|unused_{i}|>", score=0.0, type=piece.UNUSED) for i in range(YI_VOCAB - len(pieces))]
+    del proto.pieces[:]
+    proto.pieces.extend(pieces)
+    proto.trainer_spec.bos_piece, proto.trainer_spec.eos_piece = YI_CONTROL[:2]
+    proto.trainer_spec.vocab_size = YI_VOCAB
+    proto.normalizer_spec.add_dummy_prefix = add_dummy_prefix
+    Path(path).write_bytes(proto.SerializeToString())
+    return Path(path)
+
+
+def yi_tokenizer(folder, add_dummy_prefix=False):
+    """The slow tokenizer LLaVA-v1.6-34B ships (Nous-Hermes-2-Yi-34B's): `LlamaTokenizer` on the Yi model, no BOS
+    added, `<|startoftext|>` / `<|im_end|>` as BOS / EOS, pad = unk, `<|im_start|>` and `<|im_end|>` special added
+    tokens. Written to `folder`, and returned as LLaVA's builder loads it."""
+    from transformers import AddedToken, AutoTokenizer, LlamaTokenizer
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = yi_sentencepiece(folder / "yi.model", add_dummy_prefix)
+    tok = LlamaTokenizer(vocab_file=str(model), legacy=True, add_bos_token=False, add_eos_token=False,
+                         bos_token="<|startoftext|>", eos_token="<|im_end|>", unk_token="<unk>", pad_token="<unk>")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok.save_pretrained(folder)
+    model.unlink()
+    return AutoTokenizer.from_pretrained(folder, use_fast=False)
+
+
 def llava_find_all_linear_names(model):
     """LLaVA's own `find_all_linear_names` (llava/train/train.py). Its module imports a name transformers 4.57 no
     longer has (ALL_LAYERNORM_LAYERS, used by LLaVA's trainer only): it is supplied before the import."""
@@ -255,12 +297,12 @@ LLAVA_LLAMA_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=
                         num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
-def build_llava_llama_original(folder, seed=0, tower_inside=True, **settings):
+def build_llava_llama_original(folder, seed=0, tower_inside=True, text=None, **settings):
     """A tiny `LlavaLlamaForCausalLM` as LLaVA saves it. `tower_inside=False` is LLaVA-v1.5: the tower was frozen
     (no `unfreeze_mm_vision_tower`), so the model is built without it, saves no tower tensors, and loads the tower
     from its folder (`mm_vision_tower`) as LLaVA's builder does; `settings` are further config entries."""
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
-    return build_llava_checkpoint(folder, LlavaConfig, LlavaLlamaForCausalLM, LLAVA_LLAMA_TEXT, seed,
+    return build_llava_checkpoint(folder, LlavaConfig, LlavaLlamaForCausalLM, text or LLAVA_LLAMA_TEXT, seed,
                                   unfreeze_mm_vision_tower=tower_inside, **settings)
 
 
@@ -275,10 +317,11 @@ def randomise_norms_and_biases(model):
 
 
 def build_llava_checkpoint(folder, config_cls, model_cls, text, seed, unfreeze_mm_vision_tower, save_kwargs=None,
-                           tower_name=LLAVA_TOWER_NAME, **settings):
+                           tower_name=LLAVA_TOWER_NAME, tokenizer=None, vocab_size=32000, **settings):
     """Builds a tiny original-layout LLaVA with LLaVA's classes, the CLIP tower in its own folder beside it, saves it
     as LLaVA does (`save_kwargs` for `save_pretrained`), writes `tower_name` into mm_vision_tower (None: the tower
-    folder's path) and returns (model, slow tokenizer, the tower's CLIPImageProcessor)."""
+    folder's path) and returns (model, slow tokenizer, the tower's CLIPImageProcessor). The tokenizer is Mistral's
+    unless `tokenizer` (a slow tokenizer of `vocab_size` pieces) is given."""
     from transformers import CLIPImageProcessor, CLIPVisionModel
     folder = Path(folder)
     tower = folder.parent / f"{folder.name}-clip-tower"
@@ -289,7 +332,7 @@ def build_llava_checkpoint(folder, config_cls, model_cls, text, seed, unfreeze_m
     # openai/clip-vit-large-patch14-336's preprocessor (CLIP mean and std are the class defaults)
     CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(tower)
     config = config_cls(
-        vocab_size=32000, **text,
+        vocab_size=vocab_size, **text,
         mm_vision_tower=str(tower), mm_hidden_size=LLAVA_CLIP["hidden_size"], mm_projector_type="mlp2x_gelu",
         mm_vision_select_layer=-2, mm_vision_select_feature="patch", image_grid_pinpoints=PINPOINTS,
         mm_use_im_start_end=False, mm_use_im_patch_token=False, use_mm_proj=True, tokenizer_model_max_length=4096,
@@ -303,6 +346,6 @@ def build_llava_checkpoint(folder, config_cls, model_cls, text, seed, unfreeze_m
     shipped = json.loads((folder / "config.json").read_text())
     shipped["mm_vision_tower"] = tower_name or str(tower)
     (folder / "config.json").write_text(json.dumps(shipped, indent=2))
-    tokenizer = llava_tokenizer()
+    tokenizer = tokenizer or llava_tokenizer()
     tokenizer.save_pretrained(folder)
     return model, tokenizer, model.get_vision_tower().image_processor

@@ -189,6 +189,9 @@ pub struct LlavaConfig {
     pub vision_tower: Option<VisionTower>,
     /// LLaVA's `tokenizer_model_max_length`: its code cuts longer inputs (image features included) there.
     pub llava_max_length: Option<usize>,
+    /// The ids generation stops at, as `generate` reads them: `generation_config.json`'s `eos_token_id`, else the
+    /// decoder section's; empty when neither names one (the tokenizer's EOS then).
+    pub eos_token_ids: Vec<i64>,
 }
 
 mod defaults {
@@ -327,6 +330,7 @@ fn hf_config(raw: &serde_json::Value, path: &Path, aspect_mode: AspectMode) -> R
         vision_config_known: true,
         vision_tower: None,
         llava_max_length: None,
+        eos_token_ids: Vec::new(),
     })
 }
 
@@ -338,6 +342,33 @@ fn feature_select(name: &str, path: &Path) -> Result<FeatureSelect> {
             "{}: unknown vision feature strategy '{other}' (expected default/patch or full/cls_patch)",
             path.display()
         ))),
+    }
+}
+
+/// `eos_token_id` as an id or a list of ids (transformers writes both), from `generation_config.json` when it names
+/// one, else from the decoder's section of config.json.
+fn eos_token_ids(
+    dir: &Path,
+    text_section: &serde_json::Map<String, serde_json::Value>,
+    text_where: &str,
+) -> Result<Vec<i64>> {
+    let parse = |value: &serde_json::Value, place: String| -> Result<Vec<i64>> {
+        let ids = match value {
+            serde_json::Value::Array(items) => items.iter().map(|v| v.as_i64()).collect::<Option<Vec<_>>>(),
+            other => other.as_i64().map(|id| vec![id]),
+        };
+        ids.ok_or_else(|| Error::Config(format!("{place}eos_token_id is {value}, not a token id or a list of ids")))
+    };
+    let generation = dir.join("generation_config.json");
+    if generation.is_file() {
+        let raw: serde_json::Value = read_json(&generation)?;
+        if let Some(value) = raw.get("eos_token_id").filter(|v| !v.is_null()) {
+            return parse(value, format!("{}: ", generation.display()));
+        }
+    }
+    match text_section.get("eos_token_id").filter(|v| !v.is_null()) {
+        Some(value) => parse(value, format!("{}: {text_where}", dir.join("config.json").display())),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -396,6 +427,7 @@ impl LlavaConfig {
             cfg.text.rope_theta = theta;
         }
         cfg.validate(text_where).map_err(refuse)?;
+        cfg.eos_token_ids = eos_token_ids(dir, text_section, text_where)?;
         if cfg.text.hidden_act != "silu" {
             return Err(Error::Config(format!(
                 "{}: text hidden_act '{}' is not supported (silu)",
@@ -470,6 +502,11 @@ impl LlavaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut text = serde_json::to_value(&self.text).expect("serialisable");
         text["model_type"] = self.text.family.model_type().into();
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [id] => text["eos_token_id"] = (*id).into(),
+            ids => text["eos_token_id"] = ids.into(),
+        }
         let mut vision = serde_json::to_value(&self.vision).expect("serialisable");
         vision["model_type"] = "clip_vision_model".into();
         vision["projection_dim"] = self.vision.hidden_size.into();
@@ -540,8 +577,24 @@ impl LlavaConfig {
 }
 #[cfg(test)]
 mod tests {
-    use super::{check_llava_next_sections, is_llava_hf, rope_theta, DecoderFamily, TextSettings};
+    use super::{check_llava_next_sections, eos_token_ids, is_llava_hf, rope_theta, DecoderFamily, TextSettings};
     use serde_json::json;
+
+    #[test]
+    fn the_stop_ids_are_generation_configs_then_the_decoders() {
+        let dir = tempfile::tempdir().unwrap();
+        let section = |value: serde_json::Value| value.as_object().unwrap().clone();
+        let ids = |text: serde_json::Value| eos_token_ids(dir.path(), &section(text), "text_config.");
+        assert_eq!(ids(json!({})).unwrap(), Vec::<i64>::new());
+        assert_eq!(ids(json!({"eos_token_id": 7})).unwrap(), [7]);
+        assert_eq!(ids(json!({"eos_token_id": [2, 7]})).unwrap(), [2, 7]);
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [7, 9]}"#).unwrap();
+        assert_eq!(ids(json!({"eos_token_id": 2})).unwrap(), [7, 9]);
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": null}"#).unwrap();
+        assert_eq!(ids(json!({"eos_token_id": 2})).unwrap(), [2]);
+        let error = ids(json!({"eos_token_id": "</s>"})).unwrap_err().to_string();
+        assert!(error.contains("config.json: text_config.eos_token_id is \"</s>\", not a token id"), "{error}");
+    }
 
     #[test]
     fn model_type_llava_is_llava_hf_only_with_its_sections_or_architecture() {
