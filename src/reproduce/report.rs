@@ -205,18 +205,19 @@ fn signed(v: Option<f64>) -> String {
 /// Writes `<report>.md`, `.json` and `.png`; returns the Markdown.
 pub fn write_report(profile: &Profile, plan: &Plan) -> Result<String> {
     let rows = collect(profile);
+    let figure = image_distribution(profile);
     let base = &profile.cfg.paths.report;
     create_parent(&base.with_extension("md"))?;
-    let markdown = markdown(profile, plan, &rows);
+    let markdown = markdown(profile, plan, &rows, figure.as_ref());
     write_atomic(&base.with_extension("md"), markdown.as_bytes())?;
-    let json = to_json(profile, &rows);
+    let json = to_json(profile, &rows, figure.as_ref());
     write_atomic(&base.with_extension("json"), serde_json::to_string_pretty(&json).expect("json").as_bytes())?;
     let (measured_rows, _) = rows_of(profile);
     write_chart(&base.with_extension("png"), &profile.cfg.profile, profile.cfg.model.base, &measured_rows, &rows)?;
     Ok(markdown)
 }
 
-fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
+fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows], figure: Option<&Figure>) -> String {
     let base = profile.cfg.model.base;
     let paper = paper_table(base);
     let (measured_rows, paper_rows) = rows_of(profile);
@@ -293,7 +294,7 @@ fn markdown(profile: &Profile, plan: &Plan, rows: &[BenchmarkRows]) -> String {
         }
     }
     out.extend(category_table(rows));
-    out.extend(image_distribution_section(profile));
+    out.extend(figure.map(image_distribution_section).unwrap_or_default());
     let source = match paper.rows {
         Some(_) => format!("The paper's numbers are its {}.", paper.table),
         None => format!(
@@ -330,8 +331,11 @@ fn relative_to(from: &Path, to: &Path) -> PathBuf {
     relative
 }
 
-/// Fig. 7 where its step ran: the plot's path relative to the report's folder, and its `summary.json`.
-fn image_distribution(profile: &Profile) -> Option<(String, Value)> {
+/// Fig. 7: the plot's path relative to the report's folder, and its `summary.json`.
+type Figure = (String, Value);
+
+/// Fig. 7 where its step ran.
+fn image_distribution(profile: &Profile) -> Option<Figure> {
     let dir = image_distribution_dir(&profile.cfg.paths.output);
     let summary: Value = crate::fsutil::read_json(&dir.join("summary.json")).ok()?;
     let report_dir = profile.cfg.paths.report.parent().unwrap_or(Path::new(""));
@@ -339,8 +343,7 @@ fn image_distribution(profile: &Profile) -> Option<(String, Value)> {
 }
 
 /// The Fig. 7 section: the plot, then each set's count and the t-SNE's fit.
-fn image_distribution_section(profile: &Profile) -> Vec<String> {
-    let Some((plot, summary)) = image_distribution(profile) else { return Vec::new() };
+fn image_distribution_section((plot, summary): &Figure) -> Vec<String> {
     let sets: Vec<String> = summary["sets"]
         .as_array()
         .into_iter()
@@ -400,7 +403,7 @@ fn category_table(rows: &[BenchmarkRows]) -> Vec<String> {
     out
 }
 
-fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
+fn to_json(profile: &Profile, rows: &[BenchmarkRows], figure: Option<&Figure>) -> Value {
     let base = profile.cfg.model.base;
     let (_, paper_rows) = rows_of(profile);
     let benchmarks: serde_json::Map<String, Value> = rows
@@ -449,7 +452,7 @@ fn to_json(profile: &Profile, rows: &[BenchmarkRows]) -> Value {
         "paper_table": paper_table(profile.cfg.model.base).table,
         "benchmarks": benchmarks,
     });
-    if let Some((plot, summary)) = image_distribution(profile) {
+    if let Some((plot, summary)) = figure {
         report["image_distribution"] = json!({
             "plot": plot,
             "sets": summary["sets"],
@@ -600,11 +603,11 @@ mod tests {
         let out = dir.path().to_string_lossy().to_string();
         let profile = Profile::load(&path, |var| (var == "STIC_OUTPUT").then(|| out.clone()), None).unwrap();
         let plan = super::super::steps::plan(&profile, &|_, _| true);
-        let text = markdown(&profile, &plan, &collect(&profile));
+        let text = markdown(&profile, &plan, &collect(&profile), None);
         assert!(text.starts_with("# STIC reproduction, profile `official-llava-v1.5-7b`: LLaVA-v1.5-7B"), "{text}");
         assert!(text.contains("paper numbers not entered (for LLaVA-v1.5-7B, its Table 1)"), "{text}");
         assert!(text.contains("| scienceqa | – | n/a | – | n/a |  |  |"), "{text}");
-        assert_eq!(to_json(&profile, &collect(&profile))["benchmarks"]["scienceqa"]["paper"], Value::Null);
+        assert_eq!(to_json(&profile, &collect(&profile), None)["benchmarks"]["scienceqa"]["paper"], Value::Null);
     }
 
     /// The shipped `paper` profile on ScienceQA and TextVQA, writing to `out`, with these evaluations done: (row,
@@ -639,7 +642,9 @@ mod tests {
     fn report_of(profile: &Profile) -> (Vec<String>, Value) {
         let plan = super::super::steps::plan(profile, &|_, _| true);
         let rows = collect(profile);
-        (markdown(profile, &plan, &rows).lines().map(String::from).collect(), to_json(profile, &rows))
+        let figure = image_distribution(profile);
+        let text = markdown(profile, &plan, &rows, figure.as_ref());
+        (text.lines().map(String::from).collect(), to_json(profile, &rows, figure.as_ref()))
     }
 
     #[test]
@@ -740,7 +745,7 @@ mod tests {
 
         let rows = collect(&profile);
         let plan = super::super::steps::plan(&profile, &|_, _| true);
-        let text = markdown(&profile, &plan, &rows);
+        let text = markdown(&profile, &plan, &rows, None);
         assert!(text.contains("scienceqa IMG-Accuracy (the questions with an image): original 65.0,"), "{text}");
         assert!(text.contains("## MMBench by category"), "{text}");
         assert!(text.contains("| level | ability | questions | original | STIC + DaR |"), "{text}");
@@ -748,7 +753,7 @@ mod tests {
         assert!(text.contains("| category | image_scene | 2 | 100.0 | – |"), "{text}");
         assert!(text.contains("| category | ocr | 2 | 50.0 | 100.0 |"), "{text}");
 
-        let json = to_json(&profile, &rows);
+        let json = to_json(&profile, &rows, None);
         let categories = &json["benchmarks"]["mmbench"]["categories"];
         assert_eq!(categories.as_object().unwrap().keys().collect::<Vec<_>>(), ["original", "stic_dar"]);
         assert_eq!(categories["stic_dar"]["category_accuracy"]["ocr"]["correct"], 2);

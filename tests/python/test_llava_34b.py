@@ -7,6 +7,7 @@ here), RoPE theta 5e6, and `eos_token_id` 7:
   its fast tokenizer converted by transformers from the slow one, run by transformers' `generate`.
 Token ids, pixels, logits, greedy tokens alone and batched, and where generation stops."""
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +16,8 @@ from PIL import Image
 
 import tiny_models
 from conftest import DEVICE, IMAGES, run_stic, run_stic_json
-from test_llava_original import (COMMON, as_png, assert_greedy_follows_llava, assert_matches_llava, corpus,
-                                 reference_logits, stic_score, tokenize)
+from test_llava_original import (COMMON, as_png, assert_clean_failure, assert_greedy_follows_llava, assert_matches_llava,
+                                 corpus, reference_logits, stic_score, tokenize)
 from test_parity import assert_matches, stic_logits
 
 PHOTO = "extreme_ironing.jpg"  # a COCO photo (640x480)
@@ -204,3 +205,14 @@ def test_a_stic_trained_adapter_loads_in_peft_with_the_same_logits(llava34, llav
             peft.unload()
     diff = (got["logits"] - ref).abs().max().item()
     assert diff <= 1e-3, f"max |logits diff| = {diff}"
+
+
+def test_special_tokens_the_tokenizer_lacks_are_refused(llava_hf34, tmp_path):
+    """special_tokens_map.json of another model beside this tokenizer.json: exit 2 naming the file and the token."""
+    folder = shutil.copytree(llava_hf34[2], tmp_path / "model")
+    tokens = json.loads((folder / "special_tokens_map.json").read_text())
+    (folder / "special_tokens_map.json").write_text(json.dumps({**tokens, "bos_token": "<s>"}))
+    proc = run_stic("generate", "--model", folder, "--image", IMAGES / "chelsea.png", "--text", chatml("Hi?"),
+                    "--max-new-tokens", "2", *COMMON, check=False)
+    assert_clean_failure(proc, folder / "tokenizer.json", "token <s> is not in the vocabulary",
+                         "special_tokens_map.json")
