@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import tiny_models
 from conftest import DEVICE, IMAGES, run_stic, run_stic_json
+from test_dpo import peft_adapter, write_pairs
 from test_errors import assert_clean_failure
 from test_parity import assert_matches, hf_inputs, reference, stic_logits
 from test_transformers5 import IMAGE_MEAN, IMAGE_STD, TF5_PYTHON, run_tf5
@@ -95,6 +96,56 @@ def test_logits_match_transformers5_on_its_own_checkpoint(tmp_path):
     assert (got["pixel_values"] - want["pixel_values"]).abs().max().item() <= 1e-5
     diff = (got["logits"] - want["logits"]).abs().max().item()
     assert diff <= 1e-3, f"max |logits diff| = {diff}"
+
+
+def train_adapter(folder, tmp_path):
+    """A stic DPO adapter with a trained projector (a large lr, so that it changes the logits)."""
+    out = tmp_path / "stic_adapter"
+    run_stic("train-dpo", "--model", folder, "--data", write_pairs(tmp_path / "pairs.jsonl", n=2), "--image-dir",
+             IMAGES, "--output", out, "--max-steps", "2", "--lr", "1e-2", "--projector-lr", "1e-3", "--lora-r", "4",
+             "--lora-alpha", "8", "--grad-accum", "1", "--max-length", "4096", "--dtype", "f32", "--device", DEVICE)
+    return out
+
+
+def test_peft_adapters_load_both_ways_on_transformers4(tmp_path):
+    """PEFT 0.17's adapter (non-zero B, trained projector) on a LLaVA-NeXT-Llama gives PEFT's logits in stic, and a
+    stic-trained adapter gives stic's logits in PEFT."""
+    from peft import PeftModel
+    model = tiny_models.build_model("llama_gqa", seed=31)
+    folder = tiny_models.save_hf(model, tmp_path / "model")
+    peft_dir, model = peft_adapter(model, tmp_path / "peft_adapter", seed=32)
+    inputs, plain = reference(model, COCO_JPEG, PROMPT)
+    for adapter in (peft_dir, train_adapter(folder, tmp_path)):
+        peft = PeftModel.from_pretrained(model, adapter).eval()
+        with torch.no_grad():
+            ref = peft(**inputs).logits[0]
+        model = peft.unload()
+        got = stic_logits(folder, COCO_JPEG, tmp_path, PROMPT, "--adapter", adapter)
+        assert (got["logits"] - plain).abs().max() > 1e-3, "the adapter changed nothing"
+        assert_matches(got, inputs, ref, pixel_tol=0)
+
+
+@pytest.mark.skipif(not TF5_PYTHON.exists(), reason=".venv-tf5 (transformers 5) is missing: `make setup` creates it")
+def test_peft_adapters_load_both_ways_on_transformers5(tmp_path):
+    """The same with PEFT 0.21 on a LLaVA-NeXT-Llama saved by transformers 5."""
+    model, peft_dir = tmp_path / "model", tmp_path / "peft_adapter"
+    run_tf5([{"build": "llama_gqa", "seed": 23, "out": model, "adapter": peft_dir, "image_mean": IMAGE_MEAN,
+              "image_std": IMAGE_STD},
+             {"reference": model, "image": COCO_JPEG, "text": PROMPT, "adapter": peft_dir,
+              "out": tmp_path / "peft.safetensors"}], tmp_path)
+    trained = train_adapter(model, tmp_path)
+    stic_ids = tmp_path / "stic.safetensors"
+    got = {adapter: stic_logits(model, COCO_JPEG, tmp_path, PROMPT, "--adapter", adapter)
+           for adapter in (peft_dir, trained)}
+    save_file({"input_ids": got[trained]["input_ids"]}, stic_ids)
+    run_tf5([{"reference": model, "image": COCO_JPEG, "text": PROMPT, "adapter": trained, "input_ids": stic_ids,
+              "out": tmp_path / "trained.safetensors"}], tmp_path)
+    for adapter, ref in [(peft_dir, "peft.safetensors"), (trained, "trained.safetensors")]:
+        want = load_file(tmp_path / ref)
+        assert torch.equal(got[adapter]["input_ids"], want["input_ids"]), "input ids differ"
+        diff = (got[adapter]["logits"] - want["logits"]).abs().max().item()
+        assert diff <= 1e-3, f"max |logits diff| = {diff}"
+    assert (got[trained]["logits"] - got[peft_dir]["logits"]).abs().max() > 1e-3
 
 
 BAD_TEXT_SECTIONS = [
