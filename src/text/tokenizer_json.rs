@@ -1,11 +1,11 @@
 //! The Hugging Face tokenizer files of a slow Llama tokenizer, as transformers writes them after converting it
 //! (`LlamaConverter`: BPE vocabulary and merges from the sentencepiece model, `Prepend("▁")` + `Replace`
-//! normalizer, byte-fallback decoder, BOS post-processor) with extra added tokens, the way llava-hf's
-//! conversion adds `<image>` and `<pad>`.
+//! normalizer, byte-fallback decoder, BOS post-processor; the model's control and user-defined pieces as added
+//! tokens) with extra added tokens, the way llava-hf's conversion adds `<image>` and `<pad>`.
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use super::sentencepiece::SPACE_SYMBOL;
+use super::sentencepiece::{PieceType, SPACE_SYMBOL};
 use super::slow_tokenizer::{AddedToken, SlowTokenizer};
 use crate::error::{Error, Result};
 
@@ -68,7 +68,24 @@ impl SlowTokenizer {
                     .into(),
             ));
         }
-        let mut added: Vec<&AddedToken> = self.added.iter().collect();
+        // The converter makes added tokens of the model's control pieces (special) and user-defined ones too.
+        let from_model: Vec<AddedToken> = self
+            .sp
+            .pieces()
+            .enumerate()
+            .filter(|(_, (text, _, kind))| {
+                matches!(kind, PieceType::Control | PieceType::UserDefined) && !self.added_by_content.contains_key(*text)
+            })
+            .map(|(id, (text, _, kind))| AddedToken {
+                content: text.to_string(),
+                id: id as u32,
+                lstrip: false,
+                rstrip: false,
+                single_word: false,
+                special: kind == PieceType::Control,
+            })
+            .collect();
+        let mut added: Vec<&AddedToken> = self.added.iter().chain(&from_model).collect();
         added.sort_by_key(|t| t.id);
         let added: Vec<serde_json::Value> = added
             .iter()
@@ -142,7 +159,24 @@ impl SlowTokenizer {
 
     /// `tokenizer_config.json` and `special_tokens_map.json` as transformers saves this tokenizer.
     pub fn config_files(&self, pad: &str) -> [(&'static str, serde_json::Value); 2] {
-        let mut added: Vec<&AddedToken> = self.added.iter().collect();
+        // The converter makes added tokens of the model's control pieces (special) and user-defined ones too.
+        let from_model: Vec<AddedToken> = self
+            .sp
+            .pieces()
+            .enumerate()
+            .filter(|(_, (text, _, kind))| {
+                matches!(kind, PieceType::Control | PieceType::UserDefined) && !self.added_by_content.contains_key(*text)
+            })
+            .map(|(id, (text, _, kind))| AddedToken {
+                content: text.to_string(),
+                id: id as u32,
+                lstrip: false,
+                rstrip: false,
+                single_word: false,
+                special: kind == PieceType::Control,
+            })
+            .collect();
+        let mut added: Vec<&AddedToken> = self.added.iter().chain(&from_model).collect();
         added.sort_by_key(|t| t.id);
         let decoder: serde_json::Map<String, serde_json::Value> = added
             .iter()

@@ -74,6 +74,20 @@ def test_token_ids_are_llavas_with_the_yi_tokenizer(tmp_path, dummy_prefix):
     assert tokenize(tmp_path, texts, "--processing", "llava") == expected
 
 
+@pytest.mark.parametrize("dummy_prefix", [False, True])
+def test_transformers_processing_converts_tokenizer_model_as_transformers_does(tmp_path, dummy_prefix):
+    """Without tokenizer.json, `--processing transformers` tokenizes as transformers' fast tokenizer converted from
+    tokenizer.model, which prepends the dummy prefix that Yi's model leaves out (so it differs from the slow one)."""
+    from transformers import AutoTokenizer
+    slow = tiny_models.yi_tokenizer(tmp_path, add_dummy_prefix=dummy_prefix)
+    fast = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(fast).__name__ == "LlamaTokenizerFast"
+    texts = [t for t in corpus() if "<image>" not in t] + [chatml(q).replace("<image>\n", "") for q in PROMPT_QUESTIONS]
+    expected = [fast(t).input_ids for t in texts]
+    assert tokenize(tmp_path, texts, "--processing", "transformers") == expected
+    assert dummy_prefix or expected != [slow(t).input_ids for t in texts]
+
+
 def test_logits_match_llava(llava34, tmp_path):
     path = as_png(PHOTO, tmp_path)
     prompt = chatml("Describe the image in detail.")

@@ -258,15 +258,16 @@ def yi_sentencepiece(path, add_dummy_prefix=False):
 
 def yi_tokenizer(folder, add_dummy_prefix=False):
     """The slow tokenizer LLaVA-v1.6-34B ships (Nous-Hermes-2-Yi-34B's): `LlamaTokenizer` on the Yi model, no BOS
-    added, `<|startoftext|>` / `<|im_end|>` as BOS / EOS, pad = unk, `<|im_start|>` and `<|im_end|>` special added
-    tokens. Written to `folder`, and returned as LLaVA's builder loads it."""
+    added, `<|startoftext|>` / `<|im_end|>` as BOS / EOS, pad = unk, `<|endoftext|>`, `<|im_start|>` and `<|im_end|>`
+    special added tokens. Written to `folder`, and returned as LLaVA's builder loads it."""
     from transformers import AddedToken, AutoTokenizer, LlamaTokenizer
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = yi_sentencepiece(folder / "yi.model", add_dummy_prefix)
     tok = LlamaTokenizer(vocab_file=str(model), legacy=True, add_bos_token=False, add_eos_token=False,
                          bos_token="<|startoftext|>", eos_token="<|im_end|>", unk_token="<unk>", pad_token="<unk>")
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok.add_tokens([AddedToken(t, special=True, normalized=False)
+                    for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
     tok.save_pretrained(folder)
     model.unlink()
     return AutoTokenizer.from_pretrained(folder, use_fast=False)
