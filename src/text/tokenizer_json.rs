@@ -59,6 +59,26 @@ impl SlowTokenizer {
         }
     }
 
+    /// The added tokens of the converted fast tokenizer, by id: this tokenizer's, and the converter's from the
+    /// model's control pieces (special) and user-defined pieces.
+    fn converted_added_tokens(&self) -> Vec<AddedToken> {
+        let from_model = self.sp.pieces().enumerate().filter_map(|(id, (text, _, kind))| {
+            let kept = matches!(kind, PieceType::Control | PieceType::UserDefined)
+                && !self.added_by_content.contains_key(text);
+            kept.then(|| AddedToken {
+                content: text.to_string(),
+                id: id as u32,
+                lstrip: false,
+                rstrip: false,
+                single_word: false,
+                special: kind == PieceType::Control,
+            })
+        });
+        let mut added: Vec<AddedToken> = self.added.iter().cloned().chain(from_model).collect();
+        added.sort_by_key(|t| t.id);
+        added
+    }
+
     /// `tokenizer.json` of the converted fast tokenizer.
     pub fn tokenizer_json(&self) -> Result<serde_json::Value> {
         if !self.legacy {
@@ -68,25 +88,7 @@ impl SlowTokenizer {
                     .into(),
             ));
         }
-        // The converter makes added tokens of the model's control pieces (special) and user-defined ones too.
-        let from_model: Vec<AddedToken> = self
-            .sp
-            .pieces()
-            .enumerate()
-            .filter(|(_, (text, _, kind))| {
-                matches!(kind, PieceType::Control | PieceType::UserDefined) && !self.added_by_content.contains_key(*text)
-            })
-            .map(|(id, (text, _, kind))| AddedToken {
-                content: text.to_string(),
-                id: id as u32,
-                lstrip: false,
-                rstrip: false,
-                single_word: false,
-                special: kind == PieceType::Control,
-            })
-            .collect();
-        let mut added: Vec<&AddedToken> = self.added.iter().chain(&from_model).collect();
-        added.sort_by_key(|t| t.id);
+        let added = self.converted_added_tokens();
         let added: Vec<serde_json::Value> = added
             .iter()
             .map(|t| {
@@ -159,25 +161,7 @@ impl SlowTokenizer {
 
     /// `tokenizer_config.json` and `special_tokens_map.json` as transformers saves this tokenizer.
     pub fn config_files(&self, pad: &str) -> [(&'static str, serde_json::Value); 2] {
-        // The converter makes added tokens of the model's control pieces (special) and user-defined ones too.
-        let from_model: Vec<AddedToken> = self
-            .sp
-            .pieces()
-            .enumerate()
-            .filter(|(_, (text, _, kind))| {
-                matches!(kind, PieceType::Control | PieceType::UserDefined) && !self.added_by_content.contains_key(*text)
-            })
-            .map(|(id, (text, _, kind))| AddedToken {
-                content: text.to_string(),
-                id: id as u32,
-                lstrip: false,
-                rstrip: false,
-                single_word: false,
-                special: kind == PieceType::Control,
-            })
-            .collect();
-        let mut added: Vec<&AddedToken> = self.added.iter().chain(&from_model).collect();
-        added.sort_by_key(|t| t.id);
+        let added = self.converted_added_tokens();
         let decoder: serde_json::Map<String, serde_json::Value> = added
             .iter()
             .map(|t| {
