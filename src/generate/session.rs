@@ -6,6 +6,7 @@ use crate::adapter::Adapter;
 use crate::error::{Error, Result};
 use crate::generate::{expand_image_tokens, PreparedPrompt};
 use crate::image::{self, Preprocessed, Processing};
+use crate::model::config::Layout;
 use crate::model::geometry::Geometry;
 use crate::model::{LlavaConfig, LlavaNext};
 use crate::text::tokenizer::IMAGE_TOKEN;
@@ -175,9 +176,12 @@ impl Session {
         if !model_dir.is_dir() {
             return Err(Error::Input(format!("model folder {} does not exist", model_dir.display())));
         }
-        let cfg = LlavaConfig::from_dir(model_dir, processing)?;
+        let mut cfg = LlavaConfig::from_dir(model_dir, processing)?;
         let mut tokenizer = TextTokenizer::from_dir(model_dir, cfg.image.processing)?;
         tokenizer.limit_to_model_vocab(cfg.text.vocab_size);
+        if cfg.layout == Layout::OriginalLlava {
+            cfg.image_token_id = tokenizer.appended_image_id();
+        }
         let model = LlavaNext::load(model_dir, cfg, kind, device)?;
         Session { model, tokenizer, adapter: None }.with_adapter(adapter_dir)
     }

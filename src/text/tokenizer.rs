@@ -214,6 +214,16 @@ impl TextTokenizer {
         }
     }
 
+    /// The id llava-hf's conversion gives `<image>`: its id where the tokenizer has one, else the next after the
+    /// vocabulary (32000 for Llama's and Mistral's tokenizers, 64000 for Yi's).
+    pub fn appended_image_id(&self) -> i64 {
+        let existing = match &self.backend {
+            Backend::Fast { image_id, .. } => *image_id,
+            Backend::Slow(slow) => slow.vocab_id(IMAGE_TOKEN),
+        };
+        existing.map_or(self.vocab_size() as i64, i64::from)
+    }
+
     pub fn vocab_size(&self) -> usize {
         match &self.backend {
             Backend::Fast { inner, .. } => inner.get_vocab_size(true),
