@@ -42,55 +42,54 @@ impl TextTokenizer {
     pub fn from_dir(dir: &Path, processing: Processing) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let model = dir.join("tokenizer.model");
-        let use_fast = match processing {
-            Processing::Llava if model.is_file() => false,
-            Processing::Llava => {
-                return Err(Error::Tokenizer(format!(
-                    "{} not found: LLaVA's code path (--processing llava, the default for original LLaVA checkpoints) \
-                     tokenizes with the sentencepiece tokenizer.model, as LLaVA loads the slow tokenizer; put the \
-                     model's tokenizer.model in the folder, or pass --processing transformers to use tokenizer.json",
-                    model.display()
-                )))
+        match processing {
+            Processing::Transformers if json.is_file() => {
+                let inner = tokenizers::Tokenizer::from_file(&json)
+                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
+                Self::fast(inner, json, processing, SpecialTokenNames::from_dir(dir)?)
             }
-            Processing::Transformers => json.is_file() || !model.is_file(),
-        };
-        if !use_fast && processing == Processing::Transformers {
-            let slow = SlowTokenizer::from_dir(dir)?;
-            if slow.legacy {
-                // transformers converts tokenizer.model (`LlamaConverter`), which prepends the dummy prefix even
-                // where the sentencepiece model leaves it out (Yi's): stic's converter writes the same tokenizer.json
-                let json = slow.tokenizer_json()?.to_string();
-                let inner = json
-                    .parse::<tokenizers::Tokenizer>()
-                    .map_err(|e| Error::Tokenizer(format!("{} converted: {e}", model.display())))?;
-                return Self::fast(inner, model, processing, SpecialTokenNames::from_dir(dir)?);
-            }
+            Processing::Transformers if !model.is_file() => Err(Error::Tokenizer(format!(
+                "{} not found, nor tokenizer.model: the model folder needs its tokenizer (the Mistral-7B one ships \
+                 in third_party/mistral-7b-tokenizer/)",
+                json.display()
+            ))),
+            Processing::Llava if !model.is_file() => Err(Error::Tokenizer(format!(
+                "{} not found: LLaVA's code path (--processing llava, the default for original LLaVA checkpoints) \
+                 tokenizes with the sentencepiece tokenizer.model, as LLaVA loads the slow tokenizer; put the \
+                 model's tokenizer.model in the folder, or pass --processing transformers to use tokenizer.json",
+                model.display()
+            ))),
+            _ => Self::from_slow(SlowTokenizer::from_dir(dir)?, model, processing),
         }
-        if use_fast {
-            if !json.is_file() {
-                return Err(Error::Tokenizer(format!(
-                    "{} not found, nor tokenizer.model: the model folder needs its tokenizer (the Mistral-7B one \
-                     ships in third_party/mistral-7b-tokenizer/)",
-                    json.display()
-                )));
-            }
-            let inner = tokenizers::Tokenizer::from_file(&json)
-                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?;
-            Self::fast(inner, json, processing, SpecialTokenNames::from_dir(dir)?)
+    }
+
+    /// The slow tokenizer of `tokenizer.model`; for transformers' processing, where it is legacy, the fast one
+    /// transformers converts from it (`LlamaConverter`, which prepends the dummy prefix even where the
+    /// sentencepiece model leaves it out, as Yi's does): stic's converter writes the same tokenizer.json. The
+    /// special tokens' ids are the slow tokenizer's either way.
+    fn from_slow(slow: SlowTokenizer, model: PathBuf, processing: Processing) -> Result<Self> {
+        let (bos, eos) = (slow.bos_id, slow.eos_id);
+        let pad = slow.pad_id.unwrap_or(slow.sentencepiece().unk_id());
+        let backend = if processing == Processing::Transformers && slow.legacy {
+            let inner = slow
+                .tokenizer_json()?
+                .to_string()
+                .parse::<tokenizers::Tokenizer>()
+                .map_err(|e| Error::Tokenizer(format!("{} converted: {e}", model.display())))?;
+            Backend::Fast { image_id: inner.token_to_id(IMAGE_TOKEN), inner }
         } else {
-            let slow = SlowTokenizer::from_dir(dir)?;
-            let pad = slow.pad_id.unwrap_or(slow.sentencepiece().unk_id());
-            Ok(TextTokenizer {
-                bos_id: i64::from(slow.bos_id),
-                eos_id: i64::from(slow.eos_id),
-                pad_id: i64::from(pad),
-                image_id: IMAGE_TOKEN_INDEX,
-                backend: Backend::Slow(slow),
-                processing,
-                source: model,
-                model_vocab: None,
-            })
-        }
+            Backend::Slow(slow)
+        };
+        Ok(TextTokenizer {
+            bos_id: i64::from(bos),
+            eos_id: i64::from(eos),
+            pad_id: i64::from(pad),
+            image_id: IMAGE_TOKEN_INDEX,
+            backend,
+            processing,
+            source: model,
+            model_vocab: None,
+        })
     }
 
     /// The Mistral-7B tokenizer.json that stic ships (`init-tiny` writes it), for a model made in memory.
@@ -119,7 +118,8 @@ impl TextTokenizer {
         let id = |token: &str| inner.token_to_id(token).map(i64::from);
         let missing = |token: &str| {
             Error::Tokenizer(format!(
-                "{}: token {token} is not in the vocabulary (special_tokens_map.json or tokenizer_config.json name                  it): the tokenizer files belong to different models",
+                "{}: token {token} is not in the vocabulary (special_tokens_map.json or tokenizer_config.json name \
+                 it): the tokenizer files belong to different models",
                 source.display()
             ))
         };

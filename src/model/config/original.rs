@@ -97,12 +97,9 @@ pub(super) fn original_config(orig: OriginalConfig, model_type: &str, path: &Pat
             VisionConfig { hidden_size: orig.mm_hidden_size.unwrap_or(1024), ..defaults::clip_vit_l_336() }
         }
     };
-    let text = orig.text.resolve(original_family(model_type, &orig.architectures));
     Ok(LlavaConfig {
         layout: Layout::OriginalLlava,
-        // where llava-hf's conversion appends `<image>`: after the original vocabulary (32000, Yi's 64000)
-        image_token_id: text.vocab_size as i64,
-        text,
+        text: orig.text.resolve(original_family(model_type, &orig.architectures)),
         vision_config_known: matches!(vision_tower, VisionTower::Folder(_)),
         vision_tower: Some(vision_tower),
         vision,
@@ -113,6 +110,8 @@ pub(super) fn original_config(orig: OriginalConfig, model_type: &str, path: &Pat
             patch_merge,
             ..ImageConfig::default()
         },
+        // llava-hf's id for `<image>`; the session sets the one its tokenizer gives (`appended_image_id`)
+        image_token_id: defaults::image_token_index(),
         vision_feature_layer: orig.mm_vision_select_layer,
         feature_select,
         projector_hidden_act: defaults::gelu(),
