@@ -229,4 +229,4 @@ def test_special_tokens_the_tokenizer_lacks_are_refused(llava_hf34, tmp_path):
     proc = run_stic("generate", "--model", folder, "--image", IMAGES / "chelsea.png", "--text", chatml("Hi?"),
                     "--max-new-tokens", "2", *COMMON, check=False)
     assert_clean_failure(proc, folder / "tokenizer.json", "token <s> is not in the vocabulary",
-                         "special_tokens_map.json")
+                         "special_tokens_map.json or tokenizer_config.json name it")
